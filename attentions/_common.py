@@ -1,0 +1,35 @@
+"""Small building blocks shared by several mechanisms (channels-last padding, depthwise convs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pad_bottom_right(x: torch.Tensor, multiple_h: int, multiple_w: int) -> tuple[torch.Tensor, int, int]:
+    """Zero-pad (B, H, W, C) at the bottom and right up to multiples of (multiple_h, multiple_w).
+
+    Returns the padded tensor and the padding added to H and to W. This is the padding of the official
+    BiFormer ``auto_pad`` (rayleizhu/BiFormer ops/bra_legacy.py) and of timm's Swin blocks.
+    """
+    pad_h = -x.shape[1] % multiple_h
+    pad_w = -x.shape[2] % multiple_w
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x, pad_h, pad_w
+
+
+def depthwise_conv(dim: int, kernel_size: int) -> nn.Conv2d:
+    """A same-size depthwise conv (the LCE of BRA, the LePE of CSWin / BiFormer's last stage)."""
+    return nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+
+def conv_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply an NCHW conv to a (B, H, W, C) tensor, returning (B, H, W, C')."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def depthwise_conv_macs(height: int, width: int, dim: int, kernel_size: int) -> int:
+    """MACs of a same-size depthwise conv with ``dim`` channels (bias adds not counted)."""
+    return height * width * dim * kernel_size * kernel_size

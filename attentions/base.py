@@ -1,0 +1,68 @@
+"""The interface every attention mechanism implements, and the unit its analytic cost is stated in."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """Multiply-accumulates (MACs) of one forward pass over one image, split into named parts.
+
+    Part names used across mechanisms: ``qkv`` and ``out_proj`` (linear projections), ``routing``
+    (region-to-region affinity of BRA and other content-based selection), ``attn_scores`` (Q·Kᵀ),
+    ``attn_values`` (softmax(·)·V), ``local_context`` (depthwise convs such as BRA's LCE / LePE).
+
+    Convention: one MAC is one multiply and one add. ``flops`` is 2 × MACs, the convention of
+    ``torch.utils.flop_counter.FlopCounterMode``; the BiFormer and Swin papers print MACs and call them
+    "FLOPs" (Swin-T "4.5G" is 4.5 GMACs).
+    """
+
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.total
+
+    def scaled(self, batch: int) -> MacCount:
+        """The count for a batch of ``batch`` images."""
+        return MacCount({name: batch * macs for name, macs in self.parts.items()})
+
+
+class AttentionMechanism(nn.Module, abc.ABC):
+    """A token mixer over a 2-D feature map, channels last.
+
+    Built as ``Mechanism(dim, num_heads, **options)``; ``forward`` maps ``x`` of shape (B, H, W, C=dim) to
+    the same shape. A mechanism that needs H, W to be multiples of a window or region size either pads
+    (and crops its output) or raises a ValueError naming the option and the sizes.
+    """
+
+    dim: int
+    num_heads: int
+
+    @abc.abstractmethod
+    def macs(self, height: int, width: int) -> MacCount:
+        """Analytic MACs of one forward pass over one (height × width × dim) image."""
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError unless ``x`` is (B, H, W, dim)."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape (B, H, W, {self.dim}) channels-last, "
+                f"got {tuple(x.shape)}"
+            )
+
+
+def check_heads(dim: int, num_heads: int, what: str = "dim") -> int:
+    """Return the per-head width ``dim // num_heads``, or raise a ValueError naming both sizes."""
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"{what}={dim} must be divisible by num_heads={num_heads}")
+    return dim // num_heads

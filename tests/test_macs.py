@@ -1,0 +1,55 @@
+"""Each mechanism's analytic MAC count against what FlopCounterMode counts for its matmuls and convs."""
+
+import pytest
+import torch
+
+import attentions
+from attnbench.measure.flops import count_flops
+
+SIZES = [(14, 14), (28, 21), (35, 49)]
+
+# (name, options, ops FlopCounterMode runs but cannot count: their arithmetic is not multiply-adds)
+CASES = [
+    ("full", dict(), set()),
+    ("full", dict(side_dwconv=5, qkv_bias=False), set()),
+    ("bra", dict(n_win=7, topk=4, side_dwconv=5), {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(n_win=7, topk=2, qk_dim=16, param_attention="qkv"), {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(n_win=7, topk=3, soft_routing=True, diff_routing=True, param_routing=True),
+     {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(n_win=7, topk=4, kv_downsample_mode="ada_avgpool", kv_per_win=2),
+     {"mean", "topk", "_softmax", "index", "_adaptive_avg_pool2d"}),
+    ("bra", dict(n_win=4, topk=4, auto_pad=True), {"mean", "topk", "_softmax", "index"}),
+]
+
+
+@pytest.mark.parametrize("name,options,uncounted", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("size", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+def test_analytic_macs_match_flop_counter(name, options, uncounted, size):
+    module = attentions.create(name, dim=32, num_heads=4, **options)
+    x = torch.randn(2, *size, 32)
+    with torch.no_grad():
+        counted = count_flops(lambda: module(x))
+    analytic = module.macs(*size).scaled(2)
+    assert abs(analytic.total - counted.macs) <= 0.02 * counted.macs, (analytic.parts, counted.by_op)
+    assert set(counted.uncounted_ops) == uncounted
+
+
+def test_full_attention_sdpa_is_counted_on_cpu():
+    """torch has no formula for the CPU flash kernel of SDPA; attnbench supplies it, forward and backward."""
+    module = attentions.create("full", dim=32, num_heads=4)
+    x = torch.randn(1, 7, 7, 32, requires_grad=True)
+    counted = count_flops(lambda: module(x).sum().backward())
+    assert counted.by_op["_scaled_dot_product_flash_attention_for_cpu"] == 2 * 2 * 49 * 49 * 32
+    assert counted.by_op["_scaled_dot_product_flash_attention_for_cpu_backward"] > 0
+
+
+def test_bra_cost_parts_follow_the_paper_terms():
+    """qkv 3HWC², routing (S²)²C, attention 2·HW·k·(HW/S²)·C for qk_dim = C and identity kv."""
+    module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=4, side_dwconv=5)
+    h = w = 56
+    s, k, c = 7, 4, 64
+    parts = module.macs(h, w).parts
+    assert parts["qkv"] == 3 * h * w * c * c
+    assert parts["routing"] == (s * s) ** 2 * c
+    assert parts["attn_scores"] + parts["attn_values"] == 2 * h * w * k * (h * w // (s * s)) * c
+    assert parts["local_context"] == h * w * c * 25
