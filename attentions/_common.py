@@ -33,3 +33,27 @@ def conv_nhwc(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def depthwise_conv_macs(height: int, width: int, dim: int, kernel_size: int) -> int:
     """MACs of a same-size depthwise conv with ``dim`` channels (bias adds not counted)."""
     return height * width * dim * kernel_size * kernel_size
+
+
+def window_partition(x: torch.Tensor, window_h: int, window_w: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B · H/window_h · W/window_w, window_h · window_w, C), windows in raster order."""
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height // window_h, window_h, width // window_w, window_w, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_h * window_w, channels)
+
+
+def window_merge(windows: torch.Tensor, window_h: int, window_w: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of ``window_partition``: (B · nW, window_h · window_w, C) -> (B, height, width, C)."""
+    channels = windows.shape[-1]
+    x = windows.reshape(-1, height // window_h, width // window_w, window_h, window_w, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(..., N, C) -> (..., num_heads, N, C / num_heads)."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., num_heads, N, d) -> (..., N, num_heads · d)."""
+    return x.transpose(-3, -2).flatten(-2)

@@ -11,14 +11,17 @@ import torch.nn.functional as F
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float, num_heads: int) -> torch.Tensor:
-    """Dense multi-head attention. q (B, Nq, Cqk), k (B, Nk, Cqk), v (B, Nk, Cv), mask (B, Nq, Nk) of
-    allowed pairs or None -> (B, Nq, Cv), heads split along channels in order."""
+                     scale: float, num_heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense multi-head attention. q (B, Nq, Cqk), k (B, Nk, Cqk), v (B, Nk, Cv), mask (B or 1, Nq, Nk) of
+    allowed pairs or None, bias (heads, Nq, Nk) added to the scores or None -> (B, Nq, Cv), heads split
+    along channels in order."""
     batch, n_q, _ = q.shape
     qh = q.reshape(batch, n_q, num_heads, -1).transpose(1, 2)
     kh = k.reshape(batch, k.shape[1], num_heads, -1).transpose(1, 2)
     vh = v.reshape(batch, v.shape[1], num_heads, -1).transpose(1, 2)
     scores = torch.einsum("bhqd,bhkd->bhqk", qh * scale, kh)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
     out = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), vh)
@@ -118,3 +121,158 @@ def bra(module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module.wo, torch.nn.Linear):
         out = F.linear(out, module.wo.weight, module.wo.bias)
     return out[:, :height_in, :width_in]
+
+
+def _pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, width - x.shape[2], 0, height - x.shape[1]))
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def swin(module, x: torch.Tensor) -> torch.Tensor:
+    """Swin W-MSA / SW-MSA: roll by -s, zero-pad, dense attention where token p may see token q iff they
+    share a window and (when shifted) a sub-region of the rolled map; bias from the table by loops."""
+    batch, height, width, channels = x.shape
+    m, s = module.window_size, module.shift_size
+    x = torch.roll(x, (-s, -s), (1, 2))
+    hp, wp = _ceil_to(height, m), _ceil_to(width, m)
+    x = _pad(x, hp, wp)
+
+    def sub_region(i: int, size: int) -> int:  # the Swin cuts at size - m and size - s
+        return 0 if i < size - m else (1 if i < size - s else 2)
+
+    positions = [(i, j) for i in range(hp) for j in range(wp)]
+    mask = torch.zeros(1, hp * wp, hp * wp, dtype=torch.bool)
+    bias = torch.zeros(module.num_heads, hp * wp, hp * wp, dtype=x.dtype)
+    table = module.relative_position_bias_table
+    for query, (qi, qj) in enumerate(positions):
+        for key, (ki, kj) in enumerate(positions):
+            same_window = (qi // m, qj // m) == (ki // m, kj // m)
+            same_region = not s or (
+                (sub_region(qi, hp), sub_region(qj, wp)) == (sub_region(ki, hp), sub_region(kj, wp))
+            )
+            mask[0, query, key] = same_window and same_region
+            if same_window:
+                bias[:, query, key] = table[(qi - ki + m - 1) * (2 * m - 1) + (qj - kj + m - 1)]
+    tokens = x.reshape(batch, hp * wp, channels)
+    q, k, v = F.linear(tokens, module.qkv.weight, module.qkv.bias).split(channels, dim=-1)
+    out = masked_attention(q, k, v, mask, module.scale, module.num_heads, bias)
+    out = F.linear(out, module.proj.weight, module.proj.bias).reshape(batch, hp, wp, channels)
+    return torch.roll(out[:, :height, :width], (s, s), (1, 2))
+
+
+def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Axial attention with boolean masks: same row (row heads), same column (column heads)."""
+    batch, height, width, channels = x.shape
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    same_row = (rows[:, None] == rows[None, :])[None]
+    same_col = (cols[:, None] == cols[None, :])[None]
+
+    def qkv(linear, tokens):
+        return F.linear(tokens, linear.weight, linear.bias).split(channels, dim=-1)
+
+    tokens = x.reshape(batch, height * width, channels)
+    if module.composition == "parallel":
+        q, k, v = qkv(module.qkv, tokens)
+        half, heads = channels // 2, module.num_heads // 2
+        out = torch.cat([
+            masked_attention(q[..., :half], k[..., :half], v[..., :half], same_row, scale, heads),
+            masked_attention(q[..., half:], k[..., half:], v[..., half:], same_col, scale, heads),
+        ], dim=-1)
+    else:
+        out = masked_attention(*qkv(module.qkv_column, tokens), same_col, scale, module.num_heads)
+        out = masked_attention(*qkv(module.qkv_row, out), same_row, scale, module.num_heads)
+    return F.linear(out, module.proj.weight, module.proj.bias).reshape(x.shape)
+
+
+def cswin(module, x: torch.Tensor) -> torch.Tensor:
+    """CSWin with boolean masks (same vertical stripe for branch 0, same horizontal stripe for branch 1)
+    and LePE computed stripe by stripe with F.conv2d on each stripe alone."""
+    batch, height, width, channels = x.shape
+    sw = module.split_size
+    hp, wp = (height, width) if module.last_stage else (_ceil_to(height, sw), _ceil_to(width, sw))
+    x = _pad(x, hp, wp)
+    q, k, v = F.linear(x, module.qkv.weight, module.qkv.bias).split(channels, dim=-1)
+    rows = torch.arange(hp).repeat_interleave(wp)
+    cols = torch.arange(wp).repeat(hp)
+    if module.last_stage:
+        branches = [(slice(0, channels), torch.ones(1, hp * wp, hp * wp, dtype=torch.bool), hp, wp)]
+    else:
+        half = channels // 2
+        vertical = (cols[:, None] // sw == cols[None, :] // sw)[None]
+        horizontal = (rows[:, None] // sw == rows[None, :] // sw)[None]
+        branches = [(slice(0, half), vertical, hp, sw), (slice(half, channels), horizontal, sw, wp)]
+    outputs = []
+    for index, (channel_slice, mask, stripe_h, stripe_w) in enumerate(branches):
+        conv = module.attns[index].get_v
+        heads = module.num_heads // len(branches)
+        qb, kb, vb = (t[..., channel_slice] for t in (q, k, v))
+        out = masked_attention(qb.flatten(1, 2), kb.flatten(1, 2), vb.flatten(1, 2), mask, module.scale, heads)
+        out = out.reshape(batch, hp, wp, -1)
+        for top in range(0, hp, stripe_h):
+            for left in range(0, wp, stripe_w):
+                stripe = vb[:, top:top + stripe_h, left:left + stripe_w]
+                out[:, top:top + stripe_h, left:left + stripe_w] += depthwise(conv, stripe)
+        outputs.append(out)
+    out = F.linear(torch.cat(outputs, -1), module.proj.weight, module.proj.bias)
+    return out[:, :height, :width]
+
+
+def _natten_window_start(index: int, length: int, kernel: int, dilation: int) -> int:
+    """NATTEN's window-start rule (its reference kernels' get_window_start), written out per case."""
+    half = kernel // 2
+    if dilation <= 1:
+        return max(index - half, 0) + (length - index - half - 1 if index + half >= length else 0)
+    if index - half * dilation < 0:
+        return index % dilation
+    if index + half * dilation >= length:
+        residue = index % dilation
+        full = (length // dilation) * dilation
+        remainder = length - full
+        if residue < remainder:
+            return length - remainder + residue - 2 * half * dilation
+        return full + residue - kernel * dilation
+    return index - half * dilation
+
+
+def neighborhood(module, x: torch.Tensor) -> torch.Tensor:
+    """Neighborhood attention with a dense mask and bias built query by query from NATTEN's window rule."""
+    batch, height, width, channels = x.shape
+    k_, d_ = module.kernel_size, module.dilation
+    hp, wp = max(height, k_ * d_), max(width, k_ * d_)
+    x = _pad(x, hp, wp)
+    mask = torch.zeros(1, hp * wp, hp * wp, dtype=torch.bool)
+    bias = torch.zeros(module.num_heads, hp * wp, hp * wp, dtype=x.dtype)
+    for i in range(hp):
+        start_i = _natten_window_start(i, hp, k_, d_)
+        for j in range(wp):
+            start_j = _natten_window_start(j, wp, k_, d_)
+            for a in range(k_):
+                for b in range(k_):
+                    key_i, key_j = start_i + a * d_, start_j + b * d_
+                    mask[0, i * wp + j, key_i * wp + key_j] = True
+                    if module.rpb is not None:
+                        offset_i = (key_i - i) // d_ + k_ - 1
+                        offset_j = (key_j - j) // d_ + k_ - 1
+                        bias[:, i * wp + j, key_i * wp + key_j] = module.rpb[:, offset_i, offset_j]
+    tokens = x.reshape(batch, hp * wp, channels)
+    q, k, v = F.linear(tokens, module.qkv.weight, module.qkv.bias).split(channels, dim=-1)
+    out = masked_attention(q, k, v, mask, module.scale, module.num_heads, bias)
+    out = F.linear(out, module.proj.weight, module.proj.bias).reshape(batch, hp, wp, channels)
+    return out[:, :height, :width]
+
+
+def spatial_reduction(module, x: torch.Tensor) -> torch.Tensor:
+    """PVT SRA: keys/values from F.conv2d(stride R) + F.layer_norm, global einsum attention."""
+    batch, height, width, channels = x.shape
+    reduced = x
+    if module.sr_ratio > 1:
+        reduced = F.conv2d(x.permute(0, 3, 1, 2), module.sr.weight, module.sr.bias, stride=module.sr_ratio)
+        reduced = F.layer_norm(reduced.permute(0, 2, 3, 1), (channels,), module.norm.weight, module.norm.bias)
+    q = F.linear(x.reshape(batch, -1, channels), module.q.weight, module.q.bias)
+    k, v = F.linear(reduced.reshape(batch, -1, channels), module.kv.weight, module.kv.bias).split(channels, -1)
+    out = masked_attention(q, k, v, None, module.scale, module.num_heads)
+    return F.linear(out, module.proj.weight, module.proj.bias).reshape(x.shape)

@@ -19,6 +19,16 @@ CASES = [
     ("bra", dict(n_win=7, topk=4, kv_downsample_mode="ada_avgpool", kv_per_win=2),
      {"mean", "topk", "_softmax", "index", "_adaptive_avg_pool2d"}),
     ("bra", dict(n_win=4, topk=4, auto_pad=True), {"mean", "topk", "_softmax", "index"}),
+    ("swin", dict(window_size=7), {"index"}),  # the bias-table lookup
+    ("swin", dict(window_size=7, shift_size=3), {"index"}),
+    ("axial", dict(), {"_safe_softmax"}),
+    ("axial", dict(composition="sequential"), {"_safe_softmax"}),
+    ("cswin", dict(split_size=2), set()),
+    ("cswin", dict(split_size=7, last_stage=True), set()),
+    ("neighborhood", dict(kernel_size=7), {"_softmax", "index", "floor_divide"}),  # the k² gather
+    ("neighborhood", dict(kernel_size=5, dilation=2, rel_pos_bias=False), {"_softmax", "index", "floor_divide"}),
+    ("spatial_reduction", dict(sr_ratio=4), {"native_layer_norm"}),
+    ("spatial_reduction", dict(sr_ratio=1), set()),
 ]
 
 
