@@ -8,7 +8,7 @@
 One file per mechanism; each states its paper equation and its analytic cost (``macs``) beside the code.
 """
 
-from . import axial, bra, cswin, full, neighborhood, spatial_reduction, swin  # noqa: F401  (importing a mechanism's module registers it)
+from . import axial, bra, cswin, deformable, full, neighborhood, quadtree, spatial_reduction, swin  # noqa: F401  (importing a mechanism's module registers it)
 from .base import AttentionMechanism, MacCount
 from .registry import ENTRY_POINT_GROUP, available, create, get, options, register
 

@@ -23,6 +23,8 @@ class MacCount:
     """
 
     parts: dict[str, int] = field(default_factory=dict)
+    # Parts spent by ops that FlopCounterMode does not count (grid_sample's bilinear taps, for example).
+    counter_blind: frozenset[str] = frozenset()
 
     @property
     def total(self) -> int:
@@ -32,9 +34,14 @@ class MacCount:
     def flops(self) -> int:
         return 2 * self.total
 
+    @property
+    def counter_visible(self) -> int:
+        """MACs of the parts FlopCounterMode can see (convs, linears, matmuls, einsums)."""
+        return sum(macs for name, macs in self.parts.items() if name not in self.counter_blind)
+
     def scaled(self, batch: int) -> MacCount:
         """The count for a batch of ``batch`` images."""
-        return MacCount({name: batch * macs for name, macs in self.parts.items()})
+        return MacCount({name: batch * macs for name, macs in self.parts.items()}, self.counter_blind)
 
 
 class AttentionMechanism(nn.Module, abc.ABC):

@@ -276,3 +276,143 @@ def spatial_reduction(module, x: torch.Tensor) -> torch.Tensor:
     k, v = F.linear(reduced.reshape(batch, -1, channels), module.kv.weight, module.kv.bias).split(channels, -1)
     out = masked_attention(q, k, v, None, module.scale, module.num_heads)
     return F.linear(out, module.proj.weight, module.proj.bias).reshape(x.shape)
+
+
+def bilinear(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation written out: image (C, H, W), points (..., 2) as (y, x) in [-1, 1] with -1 and
+    +1 at the centres of the first and last pixels (align_corners=True); taps outside the image count as 0.
+    Returns (C, ...)."""
+    channels, height, width = image.shape
+    y = (points[..., 0] + 1) / 2 * (height - 1)
+    x = (points[..., 1] + 1) / 2 * (width - 1)
+    y0, x0 = torch.floor(y), torch.floor(x)
+    out = torch.zeros(channels, *points.shape[:-1], dtype=image.dtype)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yy, xx = y0 + dy, x0 + dx
+            weight = (1 - (y - yy).abs()) * (1 - (x - xx).abs())
+            inside = (yy >= 0) & (yy <= height - 1) & (xx >= 0) & (xx <= width - 1)
+            taps = image[:, yy.clamp(0, height - 1).long(), xx.clamp(0, width - 1).long()]
+            out = out + taps * (weight * inside)
+    return out
+
+
+def deformable_reference_points(grid_h: int, grid_w: int) -> torch.Tensor:
+    """DAT's reference points: cell centres (i + 0.5) mapped by p / (n - 1) · 2 - 1, as (grid_h, grid_w, 2)."""
+    ys = [(i + 0.5) / (grid_h - 1) * 2 - 1 for i in range(grid_h)]
+    xs = [(j + 0.5) / (grid_w - 1) * 2 - 1 for j in range(grid_w)]
+    return torch.tensor([[[y, x] for x in xs] for y in ys], dtype=torch.float64)
+
+
+def deformable_offsets(module, q: torch.Tensor) -> torch.Tensor:
+    """DAT's offset network on the queries of each group, plain functional ops: (B·G, Hk, Wk, 2) raw."""
+    batch, height, width, channels = q.shape
+    groups = module.n_groups
+    grouped = q.permute(0, 3, 1, 2).reshape(batch * groups, channels // groups, height, width)
+    dw, norm, _, point = module.conv_offset
+    out = F.conv2d(grouped, dw.weight, dw.bias, stride=dw.stride, padding=dw.padding, groups=dw.groups)
+    out = F.layer_norm(out.permute(0, 2, 3, 1), (out.shape[1],), norm.norm.weight, norm.norm.bias)
+    out = F.conv2d(F.gelu(out).permute(0, 3, 1, 2), point.weight)
+    return out.permute(0, 2, 3, 1)
+
+
+def deformable(module, x: torch.Tensor) -> torch.Tensor:
+    """DAT deformable attention: offsets bounded by tanh (or positions clamped), keys/values sampled with the
+    written-out bilinear interpolation, the bias table sampled the same way at (query - key) / 2."""
+    batch, height_in, width_in, channels = x.shape
+    height, width = max(height_in, 2 * module.stride), max(width_in, 2 * module.stride)
+    x = _pad(x, height, width)
+    groups, heads = module.n_groups, module.num_heads
+    group_channels, group_heads = channels // groups, heads // groups
+    q = F.linear(x, module.proj_q.weight.flatten(1), module.proj_q.bias)
+    offset = deformable_offsets(module, q)
+    grid_h, grid_w = offset.shape[1:3]
+    factor = module.offset_range_factor
+    if factor >= 0:
+        offset = offset.tanh() * torch.tensor([factor / (grid_h - 1), factor / (grid_w - 1)], dtype=x.dtype)
+    positions = offset + deformable_reference_points(grid_h, grid_w)
+    if factor < 0:
+        positions = positions.clamp(-1, 1)
+    positions = positions.reshape(batch, groups, grid_h * grid_w, 2)
+    sampled = torch.cat([
+        torch.stack([bilinear(x[b, :, :, g * group_channels:(g + 1) * group_channels].permute(2, 0, 1),
+                              positions[b, g]).T for b in range(batch)])
+        for g in range(groups)
+    ], dim=-1)  # (B, Ns, C)
+    k = F.linear(sampled, module.proj_k.weight.flatten(1), module.proj_k.bias)
+    v = F.linear(sampled, module.proj_v.weight.flatten(1), module.proj_v.bias)
+    query_points = torch.tensor([[i / (height - 1) * 2 - 1, j / (width - 1) * 2 - 1]
+                                 for i in range(height) for j in range(width)], dtype=x.dtype)
+    outputs = []
+    for b in range(batch):
+        bias = None
+        if module.rpe_table is not None:
+            displacement = [(query_points[:, None] - positions[b, g][None]) / 2 for g in range(groups)]
+            bias = torch.stack([bilinear(module.rpe_table[h][None], displacement[h // group_heads])[0]
+                                for h in range(heads)])
+        outputs.append(masked_attention(q[b:b + 1].reshape(1, -1, channels), k[b:b + 1], v[b:b + 1], None,
+                                        module.head_dim ** -0.5, heads, bias))
+    out = torch.cat(outputs).reshape(batch, height, width, channels)
+    out = F.linear(out, module.proj_out.weight.flatten(1), module.proj_out.bias)
+    return out[:, :height_in, :width_in]
+
+
+def quadtree(module, x: torch.Tensor) -> torch.Tensor:
+    """QuadTree-B from its definition, query by query: full attention at the coarsest level, then each query
+    attends to the children of the keys its parent kept (top-k by attention weight), messages of all levels
+    weighted, LePE added, nearest-upsampled and summed."""
+    batch, height_in, width_in, channels = x.shape
+    levels, heads, d = module.levels, module.num_heads, module.head_dim
+    multiple = 2 ** (levels - 1)
+    height, width = _ceil_to(height_in, multiple), _ceil_to(width_in, multiple)
+    x = _pad(x, height, width).permute(0, 3, 1, 2)
+
+    def conv1x1(conv, t):
+        return F.conv2d(t, conv.weight, conv.bias)
+
+    queries, keys, values = [conv1x1(module.q_proj, x)], [conv1x1(module.k_proj, x)], [conv1x1(module.v_proj, x)]
+    for branch in module.value_branchs:
+        norm1, _, down, norm2, _, point = branch
+        queries.append(F.avg_pool2d(queries[-1], 2))
+        keys.append(F.avg_pool2d(keys[-1], 2))
+        v = F.gelu(F.group_norm(values[-1], 1, norm1.weight, norm1.bias))
+        v = F.conv2d(v, down.weight, down.bias, stride=2)
+        v = F.gelu(F.group_norm(v, 1, norm2.weight, norm2.bias))
+        values.append(F.conv2d(v, point.weight, point.bias))
+
+    topks = list(module.topks)
+    level_weight = module.py_att.weight.softmax(0)
+    out = torch.zeros(batch, channels, height, width, dtype=x.dtype)
+    for b in range(batch):
+        for head in range(heads):
+            channel = slice(head * d, (head + 1) * d)
+            kept_by_query = {}  # (row, col) at the previous level -> kept key positions there
+            for step, level in enumerate(range(levels - 1, -1, -1)):
+                q, k, v = (t[level][b, channel] for t in (queries, keys, values))
+                h, w = q.shape[1:]
+                kept_now = {}
+                for i in range(h):
+                    for j in range(w):
+                        if step == 0:
+                            candidates = [(r, c) for r in range(h) for c in range(w)]
+                        else:
+                            candidates = [(2 * r + a, 2 * c + b_) for (r, c) in kept_by_query[(i // 2, j // 2)]
+                                          for a in (0, 1) for b_ in (0, 1)]
+                        scores = torch.stack([q[:, i, j] @ k[:, r, c] * d ** -0.5 for (r, c) in candidates])
+                        weights = scores.softmax(0)
+                        message = sum(weights[n] * v[:, r, c] for n, (r, c) in enumerate(candidates))
+                        scale = 2 ** level
+                        out[b, channel, i * scale:(i + 1) * scale, j * scale:(j + 1) * scale] += (
+                            level_weight[step] * message[:, None, None])
+                        if level > 0:
+                            keep = min(topks[step], len(candidates))
+                            order = sorted(range(len(candidates)), key=lambda n: -weights[n].item())[:keep]
+                            kept_now[(i, j)] = [candidates[n] for n in order]
+                kept_by_query = kept_now
+    if module.lepe:
+        for step, level in enumerate(range(levels - 1, -1, -1)):
+            conv = module.py_att.get_vs[step]
+            lepe = F.conv2d(values[level], conv.weight, conv.bias, padding=1, groups=channels)
+            out = out + level_weight[step] * lepe.repeat_interleave(2 ** level, 2).repeat_interleave(2 ** level, 3)
+    out = F.linear(out.permute(0, 2, 3, 1), module.proj.weight, module.proj.bias)
+    return out[:, :height_in, :width_in]

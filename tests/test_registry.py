@@ -93,12 +93,12 @@ def test_entry_point_plugins_register_and_broken_ones_warn(plugin_dir):
 
 @pytest.mark.parametrize("name", sorted(attentions.available()))
 def test_every_mechanism_keeps_the_shape_and_checks_its_input(name):
-    module = attentions.create(name, dim=32, num_heads=4)
-    x = torch.randn(2, 14, 28, 32)
+    module = attentions.create(name, dim=48, num_heads=6)  # every mechanism's default options
+    x = torch.randn(2, 14, 28, 48)
     assert module(x).shape == x.shape
-    with pytest.raises(ValueError, match=r"expects x of shape \(B, H, W, 32\)"):
-        module(torch.randn(2, 32, 14, 28)[..., :16])
+    with pytest.raises(ValueError, match=r"expects x of shape \(B, H, W, 48\)"):
+        module(torch.randn(2, 48, 14, 28)[..., :16])
     try:
-        assert module(torch.randn(1, 15, 9, 32)).shape == (1, 15, 9, 32)
+        assert module(torch.randn(1, 15, 9, 48)).shape == (1, 15, 9, 48)
     except ValueError as error:  # a mechanism that does not pad by default must name the sizes
         assert "15" in str(error) and "9" in str(error)

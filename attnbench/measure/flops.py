@@ -38,7 +38,7 @@ EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
 # from the counter's registry is not a gap worth reporting.
 _LAYOUT_OPS = {
     aten._unsafe_view, aten.as_strided_, aten.randn, aten.rand, aten.uniform_, aten.normal_, aten.bernoulli_,
-    aten.randint,
+    aten.randint, aten.flip, aten.linspace,
     aten.clone, aten.copy_, aten._to_copy, aten.cat, aten.stack, aten.constant_pad_nd, aten.empty_like,
     aten.zeros_like, aten.ones_like, aten.full_like, aten.empty, aten.zeros, aten.ones, aten.full, aten.arange,
     aten.fill_, aten.zero_, aten.lift_fresh, aten.new_zeros, aten.new_empty, aten.new_ones, aten.new_full,
