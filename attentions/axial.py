@@ -96,6 +96,10 @@ class AxialAttention(AttentionMechanism):
             out = attend_along(*self._qkv(self.qkv_row, out), "row", self.scale)
         return self.proj(out.permute(0, 2, 3, 1, 4).flatten(3))
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        # parallel: half the heads see a row (W keys), half a column (H); sequential: every head sees both
+        return float(width + height) / (2 if self.composition == "parallel" else 1)
+
     def macs(self, height: int, width: int) -> MacCount:
         tokens, c = height * width, self.dim
         passes = 1 if self.composition == "parallel" else 2  # sequential: both axes with every head

@@ -59,6 +59,15 @@ class AttentionMechanism(nn.Module, abc.ABC):
     def macs(self, height: int, width: int) -> MacCount:
         """Analytic MACs of one forward pass over one (height × width × dim) image."""
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        """Mean number of keys a query attends to (over heads and the H·W real queries): the sparsity the
+        mechanism actually has at this size, padding and masks included."""
+        raise NotImplementedError(f"{type(self).__name__} does not state keys_per_query")
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Why this module cannot run on ``device`` in ``dtype`` (empty when it can), as xFormers' ops do."""
+        return []
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError unless ``x`` is (B, H, W, dim)."""
         if x.dim() != 4 or x.shape[-1] != self.dim:

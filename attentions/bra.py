@@ -241,6 +241,10 @@ class BiLevelRoutingAttention(AttentionMechanism):
         out = self.wo(out)
         return out[:, :height, :width].contiguous()
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        padded_h, padded_w = self._padded_size(height, width)
+        return float(self.topk * self._kv_tokens_per_region(padded_h // self.n_win, padded_w // self.n_win))
+
     def macs(self, height: int, width: int) -> MacCount:
         padded_h, padded_w = self._padded_size(height, width)
         tokens, regions = padded_h * padded_w, self.n_win * self.n_win

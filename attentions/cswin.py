@@ -125,6 +125,12 @@ class CrossShapedWindowAttention(AttentionMechanism):
             ], dim=-1)
         return self.proj(out)[:, :height, :width].contiguous()
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        padded_h, padded_w = self._padded_size(height, width)
+        if self.last_stage:
+            return float(padded_h * padded_w)
+        return float(padded_h * self.split_size + padded_w * self.split_size) / 2
+
     def macs(self, height: int, width: int) -> MacCount:
         padded_h, padded_w = self._padded_size(height, width)
         tokens, c = padded_h * padded_w, self.dim

@@ -172,6 +172,10 @@ class DeformableAttention(AttentionMechanism):
         out = pointwise(self.proj_out, out.transpose(1, 2).reshape(batch, height, width, channels))
         return out[:, :height_in, :width_in].contiguous()
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        grid_h, grid_w = self._sample_grid_size(*self._padded_size(height, width))
+        return float(grid_h * grid_w)
+
     def macs(self, height: int, width: int) -> MacCount:
         height, width = self._padded_size(height, width)
         grid_h, grid_w = self._sample_grid_size(height, width)

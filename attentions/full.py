@@ -66,6 +66,9 @@ class FullAttention(AttentionMechanism):
             out = out + conv_nhwc(self.lepe, x)
         return self.proj(out)
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        return float(height * width)
+
     def macs(self, height: int, width: int) -> MacCount:
         tokens, c = height * width, self.dim
         parts = {

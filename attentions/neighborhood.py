@@ -28,6 +28,7 @@ Cost (MACs, Hp × Wp padded): qkv 3·HpWp·C², out_proj HpWp·C², attn_scores 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import torch
@@ -86,11 +87,8 @@ class NeighborhoodAttention(AttentionMechanism):
             raise ValueError(f"dilation must be >= 1, got {dilation}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "natten":
-            if importlib.util.find_spec("natten") is None:
-                raise ValueError("backend='natten' needs the natten package (pip install natten); it is not installed")
-            if rel_pos_bias:
-                raise ValueError("backend='natten' supports no relative position bias: set rel_pos_bias=False")
+        if backend == "natten" and rel_pos_bias:
+            raise ValueError("backend='natten' supports no relative position bias: set rel_pos_bias=False")
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.backend = backend
@@ -102,6 +100,20 @@ class NeighborhoodAttention(AttentionMechanism):
         else:
             self.register_parameter("rpb", None)
         self.proj = nn.Linear(dim, dim)
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        if self.backend == "natten" and importlib.util.find_spec("natten") is None:
+            return ["backend='natten' needs the natten package, which is not installed"]
+        return []
+
+    def plain(self) -> NeighborhoodAttention:
+        """The same module on the pure PyTorch path (the reference for the natten backend)."""
+        plain = copy.deepcopy(self)
+        plain.backend = "torch"
+        return plain
+
+    def keys_per_query(self, height: int, width: int) -> float:
+        return float(self.kernel_size**2)
 
     def _padded_size(self, height: int, width: int) -> tuple[int, int]:
         span = self.kernel_size * self.dilation

@@ -190,6 +190,12 @@ class QuadTreeAttention(AttentionMechanism):
         out = self.proj(out.permute(0, 2, 3, 1))
         return out[:, :height, :width].contiguous()
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        """All coarsest-level keys, plus the 4k children at every finer level."""
+        padded_h, padded_w = self._padded_size(height, width)
+        coarse = (padded_h * padded_w) >> (2 * (self.levels - 1))
+        return float(coarse + sum(4 * k for k in self.kept_topks(height, width)))
+
     def macs(self, height: int, width: int) -> MacCount:
         padded_h, padded_w = self._padded_size(height, width)
         c = self.dim

@@ -77,6 +77,10 @@ class SpatialReductionAttention(AttentionMechanism):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj(merge_heads(out)).reshape(batch, height, width, channels)
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        reduced_h, reduced_w = self._reduced_size(height, width)
+        return float(reduced_h * reduced_w)
+
     def macs(self, height: int, width: int) -> MacCount:
         reduced_h, reduced_w = self._reduced_size(height, width)
         tokens, keys, c = height * width, reduced_h * reduced_w, self.dim

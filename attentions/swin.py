@@ -122,6 +122,17 @@ class ShiftedWindowAttention(AttentionMechanism):
             out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         return out.contiguous()
 
+    def keys_per_query(self, height: int, width: int) -> float:
+        """M² without a shift; with one, the window's tokens of the query's own sub-region, averaged over
+        the real (unpadded) queries."""
+        window = self.window_size
+        if not self.shift_size:
+            return float(window * window)
+        padded_h, padded_w = height + (-height % window), width + (-width % window)
+        allowed = (shifted_window_mask(padded_h, padded_w, window, self.shift_size) == 0).sum(-1)  # (nW, M²)
+        per_token = window_merge(allowed[..., None].float(), window, window, padded_h, padded_w)
+        return float(per_token[0, :height, :width].mean())
+
     def macs(self, height: int, width: int) -> MacCount:
         window = self.window_size
         tokens = (height + (-height % window)) * (width + (-width % window))

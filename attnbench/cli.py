@@ -1,11 +1,19 @@
-"""Command line: ``python -m attnbench list``."""
+"""Command line: ``python -m attnbench list | run | report | env``.
+
+Exit codes: 0 done, 2 bad input (suite file, profile, run directory), 1 anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import sys
+from pathlib import Path
 
 import attentions
+
+from .suite import SuiteError, expand, load_suite
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -19,25 +27,86 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .report import build_report
+    from .runner import run_suite
+
+    suite = load_suite(args.suite, args.profile)
+    cases = expand(suite)
+    if args.dry_run:
+        for case in cases:
+            print(f"{case.id}  {case.label} @ {case.shape} ({case.height}x{case.width}, C={case.dim}, "
+                  f"heads={case.heads}) batch {case.batch} {case.dtype} {case.mode} {case.device} "
+                  f"{json.dumps(case.options, sort_keys=True)}")
+        print(f"{len(cases)} cases")
+        return 0
+    run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    command = " ".join(["python -m attnbench", *sys.argv[1:]])
+    summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command)
+    report = build_report(summary.run_dir)
+    counts = ", ".join(f"{count} {status}" for status, count in summary.statuses.items()) or "nothing new"
+    print(f"{summary.total} cases ({summary.skipped} already recorded; {counts}) in {summary.seconds:.0f} s")
+    print(f"records: {summary.run_dir / 'records.jsonl'}")
+    print(f"report:  {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").exists():
+        raise SuiteError(f"{run_dir}: not a run directory (no run.json); expected <results-dir>/<suite>/<run>")
+    print(build_report(run_dir))
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from .env import environment
+    from .suite import resolve_device
+
+    print(json.dumps(environment(resolve_device("auto")), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m attnbench",
-        description="Benchmark and reproduction suite for sparse vision attention.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m attnbench",
+                                     description="Benchmark and reproduction suite for sparse vision attention.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     list_parser = commands.add_parser(
-        "list", help="list the registered attention mechanisms", description="List the registered attention "
-        "mechanisms (built-in and plug-ins of the 'attnbench.attentions' entry-point group)."
-    )
+        "list", help="list the registered attention mechanisms",
+        description="List the registered attention mechanisms (built-in and plug-ins of the "
+                    "'attnbench.attentions' entry-point group).")
     list_parser.add_argument("--options", action="store_true", help="also print each mechanism's options")
     list_parser.set_defaults(handler=_list)
+
+    run = commands.add_parser(
+        "run", help="run a suite and write its records and report",
+        description="Run every case of SUITE, each in its own process, appending one record per case to "
+                    "RESULTS_DIR/<suite>/<run>/records.jsonl, then write report.md beside it. Running again "
+                    "with the same --run resumes: recorded cases are skipped.")
+    run.add_argument("suite", type=Path, help="suite YAML file, e.g. suites/speed.yaml")
+    run.add_argument("--profile", help="a named profile of the suite (e.g. quick, full)")
+    run.add_argument("--results-dir", default="results", help="where runs are stored (default: results)")
+    run.add_argument("--run", help="run name (default: a timestamp); reuse one to resume it")
+    run.add_argument("--dry-run", action="store_true", help="list the cases without running them")
+    run.set_defaults(handler=_run)
+
+    report = commands.add_parser("report", help="(re)build report.md of a run directory",
+                                 description="Render RUN_DIR/report.md and RUN_DIR/plots/ from RUN_DIR/records.jsonl.")
+    report.add_argument("run_dir", help="a run directory, RESULTS_DIR/<suite>/<run>")
+    report.set_defaults(handler=_report)
+
+    env = commands.add_parser("env", help="print the environment that records are stamped with")
+    env.set_defaults(handler=_env)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        return args.handler(args)
+    except SuiteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

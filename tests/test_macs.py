@@ -8,7 +8,7 @@ from attnbench.measure.flops import count_flops
 
 SIZES = [(14, 14), (28, 21), (35, 49)]
 QUADTREE_UNCOUNTED = {
-    "_softmax", "avg_pool2d", "floor_divide", "gather", "native_group_norm", "topk", "upsample_nearest2d"
+    "_softmax", "avg_pool2d", "floor_divide", "gather", "native_group_norm", "topk", "_unsafe_index"
 }
 
 # (name, options, ops FlopCounterMode runs but cannot count: their arithmetic is not multiply-adds)

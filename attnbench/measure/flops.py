@@ -75,7 +75,7 @@ def count_flops(fn: Callable[[], Any]) -> FlopCount:
     """Run ``fn()`` once under FlopCounterMode (with the CPU SDPA formulas) and report what it counted."""
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
     recorder = _OpRecorder()
-    with counter, recorder:
+    with recorder, counter:  # the counter decomposes composite ops; the recorder sees what it then runs
         fn()
     counted_ops = set(counter.flop_registry)
     uncounted = {

@@ -1,0 +1,113 @@
+"""The report's tables, each a pandas pivot of the flat frame with failures spelled out in their cells.
+
+Rows keep the order the suite lists mechanisms, columns the order it lists shapes. A cell whose case did not
+finish says why (OOM, TIMEOUT, ERROR, NaN, UNSUPPORTED) instead of going blank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pandas as pd
+
+from .paper import bra_paper_macs, paper_figures
+
+FAILED = {"oom": "OOM", "timeout": "TIMEOUT", "error": "ERROR", "nan": "NaN", "unsupported": "UNSUPPORTED"}
+GROUP = ["device", "dtype", "mode", "batch"]
+
+
+def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape") -> pd.DataFrame:
+    """Rows: labels in suite order; columns: ``columns`` values in suite order; cells from ``cell(row)``."""
+    rows = list(dict.fromkeys(frame["label"]))
+    cols = list(dict.fromkeys(frame[columns]))
+    table = pd.DataFrame("", index=pd.Index(rows, name="mechanism"), columns=cols)
+    for _, row in frame.iterrows():
+        table.loc[row["label"], row[columns]] = FAILED.get(row["status"]) or cell(row)
+    return table
+
+
+def _shape_header(frame: pd.DataFrame) -> dict[str, str]:
+    first = frame.drop_duplicates("shape").set_index("shape")
+    return {shape: f"{shape} ({row.height}×{row.width}, C={row.dim}, heads={row.heads})"
+            for shape, row in first.iterrows()}
+
+
+def groups(frame: pd.DataFrame):
+    """(title, sub-frame) per device / dtype / mode / batch, in the order first seen."""
+    for key, sub in frame.groupby(GROUP, sort=False):
+        device, dtype, mode, batch = key
+        yield f"{device}, {dtype}, {mode.replace('_', '+')}, batch {batch}", sub
+
+
+def latency_table(frame: pd.DataFrame) -> pd.DataFrame:
+    table = _pivot(frame, lambda row: f"{row.median_ms:.2f} (±{row.iqr_ms / 2:.2f})")
+    return table.rename(columns=_shape_header(frame))
+
+
+def throughput_table(frame: pd.DataFrame) -> pd.DataFrame:
+    table = _pivot(frame, lambda row: f"{row.images_per_s:,.1f}")
+    return table.rename(columns=_shape_header(frame))
+
+
+def roofline_table(frame: pd.DataFrame) -> pd.DataFrame:
+    def cell(row):
+        return "" if pd.isna(row.fraction_of_gemm) else f"{100 * row.fraction_of_gemm:.1f}%"
+    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+
+
+def memory_table(frame: pd.DataFrame) -> pd.DataFrame:
+    def cell(row):
+        return "" if pd.isna(row.peak_mib) else f"{row.peak_mib:,.1f} ({row.activation_mib:,.1f})"
+    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+
+
+def _forward(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (mechanism, shape) for size-only measures: the first forward record with FLOPs."""
+    forward = frame[(frame["mode"] == "forward") & frame["analytic_gmacs_per_image"].notna()]
+    return forward.drop_duplicates(["label", "shape"])
+
+
+def complexity_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per image: analytic GMACs (the paper's convention) / FlopCounterMode GFLOPs (2 per MAC) / keys per query."""
+    forward = _forward(frame)
+
+    def cell(row):
+        density = f"{100 * row.density:.1f}%" if not pd.isna(row.density) else "?"
+        return (f"{row.analytic_gmacs_per_image:.3f} / {row.counted_gflops_per_image:.3f} / "
+                f"{row.keys_per_query:g} ({density})")
+    return _pivot(forward, cell).rename(columns=_shape_header(forward)) if len(forward) else pd.DataFrame()
+
+
+def bra_formula_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Our analytic BRA cost beside the paper's formula evaluated at the same sizes (both in GMACs)."""
+    rows = []
+    for _, row in _forward(frame[frame["mechanism"] == "bra"]).iterrows():
+        options = json.loads(row.options)
+        n_win, topk = options.get("n_win", 7), options.get("topk", 4)
+        paper = bra_paper_macs(row.height, row.width, row.dim, n_win, topk) / 1e9
+        rows.append({"mechanism": row["label"], "shape": row["shape"], "S": n_win, "k": topk,
+                     "paper formula (GMACs)": f"{paper:.4f}",
+                     "ours, all parts (GMACs)": f"{row.analytic_gmacs_per_image:.4f}"})
+    return pd.DataFrame(rows)
+
+
+def quadtree_claim_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Measured latency of quadtree ÷ bra per shape, beside the paper's claim of a 3–6× speed-up."""
+    claim = paper_figures()["claims"]["bra_vs_quadtree_speedup"]
+    rows = []
+    ok = frame[frame["status"] == "ok"]
+    for title, sub in groups(ok):
+        for shape, at_shape in sub.groupby("shape", sort=False):
+            bra = at_shape[at_shape["mechanism"] == "bra"]
+            quadtree = at_shape[at_shape["mechanism"] == "quadtree"]
+            if len(bra) and len(quadtree):
+                rows.append({"group": title, "shape": shape,
+                             "ours: quadtree ms / bra ms": f"{quadtree.median_ms.iloc[0] / bra.median_ms.iloc[0]:.2f}×",
+                             "paper (claim)": f"{claim['low']:g}–{claim['high']:g}×"})
+    return pd.DataFrame(rows)
+
+
+def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
+    failed = frame[frame["status"] != "ok"]
+    return failed[["label", "shape", "dtype", "mode", "batch", "status", "message"]].reset_index(drop=True)

@@ -1,0 +1,165 @@
+"""Runs a suite: every case in a fresh ``spawn`` process with a timeout, one record per case, resumable.
+
+``<results-dir>/<suite>/<run>/`` holds ``run.json`` (the suite, profile, environment and the machine's GEMM
+rates measured at the start) and ``records.jsonl``. Running the same suite into the same run directory
+skips the cases already recorded and runs the rest, including one whose process was killed half-way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .env import environment
+from .measure.gemm import gemm_flops_per_s
+from .records import RecordStore
+from .suite import Case, Suite, expand
+from .worker import worker_main
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    total: int
+    skipped: int
+    statuses: dict[str, int]
+    seconds: float
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def execute_case(case: Case) -> dict[str, Any]:
+    """Run one case in its own process; always returns a result with a status."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="attnbench-case-") as scratch:
+        result_path = Path(scratch) / "result.json"
+        process = context.Process(target=worker_main, args=(case.config(), str(result_path)), daemon=True)
+        process.start()
+        process.join(case.timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            return {"status": "timeout", "message": f"no result within timeout_s={case.timeout_s:g}", "metrics": {}}
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        code = process.exitcode
+        if code == -signal.SIGKILL:
+            return {"status": "oom", "message": "the case process was killed (SIGKILL): out of memory?", "metrics": {}}
+        reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return {"status": "error", "message": f"the case process died with {reason}", "metrics": {}}
+
+
+def _roofline(result: dict[str, Any], gemm: float | None) -> None:
+    metrics = result.get("metrics", {})
+    if gemm and "latency" in metrics and "flops" in metrics:
+        achieved = metrics["flops"]["counted_flops"] / metrics["latency"]["median_s"]
+        metrics["roofline"] = {"achieved_flops_per_s": achieved, "gemm_flops_per_s": gemm,
+                               "fraction_of_gemm": achieved / gemm}
+
+
+def _gemm_rates(cases: list[Case], known: dict[str, float]) -> dict[str, float]:
+    """FLOP/s of a dense GEMM for every (device, dtype) the cases use that can run here."""
+    rates = dict(known)
+    for device, dtype in sorted({(case.device, case.dtype) for case in cases if "latency" in case.measures}):
+        key = f"{device}/{dtype}"
+        if key in rates or (device == "cuda" and not torch.cuda.is_available()):
+            continue
+        rates[key] = gemm_flops_per_s(torch.device(device), getattr(torch, dtype))
+    return rates
+
+
+def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str | None, command: str,
+                    cases: list[Case]) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    device = cases[0].device if cases else "cpu"
+    run = {
+        "suite": suite.name, "suite_file": suite_path, "profile": profile, "description": suite.description,
+        "command": previous.get("command", command),
+        "created": previous.get("created", _now()), "resumed": previous.get("resumed", []),
+        "environment": previous.get("environment") or environment(device),
+        "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),
+        "cases": len(cases),
+    }
+    if previous:
+        run["resumed"] = [*run["resumed"], _now()]
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(run, indent=2, sort_keys=True))
+    temporary.replace(path)
+    return run
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain lines when not a TTY or when CI is set."""
+
+    def __init__(self, total: int) -> None:
+        self.plain = not sys.stdout.isatty() or bool(os.environ.get("CI"))
+        self.total, self.done = total, 0
+        if not self.plain:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn())
+            self.task = self.bar.add_task("starting", total=total)
+            self.bar.start()
+
+    def starting(self, case: Case) -> None:
+        if not self.plain:
+            self.bar.update(self.task, description=f"{case.label} @ {case.shape} {case.dtype} {case.mode}")
+
+    def finished(self, case: Case, result: dict[str, Any]) -> None:
+        self.done += 1
+        latency = result.get("metrics", {}).get("latency")
+        detail = f" {latency['median_s'] * 1e3:.2f} ms" if latency else ""
+        line = (f"[{self.done}/{self.total}] {case.label} @ {case.shape} b{case.batch} {case.dtype} {case.mode}: "
+                f"{result['status']}{detail}{' ' + result['message'] if result['message'] else ''}")
+        if self.plain:
+            print(line, flush=True)
+        else:
+            self.bar.console.print(line)
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if not self.plain:
+            self.bar.stop()
+
+
+def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, profile: str | None = None,
+              command: str = "") -> RunSummary:
+    started = time.time()
+    cases = expand(suite)
+    run_dir = results_dir / suite.name / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = _write_run_json(run_dir, suite, suite_path, profile, command, cases)
+    store = RecordStore(run_dir / "records.jsonl")
+    done = store.done_ids()
+    pending = [case for case in cases if case.id not in done]
+    progress = _Progress(len(pending))
+    statuses: dict[str, int] = {}
+    try:
+        for case in pending:
+            progress.starting(case)
+            case_started = _now()
+            result = execute_case(case)
+            _roofline(result, run["gemm_flops_per_s"].get(f"{case.device}/{case.dtype}"))
+            record = {"id": case.id, "suite": suite.name, "run": run_name, "case": case.config(),
+                      "started": case_started, "finished": _now(), **result}
+            store.append(record)
+            statuses[result["status"]] = statuses.get(result["status"], 0) + 1
+            progress.finished(case, result)
+    finally:
+        progress.close()
+    return RunSummary(run_dir, len(cases), len(cases) - len(pending), statuses, time.time() - started)
