@@ -1,4 +1,4 @@
-"""Sessions: ``nox -s tests`` (the test suite), ``nox -s lint`` (ruff), ``nox -s bench`` (the main job).
+"""Sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s bench`` (the main job), ``nox -s microbench``.
 
 Each session builds its own virtual environment and installs the project into it, so a fresh clone needs
 only ``python3 -m pip install nox``. torch resolves to the build pip's index offers (2.14.1 here).
@@ -25,6 +25,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The main job. Until the suite runner lands, list the registered mechanisms."""
+    """The speed suite's quick profile (CPU when there is no GPU); records and report under results/speed/."""
     session.install("-e", ".")
-    session.run("python", "-m", "attnbench", "list", *session.posargs)
+    session.run("python", "-m", "attnbench", "run", "suites/speed.yaml", "--profile", "quick", *session.posargs)
+
+
+@nox.session
+def microbench(session: nox.Session) -> None:
+    """pytest-benchmark micro-benchmarks of every mechanism's forward (tests/bench/)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests/bench", "--benchmark-autosave", *session.posargs,
+                env={"ATTNBENCH_MICROBENCH": "1"})

@@ -276,6 +276,7 @@ def load_suite(path: str | Path, profile: str | None = None) -> Suite:
         except ValidationError as error:
             raise _first_error(path, error, Suite) from None
     _check_semantics(path, base)
+    _check_distinct(path, base)
     return base
 
 
@@ -337,6 +338,16 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             except (ValueError, TypeError) as error:
                 raise SuiteError(f"{where}: at shape {shape.name} ({shape.height}x{shape.width}, dim {shape.dim}, "
                                  f"heads {shape.heads}): {error}") from None
+
+
+def _check_distinct(path: Path, suite: Suite) -> None:
+    seen: dict[str, Case] = {}
+    for case in expand(suite):
+        if case.id in seen:
+            first = seen[case.id]
+            raise SuiteError(f"{path}: grid: cases '{first.label} @ {first.shape}' and '{case.label} @ {case.shape}' "
+                             "measure the same thing (same mechanism, options, shape, batch, dtype and mode)")
+        seen[case.id] = case
 
 
 def resolve_device(device: str) -> str:

@@ -1,8 +1,7 @@
 """One case, measured in a process of its own (started with ``spawn`` by the runner).
 
 The worker builds the mechanism through the registry, checks it (finite output, agreement with its float64
-plain path), then runs the suite's measures in a fixed order: memory first (on CPU the process's peak
-resident size must not yet include anything else), then parameters, FLOPs and latency. Whatever happens is
+plain path), then runs the suite's measures: memory, parameters, FLOPs and latency. Whatever happens is
 written as one JSON result file; a worker that dies writes nothing and the runner records why.
 """
 
@@ -23,7 +22,7 @@ import attentions
 from .measure.correctness import check_against_reference
 from .measure.flops import count_flops
 from .measure.latency import measure_latency
-from .measure.memory import max_rss_bytes, measure_peak_memory
+from .measure.memory import measure_peak_memory
 from .measure.params import count_parameters, state_bytes
 
 
@@ -68,7 +67,7 @@ def build_step(module: torch.nn.Module, x: torch.Tensor, mode: str):
     return forward_backward
 
 
-def run_case(config: dict[str, Any], process_baseline_bytes: int) -> dict[str, Any]:
+def run_case(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config["seed"])
     if config["threads"]:
         torch.set_num_threads(config["threads"])
@@ -91,7 +90,7 @@ def run_case(config: dict[str, Any], process_baseline_bytes: int) -> dict[str, A
     measures, metrics = config["measures"], {}
 
     if "memory" in measures:
-        metrics["memory"] = measure_peak_memory(step, device, state_bytes(module, x), process_baseline_bytes).summary()
+        metrics["memory"] = measure_peak_memory(step, device, state_bytes(module, x)).summary()
     out = step()
     if not _finite(out, x.grad, *(p.grad for p in module.parameters())):
         raise CaseFailure("nan", "the output or a gradient has NaN or Inf on random input")
@@ -127,10 +126,9 @@ def run_case(config: dict[str, Any], process_baseline_bytes: int) -> dict[str, A
 
 def worker_main(config: dict[str, Any], result_path: str) -> None:
     """Entry point of the case process: always leaves a result file unless the process itself dies."""
-    baseline = max_rss_bytes()
     started = time.time()
     try:
-        result = run_case(config, baseline)
+        result = run_case(config)
     except CaseFailure as failure:
         result = {"status": failure.status, "message": str(failure), "metrics": {}}
     except Exception as error:  # recorded, never raised: the suite goes on

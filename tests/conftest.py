@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# pytest-benchmark micro-benchmarks run only in `nox -s microbench`
+collect_ignore = [] if os.environ.get("ATTNBENCH_MICROBENCH") else ["bench"]
 
 
 @pytest.fixture(autouse=True)

@@ -131,34 +131,44 @@ def _ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def swin_allowed(height: int, width: int, window: int, shift: int) -> torch.Tensor:
+    """(H·W, H·W) boolean mask of a rolled, padded map: token p may see token q iff they share a window and,
+    when shifted, one of the 3 × 3 sub-regions the Swin paper cuts at size - M and size - s."""
+
+    def sub_region(i: int, size: int) -> int:
+        return 0 if i < size - window else (1 if i < size - shift else 2)
+
+    positions = [(i, j) for i in range(height) for j in range(width)]
+    mask = torch.zeros(height * width, height * width, dtype=torch.bool)
+    for query, (qi, qj) in enumerate(positions):
+        for key, (ki, kj) in enumerate(positions):
+            same_window = (qi // window, qj // window) == (ki // window, kj // window)
+            same_region = not shift or (
+                (sub_region(qi, height), sub_region(qj, width)) == (sub_region(ki, height), sub_region(kj, width))
+            )
+            mask[query, key] = same_window and same_region
+    return mask
+
+
 def swin(module, x: torch.Tensor) -> torch.Tensor:
-    """Swin W-MSA / SW-MSA: roll by -s, zero-pad, dense attention where token p may see token q iff they
-    share a window and (when shifted) a sub-region of the rolled map; bias from the table by loops."""
+    """Swin W-MSA / SW-MSA: roll by -s, zero-pad, dense attention under ``swin_allowed`` with the relative
+    position bias looked up pair by pair."""
     batch, height, width, channels = x.shape
     m, s = module.window_size, module.shift_size
     x = torch.roll(x, (-s, -s), (1, 2))
     hp, wp = _ceil_to(height, m), _ceil_to(width, m)
     x = _pad(x, hp, wp)
-
-    def sub_region(i: int, size: int) -> int:  # the Swin cuts at size - m and size - s
-        return 0 if i < size - m else (1 if i < size - s else 2)
-
-    positions = [(i, j) for i in range(hp) for j in range(wp)]
-    mask = torch.zeros(1, hp * wp, hp * wp, dtype=torch.bool)
+    mask = swin_allowed(hp, wp, m, s)
     bias = torch.zeros(module.num_heads, hp * wp, hp * wp, dtype=x.dtype)
     table = module.relative_position_bias_table
+    positions = [(i, j) for i in range(hp) for j in range(wp)]
     for query, (qi, qj) in enumerate(positions):
         for key, (ki, kj) in enumerate(positions):
-            same_window = (qi // m, qj // m) == (ki // m, kj // m)
-            same_region = not s or (
-                (sub_region(qi, hp), sub_region(qj, wp)) == (sub_region(ki, hp), sub_region(kj, wp))
-            )
-            mask[0, query, key] = same_window and same_region
-            if same_window:
+            if (qi // m, qj // m) == (ki // m, kj // m):
                 bias[:, query, key] = table[(qi - ki + m - 1) * (2 * m - 1) + (qj - kj + m - 1)]
     tokens = x.reshape(batch, hp * wp, channels)
     q, k, v = F.linear(tokens, module.qkv.weight, module.qkv.bias).split(channels, dim=-1)
-    out = masked_attention(q, k, v, mask, module.scale, module.num_heads, bias)
+    out = masked_attention(q, k, v, mask[None], module.scale, module.num_heads, bias)
     out = F.linear(out, module.proj.weight, module.proj.bias).reshape(batch, hp, wp, channels)
     return torch.roll(out[:, :height, :width], (s, s), (1, 2))
 

@@ -76,7 +76,7 @@ def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_it
     """Time ``fn`` (which must do all its work before returning, or on ``device``'s stream)."""
     timed = _timer(device)
     iterations, warm_start = 0, time.perf_counter()
-    while iterations < warmup_iters or time.perf_counter() - warm_start < warmup_time_s:
+    while iterations < max(warmup_iters, 1) or time.perf_counter() - warm_start < warmup_time_s:  # ≥ 1 call sizes
         single = timed(fn, 1)
         iterations += 1
     number = max(1, int(MIN_SAMPLE_S / max(single, 1e-9)))

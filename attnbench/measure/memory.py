@@ -1,55 +1,78 @@
 """Peak memory of one step of a case.
 
-CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before
-the step (the module and its inputs). CPU: torch has no public peak-memory API, so each case runs in its own
-process and the peak is the rise of that process's ``ru_maxrss`` over the baseline taken after importing
-torch; the module and inputs are subtracted by their byte sizes. The method is stored with the figure.
+CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, above what was allocated before
+the step. CPU: torch has no public peak-memory API, so a dispatch mode follows every tensor storage an ATen
+op creates during the step and frees it from the count when the storage is released (the approach of
+torch.distributed._tools.mem_tracker, written here without that private module); memory a kernel uses
+internally without creating a tensor is not seen. Both report the peak above the state that existed
+before the step (module parameters, buffers, inputs), and the method is stored with the figure.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
-def max_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storages created under this mode and still alive: the current and the peak value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.current += self.live[key]
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
 
 
 @dataclass(frozen=True)
 class PeakMemory:
-    peak_bytes: int  # above the baseline: state + activations + workspace
+    step_peak_bytes: int  # above the state: activations, outputs, gradients, workspace tensors
     state_bytes: int  # module parameters, buffers and inputs
     method: str
 
-    @property
-    def activation_bytes(self) -> int:
-        return max(self.peak_bytes - self.state_bytes, 0)
-
     def summary(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "state_bytes": self.state_bytes,
-                "activation_bytes": self.activation_bytes, "method": self.method}
+        return {"peak_bytes": self.step_peak_bytes + self.state_bytes, "state_bytes": self.state_bytes,
+                "activation_bytes": self.step_peak_bytes, "method": self.method}
 
 
-def measure_peak_memory(step: Callable[[], object], device: torch.device, state_bytes: int,
-                        process_baseline_bytes: int) -> PeakMemory:
-    """Run ``step`` once and report its peak. On CPU this must be the first step the process runs."""
+def measure_peak_memory(step: Callable[[], object], device: torch.device, state_bytes: int) -> PeakMemory:
+    """Run ``step`` once and report the peak of what it allocates, beside the state it started from."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        return PeakMemory(peak + state_bytes, state_bytes,
-                          "cuda: max_memory_allocated after reset_peak_memory_stats, above the allocations "
-                          "made before the step, plus module and input bytes")
-    step()
-    return PeakMemory(max_rss_bytes() - process_baseline_bytes, state_bytes,
-                      "cpu: rise of ru_maxrss of the case's own process over its baseline after importing torch")
+        return PeakMemory(torch.cuda.max_memory_allocated(device) - before, state_bytes,
+                          "cuda: max_memory_allocated after reset_peak_memory_stats, above the allocations made "
+                          "before the step")
+    tracker = LiveTensorBytes()
+    with tracker:
+        step()
+    return PeakMemory(tracker.peak, state_bytes,
+                      "cpu: peak bytes of tensor storages alive during the step, followed per ATen op by a "
+                      "dispatch mode (kernel-internal scratch not seen)")

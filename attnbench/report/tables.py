@@ -74,8 +74,8 @@ def complexity_table(frame: pd.DataFrame) -> pd.DataFrame:
 
     def cell(row):
         density = f"{100 * row.density:.1f}%" if not pd.isna(row.density) else "?"
-        return (f"{row.analytic_gmacs_per_image:.3f} / {row.counted_gflops_per_image:.3f} / "
-                f"{row.keys_per_query:g} ({density})")
+        return (f"{row.analytic_gmacs_per_image:.4g} / {row.counted_gflops_per_image:.4g} / "
+                f"{row.keys_per_query:.4g} ({density})")
     return _pivot(forward, cell).rename(columns=_shape_header(forward)) if len(forward) else pd.DataFrame()
 
 
@@ -87,8 +87,8 @@ def bra_formula_table(frame: pd.DataFrame) -> pd.DataFrame:
         n_win, topk = options.get("n_win", 7), options.get("topk", 4)
         paper = bra_paper_macs(row.height, row.width, row.dim, n_win, topk) / 1e9
         rows.append({"mechanism": row["label"], "shape": row["shape"], "S": n_win, "k": topk,
-                     "paper formula (GMACs)": f"{paper:.4f}",
-                     "ours, all parts (GMACs)": f"{row.analytic_gmacs_per_image:.4f}"})
+                     "paper formula (GMACs)": f"{paper:.4g}",
+                     "ours, all parts (GMACs)": f"{row.analytic_gmacs_per_image:.4g}"})
     return pd.DataFrame(rows)
 
 

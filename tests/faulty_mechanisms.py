@@ -1,0 +1,67 @@
+"""Mechanisms that misbehave on purpose, imported by test suites (``imports: [tests.faulty_mechanisms]``)
+to check that the runner records each failure and goes on."""
+
+import os
+import time
+
+import torch
+
+import attentions
+from attentions import AttentionMechanism, MacCount
+
+
+class _Base(AttentionMechanism):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def macs(self, height: int, width: int) -> MacCount:
+        return MacCount({"out_proj": height * width * self.dim * self.dim})
+
+    def keys_per_query(self, height: int, width: int) -> float:
+        return 0.0
+
+
+@attentions.register("test_linear")
+class Linear(_Base):
+    """A linear map (a mechanism that works)."""
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@attentions.register("test_raises")
+class Raises(_Base):
+    """Raises in forward."""
+
+    def forward(self, x):
+        raise RuntimeError("this mechanism always fails")
+
+
+@attentions.register("test_nan")
+class ReturnsNaN(_Base):
+    """Returns NaN."""
+
+    def forward(self, x):
+        return self.proj(x) * float("nan")
+
+
+@attentions.register("test_sleeps")
+class Sleeps(_Base):
+    """Sleeps ATTNBENCH_TEST_SLEEP_S seconds in every forward."""
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("ATTNBENCH_TEST_SLEEP_S", "0")))
+        return self.proj(x)
+
+
+@attentions.register("test_unsupported")
+class Unsupported(_Base):
+    """Declares that it cannot run anywhere."""
+
+    def not_supported_reasons(self, device, dtype):
+        return [f"no kernel for {device.type}/{dtype}"]
+
+    def forward(self, x):
+        return self.proj(x)

@@ -1,0 +1,73 @@
+"""The measures on their own: latency statistics, peak memory tracking, keys per query."""
+
+import time
+
+import pytest
+import torch
+
+import attentions
+from attnbench.measure.correctness import check_against_reference
+from attnbench.measure.latency import measure_latency
+from attnbench.measure.memory import measure_peak_memory
+
+
+def test_latency_keeps_raw_samples_and_reports_the_median():
+    result = measure_latency(lambda: time.sleep(0.02), torch.device("cpu"), warmup_iters=1, warmup_time_s=0,
+                             min_samples=4, max_samples=8, max_time_s=2.0)
+    summary = result.summary()
+    assert summary["n"] == len(summary["samples_s"]) >= 4
+    assert 0.019 < summary["median_s"] < 0.05 and summary["min_s"] <= summary["median_s"]
+    assert summary["iqr_s"] >= 0 and summary["number"] == 1
+
+
+def test_latency_stops_at_the_time_budget_when_it_cannot_converge():
+    noisy = iter([0.02, 0.002] * 100)  # the first (sizing) call is long, so each sample is one call
+    result = measure_latency(lambda: time.sleep(next(noisy)), torch.device("cpu"), warmup_iters=0,
+                             warmup_time_s=0, min_samples=3, max_samples=50, max_time_s=0.3)
+    assert not result.converged and len(result.samples_s) < 50
+
+
+def test_cpu_peak_memory_counts_what_the_step_allocates_and_frees():
+    def step():
+        big = torch.ones(1024, 1024)  # 4 MiB, freed before the next one
+        del big
+        return torch.ones(512, 1024)  # 2 MiB
+
+    memory = measure_peak_memory(step, torch.device("cpu"), state_bytes=100).summary()
+    assert memory["activation_bytes"] == 4 * 2**20
+    assert memory["peak_bytes"] == 4 * 2**20 + 100
+
+
+def test_correctness_check_catches_a_wrong_module():
+    module = attentions.create("full", dim=16, num_heads=2)
+    x = torch.randn(1, 4, 4, 16)
+    assert check_against_reference(module, x).ok
+
+    class Wrong(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x):
+            return self.inner(x) + (1e-2 if x.dtype == torch.float32 else 0.0)
+
+    assert not check_against_reference(Wrong(), x).ok
+
+
+@pytest.mark.parametrize("name,options,expected", [
+    ("full", {}, 14 * 21), ("neighborhood", {"kernel_size": 5}, 25), ("swin", {"window_size": 7}, 49),
+    ("bra", {"n_win": 7, "topk": 3}, 3 * 2 * 3), ("axial", {}, (14 + 21) / 2),
+    ("axial", {"composition": "sequential"}, 14 + 21), ("spatial_reduction", {"sr_ratio": 7}, 2 * 3),
+])
+def test_keys_per_query(name, options, expected):
+    module = attentions.create(name, dim=32, num_heads=4, **options)
+    assert module.keys_per_query(14, 21) == pytest.approx(expected)
+
+
+def test_keys_per_query_of_shifted_windows_counts_the_swin_mask():
+    """Mean over the real queries of the keys the shift mask lets through, from the oracle's explicit mask."""
+    from . import oracles
+
+    module = attentions.create("swin", dim=32, num_heads=4, window_size=4, shift_size=2)
+    mask = oracles.swin_allowed(12, 8, 4, 2).reshape(12, 8, -1)[:9, :7]  # rolled, padded 9 x 7 map
+    assert module.keys_per_query(9, 7) == pytest.approx(mask.sum(-1).double().mean().item())

@@ -1,0 +1,112 @@
+"""The runner: every failure is recorded and the suite goes on; a killed run resumes without loss or
+duplicates; records are written whole."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from attnbench.cli import main
+from attnbench.records import RecordStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+SUITE = """
+name: faulty
+device: cpu
+imports: [tests.faulty_mechanisms]
+timeout_s: {timeout}
+measures: [params, flops, latency]
+repeats: {{warmup_iters: 1, warmup_time_s: 0, min_samples: 2, max_samples: 3, max_time_s: 0.1}}
+grid:
+  mechanism: [{mechanisms}]
+  shape: [{{name: s, height: 4, width: 4, dim: 8, heads: 1}}]
+"""
+
+
+def write_suite(tmp_path: Path, mechanisms: list[str], timeout: float) -> Path:
+    path = tmp_path / "faulty.yaml"
+    specs = ", ".join(f"{{name: {name}, label: {label}}}" for name, label in mechanisms)
+    path.write_text(textwrap.dedent(SUITE.format(timeout=timeout, mechanisms=specs)))
+    return path
+
+
+@pytest.mark.slow
+def test_failures_are_recorded_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATTNBENCH_TEST_SLEEP_S", "30")
+    names = [("test_raises", "raises"), ("test_nan", "nan"), ("test_sleeps", "sleeps"),
+             ("test_unsupported", "unsupported"), ("test_linear", "linear")]
+    suite = write_suite(tmp_path, names, timeout=8)
+    assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 0
+    records = RecordStore(tmp_path / "results/faulty/r/records.jsonl").load()
+    status = {record["case"]["label"]: record for record in records}
+    assert {label: record["status"] for label, record in status.items()} == {
+        "raises": "error", "nan": "nan", "sleeps": "timeout", "unsupported": "unsupported", "linear": "ok"}
+    assert status["raises"]["message"] == "RuntimeError: this mechanism always fails"
+    assert "no kernel for cpu/torch.float32" in status["unsupported"]["message"]
+    assert status["linear"]["metrics"]["params"] == 8 * 8 + 8
+    latency = status["linear"]["metrics"]["latency"]
+    assert len(latency["samples_s"]) == latency["n"] >= 2 and latency["median_s"] > 0
+    report = (tmp_path / "results/faulty/r/report.md").read_text()
+    for cell in ("ERROR", "NaN", "TIMEOUT", "UNSUPPORTED"):
+        assert f"| {cell} " in report
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
+    suite = write_suite(tmp_path, [("test_linear", "first"), ("test_sleeps", "sleeper")], timeout=120)
+    suite.write_text(suite.read_text() + "  batch: [1, 2]\n")  # first@1, first@2, sleeper@1, sleeper@2
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "attnbench", "run", str(suite), "--results-dir", str(results), "--run", "r"]
+    env = {**os.environ, "ATTNBENCH_TEST_SLEEP_S": "60", "CI": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    records_path = results / "faulty/r/records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # both 'first' cases done; the sleeper now runs
+        if records_path.exists() and len(records_path.read_text().splitlines()) >= 2:
+            time.sleep(5)
+            break
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = RecordStore(records_path).load()
+    assert [r["case"]["label"] for r in before] == ["first", "first"]
+    with open(records_path, "a") as handle:  # a record cut short mid-write
+        handle.write('{"id": "half')
+
+    env["ATTNBENCH_TEST_SLEEP_S"] = "0"
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "2 already recorded" in finished.stdout
+    after = RecordStore(records_path).load()
+    assert after[:2] == before  # nothing measured is lost or rewritten
+    ids = [r["id"] for r in after]
+    assert len(ids) == len(set(ids)) == 4  # 2 mechanisms × 2 batches, each once
+    assert all(r["status"] == "ok" for r in after)
+    assert all(line.endswith("}") for line in records_path.read_text().splitlines())
+
+
+def test_store_drops_a_partial_line_and_rejects_unknown_statuses(tmp_path):
+    store = RecordStore(tmp_path / "records.jsonl")
+    store.append({"id": "a", "status": "ok"})
+    with open(store.path, "a") as handle:
+        handle.write('{"id": "b", "sta')
+    with pytest.warns(UserWarning, match="cut short"):
+        assert [r["id"] for r in store.load()] == ["a"]
+    store.append({"id": "c", "status": "oom"})
+    assert [r["id"] for r in store.load()] == ["a", "c"]
+    assert all(json.loads(line)["schema"] == 1 for line in store.path.read_text().splitlines())
+    with pytest.raises(ValueError, match="status must be one of"):
+        store.append({"id": "d", "status": "crashed"})
+
+
+def test_report_of_a_missing_run_directory_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err

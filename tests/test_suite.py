@@ -1,0 +1,145 @@
+"""Suite files: expansion into cases and one-line errors for every malformed file."""
+
+import re
+import textwrap
+
+import pytest
+
+from attnbench.cli import main
+from attnbench.suite import expand, load_suite
+
+
+def write(tmp_path, text, name="suite.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BASE = """
+name: t
+device: cpu
+grid:
+  mechanism:
+    - {name: full}
+    - {name: bra, options: {n_win: 2, topk: 1}, options_by_shape: {b: {topk: 3}}}
+  shape:
+    - {name: a, height: 8, width: 8, dim: 32, heads: 2}
+    - {name: b, height: 4, width: 6, dim: 32, heads: 4}
+  mode: [forward, forward_backward]
+profiles:
+  quick: {grid: {mode: [forward]}, repeats: {max_time_s: 0.5}}
+"""
+
+
+def test_grid_is_a_cartesian_product_with_defaults(tmp_path):
+    cases = expand(load_suite(write(tmp_path, BASE)))
+    assert len(cases) == 2 * 2 * 2
+    assert {(c.batch, c.dtype, c.device) for c in cases} == {(1, "float32", "cpu")}
+    bra = [c for c in cases if c.mechanism == "bra"]
+    assert {c.shape: c.options["topk"] for c in bra} == {"a": 1, "b": 3}
+    assert len({c.id for c in cases}) == len(cases)
+
+
+def test_zip_ties_axes(tmp_path):
+    text = BASE.replace("  mode: [forward, forward_backward]", "") + textwrap.dedent("""
+    zip:
+      - {batch: [1, 4], mode: [forward, forward_backward]}
+    """)
+    cases = expand(load_suite(write(tmp_path, text)))
+    assert len(cases) == 2 * 2 * 2
+    assert {(c.batch, c.mode) for c in cases} == {(1, "forward"), (4, "forward_backward")}
+
+
+def test_profile_merges_over_the_base(tmp_path):
+    suite = load_suite(write(tmp_path, BASE), profile="quick")
+    assert suite.grid.mode == ["forward"] and suite.repeats.max_time_s == 0.5
+    assert suite.repeats.min_samples == 5  # untouched fields keep the base's values
+    assert len(expand(suite)) == 4
+
+
+def test_case_ids_are_stable_and_follow_the_measurement(tmp_path):
+    first = [c.id for c in expand(load_suite(write(tmp_path, BASE)))]
+    assert first == [c.id for c in expand(load_suite(write(tmp_path, BASE)))]
+    relabelled = BASE.replace("- {name: full}", "- {name: full, label: global}")
+    assert first == [c.id for c in expand(load_suite(write(tmp_path, relabelled)))]
+    changed = BASE.replace("topk: 1}", "topk: 2}")
+    assert first != [c.id for c in expand(load_suite(write(tmp_path, changed)))]
+
+
+def test_presets_fill_in_sizes(tmp_path):
+    text = BASE.replace("    - {name: a, height: 8, width: 8, dim: 32, heads: 2}\n", "    - biformer_t.stage3\n")
+    text = text.replace("options_by_shape: {b: {topk: 3}}", "options_by_shape: {}")
+    shapes = {(c.shape, c.height, c.dim, c.heads) for c in expand(load_suite(write(tmp_path, text)))}
+    assert ("biformer_t.stage3", 14, 256, 8) in shapes
+
+
+def test_dry_run_lists_the_cases(tmp_path, capsys):
+    assert main(["run", "--dry-run", str(write(tmp_path, BASE))]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("8 cases") and out.count(" bra @ ") == 4
+
+
+MALFORMED = {
+    "yaml_syntax": ("name: t\ngrid: [unclosed\n", r"invalid YAML at line \d+"),
+    "not_a_mapping": ("- a\n- b\n", r"\(top level\): a suite is a mapping"),
+    "missing_name": (BASE.replace("name: t\n", ""), r"name: required field is missing"),
+    "missing_grid": ("name: t\n", r"grid: required field is missing"),
+    "unknown_top_key": (BASE + "grd: {}\n", r"grd: unknown key 'grd'; allowed: description, imports, device"),
+    "unknown_spec_key": (BASE.replace("{name: full}", "{name: full, option: {}}"),
+                         r"grid\.mechanism\[0\]\.option: unknown key 'option'; allowed: name, label, options"),
+    "batch_type": (BASE.replace("  mode: [forward, forward_backward]", "  batch: [two]"),
+                   r"grid\.batch\[0\]: Input should be a valid integer"),
+    "batch_zero": (BASE.replace("  mode: [forward, forward_backward]", "  batch: [0]"), r"grid\.batch: .*>= 1"),
+    "dtype": (BASE.replace("  mode: [forward, forward_backward]", "  dtype: [float8]"), r"grid\.dtype\[0\]: .*float32"),
+    "mode": (BASE.replace("forward_backward]", "backward]"), r"grid\.mode\[1\]: .*forward"),
+    "device": (BASE.replace("device: cpu", "device: tpu"), r"device: .*'auto', 'cpu' or 'cuda'"),
+    "measure": (BASE + "measures: [speed]\n", r"measures\[0\]: .*'params'"),
+    "timeout": (BASE + "timeout_s: -1\n", r"timeout_s: .*greater than 0"),
+    "repeats_key": (BASE + "repeats: {samples: 3}\n", r"repeats\.samples: unknown key 'samples'; allowed: warmup_iters"),
+    "unknown_mechanism": (BASE.replace("{name: full}", "{name: fulll}"),
+                          r"grid\.mechanism\[0\]\.name: unknown attention 'fulll'; registered: axial, bra"),
+    "unknown_option": (BASE.replace("{n_win: 2, topk: 1}", "{n_wins: 2, topk: 1}"),
+                       r"grid\.mechanism\[1\]\.options: unknown option\(s\) n_wins for attention 'bra'; valid options"),
+    "unknown_preset": (BASE.replace("    - {name: a, height: 8, width: 8, dim: 32, heads: 2}", "    - stage9"),
+                       r"grid\.shape\[0\]: unknown preset 'stage9'; presets: biformer_t\.stage1"),
+    "dim_heads": (BASE.replace("dim: 32, heads: 2}", "dim: 32, heads: 3}"), r"grid\.shape\[0\]: dim=32 must be divisible"),
+    "shape_incomplete": (BASE.replace("height: 8, width: 8,", "height: 8,"), r"grid\.shape\[0\]: needs a preset or all"),
+    "zip_lengths": (BASE + "zip:\n  - {batch: [1, 2], dtype: [float32]}\n", r"zip\[0\]: tied axes need equal lengths"),
+    "axis_twice": (BASE + "zip:\n  - {mode: [forward]}\n", r"zip\[0\]\.mode: axis 'mode' is already given at grid\.mode"),
+    "unknown_shape_name": (BASE.replace("{b: {topk: 3}}", "{c: {topk: 3}}"),
+                           r"grid\.mechanism\[1\]\.options_by_shape: no shape named 'c'; shapes: a, b"),
+    "impossible_shape": (BASE.replace("{n_win: 2, topk: 1}", "{n_win: 3, topk: 1}"),
+                         r"grid\.mechanism\[1\]: at shape a \(8x8, dim 32, heads 2\): bra: H=8 and W=8 must be multiples"),
+    "bad_option_value": (BASE.replace("{n_win: 2, topk: 1}", "{n_win: 2, topk: 9}"),
+                         r"grid\.mechanism\[1\]: at shape a .*topk must be in \[1, n_win\*\*2 = 4\]"),
+    "duplicate_cases": (BASE.replace("- {name: full}", "- {name: full}\n    - {name: full, label: again}"),
+                        r"grid: cases 'full @ a' and 'again @ a' measure the same thing"),
+    "missing_import": (BASE + "imports: [no_such_module_xyz]\n", r"imports\[0\]: cannot import 'no_such_module_xyz'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_suite_exits_2_with_one_line_naming_the_field(name, tmp_path, capsys):
+    text, pattern = MALFORMED[name]
+    path = write(tmp_path, text, name=f"{name}.yaml")
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path}: ")
+    assert re.search(pattern, err), err
+    assert not results.exists()  # nothing written
+
+
+def test_unknown_profile_and_missing_file(tmp_path, capsys):
+    path = write(tmp_path, BASE)
+    assert main(["run", str(path), "--profile", "nope"]) == 2
+    assert "profiles: no profile 'nope'; profiles: quick" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: no such suite file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["suites/smoke.yaml", "suites/speed.yaml", "suites/scaling.yaml"])
+def test_shipped_suites_are_valid(suite):
+    for profile in [None, *load_suite(suite).profiles]:
+        assert expand(load_suite(suite, profile))
