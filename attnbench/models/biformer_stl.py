@@ -1,0 +1,201 @@
+"""BiFormer-STL, the Swin-T-layout backbone of the paper's ablations (rayleizhu/BiFormer
+models/biformer_stl.py, read, not copied), with the attention of every stage swappable.
+
+Swin-T macro design: a 4×4 stride-4 patch stem with BatchNorm, BatchNorm + 2×2 stride-2 conv between stages,
+depths 2-2-6-2, dims 96-768, head_dim 32, MLP ratio 4, blocks ``x + Attn(LN(x))``, ``x + MLP(LN(x))``,
+final BatchNorm. With BRA (n_win 7, topks 1/4/16, full attention + LePE in stage 4) it is the official
+``biformer_stl`` (28.4 M, 4.6 GMACs, 82.7 top-1): same state-dict keys, so official weights load strictly.
+
+``attention`` replaces BRA by any registered mechanism, stage by stage, with everything else fixed: this is
+the model the attention ablation compares. ``ABLATION_ATTENTION`` gives each built-in mechanism the
+per-stage options of its own paper's Swin-T-sized model. The architecture-ablation path from STL toward
+BiFormer-S (``ARCHITECTURE_PATH``) changes the macro design with BRA fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from timm.layers import DropPath
+from timm.models import generate_default_cfgs, register_model
+from torch import nn
+
+import attentions
+
+from ._blocks import biformer_attention, build, init_weights, mlp, stage_intermediates
+
+StageAttention = Mapping[str, Any]  # {"name": ..., "options": {...}, "odd_block_options": {...}}
+
+
+def _swin_stage(shift: bool) -> dict[str, Any]:
+    return {"name": "swin", "options": {"window_size": 7}, "odd_block_options": {"shift_size": 3} if shift else {}}
+
+
+# Per-stage attention of each mechanism in the STL backbone (224² input: maps 56, 28, 14, 7), from the
+# mechanism's own ~4.5 GMAC model; None is BiFormer's BRA.
+ABLATION_ATTENTION: dict[str, list[StageAttention] | None] = {
+    "bra": None,
+    "full": [{"name": "full"}] * 4,
+    "swin": [_swin_stage(True), _swin_stage(True), _swin_stage(True), _swin_stage(False)],
+    # axial and cswin split the heads in two: stage 1's 96 channels get 2 heads of 48 instead of 3 of 32
+    "axial": [{"name": "axial", "options": {"num_heads": 2}}] + [{"name": "axial"}] * 3,
+    "cswin": [{"name": "cswin", "options": {"split_size": 1, "num_heads": 2}}]
+             + [{"name": "cswin", "options": {"split_size": s}} for s in (2, 7)]
+             + [{"name": "cswin", "options": {"split_size": 7, "last_stage": True}}],
+    "neighborhood": [{"name": "neighborhood", "options": {"kernel_size": 7}}] * 4,
+    "spatial_reduction": [{"name": "spatial_reduction", "options": {"sr_ratio": r}} for r in (8, 4, 2, 1)],
+    "deformable": [{"name": "deformable", "options": {"n_groups": g, "ksize": k, "rpe_table_size": t}}
+                   for g, k, t in ((1, 9, 56), (2, 7, 28), (3, 5, 14), (6, 3, 7))],
+    "quadtree": [{"name": "quadtree", "options": {"levels": n}} for n in (4, 3, 2, 1)],
+}
+
+
+class STLBlock(nn.Module):
+    """Attention + MLP on an NHWC map (official ``BiFormerBlock``), with an optional conv position embedding."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float, cpe: bool) -> None:
+        super().__init__()
+        if cpe:
+            self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = mlp(dim, mlp_ratio, dwconv_slot=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class STLStage(nn.Module):
+    """Blocks on an NCHW map (official ``BasicLayer``: parameters under ``blocks``)."""
+
+    def __init__(self, blocks: list[STLBlock]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        for block in self.blocks:
+            x = block(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class BiFormerSTL(nn.Module):
+    """The Swin-T-layout backbone; attention per stage from the registry (BRA by default)."""
+
+    def __init__(self, depths: Sequence[int] = (2, 2, 6, 2), embed_dims: Sequence[int] = (96, 192, 384, 768),
+                 mlp_ratios: Sequence[float] = (4, 4, 4, 4), head_dim: int = 32,
+                 attention: str | Sequence[StageAttention] | None = None, n_wins: Sequence[int] = (7, 7, 7, 7),
+                 topks: Sequence[int] = (1, 4, 16, -2), side_dwconv: int = 5, overlapping_stem: bool = False,
+                 cpe: bool = False, drop_path_rate: float = 0.0, drop_rate: float = 0.0, in_chans: int = 3,
+                 num_classes: int = 1000) -> None:
+        super().__init__()
+        if isinstance(attention, str):
+            if attention not in ABLATION_ATTENTION:
+                raise ValueError(f"attention={attention!r}: named configurations are {', '.join(ABLATION_ATTENTION)}")
+            attention = ABLATION_ATTENTION[attention]
+        if attention is not None and len(attention) != 4:
+            raise ValueError(f"attention needs one entry per stage (4), got {len(attention)}")
+        self.attention = [dict(stage) for stage in attention] if attention is not None else None
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.drop_rate = drop_rate
+        if overlapping_stem:  # BiFormer-T/S/B's stem and downsampling
+            stem = nn.Sequential(
+                nn.Conv2d(in_chans, embed_dims[0] // 2, 3, 2, 1), nn.BatchNorm2d(embed_dims[0] // 2), nn.GELU(),
+                nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, 2, 1), nn.BatchNorm2d(embed_dims[0]))
+            downsample = [nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, 2, 1),
+                                        nn.BatchNorm2d(embed_dims[i + 1])) for i in range(3)]
+        else:
+            stem = nn.Sequential(nn.Conv2d(in_chans, embed_dims[0], 4, 4), nn.BatchNorm2d(embed_dims[0]))
+            downsample = [nn.Sequential(nn.BatchNorm2d(embed_dims[i]),
+                                        nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, 2)) for i in range(3)]
+        self.downsample_layers = nn.ModuleList([stem, *downsample])
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, (depth, dim) in enumerate(zip(depths, embed_dims, strict=True)):
+            blocks = [STLBlock(dim, self._attention(i, j, dim, head_dim, n_wins[i], topks[i], side_dwconv),
+                               mlp_ratios[i], rates[sum(depths[:i]) + j], cpe) for j in range(depth)]
+            self.stages.append(STLStage(blocks))
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}")
+                             for i, dim in enumerate(embed_dims)]
+        self.apply(init_weights)
+
+    def _attention(self, stage: int, block: int, dim: int, head_dim: int, n_win: int, topk: int,
+                   side_dwconv: int) -> nn.Module:
+        if self.attention is None:
+            return biformer_attention(dim, dim // head_dim, topk, n_win, side_dwconv)
+        spec = self.attention[stage]
+        options = {**spec.get("options", {}), **(spec.get("odd_block_options", {}) if block % 2 else {})}
+        heads = options.pop("num_heads", dim // head_dim)
+        return attentions.create(spec["name"], dim=dim, num_heads=heads, **options)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C4, H/32, W/32), after the final BatchNorm."""
+        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
+            x = stage(downsample(x))
+        return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              intermediates_only: bool = False, **_: Any) -> Any:
+        """The four stage maps (strides 4, 8, 16, 32) for dense-prediction heads (timm's API)."""
+        return stage_intermediates(self, x, indices, intermediates_only)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = nn.functional.dropout(x.mean((2, 3)), self.drop_rate, self.training)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# From STL toward BiFormer-S, BRA fixed. The last step is BiFormer-S's architecture (in STL key layout).
+# The overlapping stem enters with the deeper layout; the paper's own grouping of that change is not
+# confirmed here (shared/PAPER.md sources 82.7 -> 83.5 (deeper) -> 83.8 (+ conv position encoding)).
+DEEPER = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), mlp_ratios=(3, 3, 3, 3), overlapping_stem=True)
+ARCHITECTURE_PATH: dict[str, dict[str, Any]] = {
+    "biformer_stl": {},
+    "biformer_stl_deeper": DEEPER,
+    "biformer_stl_deeper_cpe": {**DEEPER, "cpe": True},
+}
+
+_STL_CFG = {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
+            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "downsample_layers.0.0", "classifier": "head"}
+default_cfgs = generate_default_cfgs({name: dict(_STL_CFG) for name in ARCHITECTURE_PATH})
+
+
+@register_model
+def biformer_stl(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
+    """BiFormer-STL: Swin-T layout with BRA (paper: 28.4 M, 4.6 GMACs, 82.7); ``attention=`` swaps it."""
+    return build(BiFormerSTL, "biformer_stl", pretrained, **kwargs)
+
+
+@register_model
+def biformer_stl_deeper(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
+    """Architecture path, step 2: the deeper-narrower layout 4-4-18-4 × 64-512 with the overlapping stem."""
+    return build(BiFormerSTL, "biformer_stl_deeper", pretrained, **{**ARCHITECTURE_PATH["biformer_stl_deeper"],
+                                                                    **kwargs})
+
+
+@register_model
+def biformer_stl_deeper_cpe(pretrained: bool = False, **kwargs: Any) -> BiFormerSTL:
+    """Architecture path, step 3: plus conv position encoding, which is BiFormer-S's architecture."""
+    return build(BiFormerSTL, "biformer_stl_deeper_cpe", pretrained,
+                 **{**ARCHITECTURE_PATH["biformer_stl_deeper_cpe"], **kwargs})
