@@ -18,6 +18,9 @@ A suite is a YAML file::
     profiles:                         # named partial suites merged over the base (lists replace)
       quick: {grid: {batch: [2]}, repeats: {max_time_s: 1}}
 
+A suite of whole models uses ``model`` (timm names, attnbench's models included) and ``image_size`` axes
+instead of ``mechanism`` and ``shape``; a model's ``paper`` names its row in attnbench/paper_figures.yaml.
+
 Every error names the file, the field path and what is allowed, in one line (``SuiteError``).
 """
 
@@ -42,7 +45,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 Mode = Literal["forward", "forward_backward"]
 Measure = Literal["params", "flops", "memory", "latency"]
-AXES = ("mechanism", "shape", "batch", "dtype", "mode")
+AXES = ("mechanism", "shape", "model", "image_size", "batch", "dtype", "mode")
 
 
 class SuiteError(ValueError):
@@ -69,6 +72,13 @@ class MechanismSpec(Strict):
     label: str | None = None
     options: dict[str, Any] = {}
     options_by_shape: dict[str, dict[str, Any]] = {}  # shape name -> options for that shape only
+
+
+class ModelSpec(Strict):
+    name: str  # a timm model name (attnbench.models registers BiFormer's)
+    label: str | None = None
+    options: dict[str, Any] = {}  # keyword arguments of timm.create_model
+    paper: str | None = None  # key of the paper's row in attnbench/paper_figures.yaml (models)
 
 
 class ShapeSpec(Strict):
@@ -103,6 +113,8 @@ class ShapeSpec(Strict):
 class Axes(Strict):
     mechanism: list[MechanismSpec] | None = None
     shape: list[ShapeSpec] | None = None
+    model: list[ModelSpec] | None = None
+    image_size: list[int] | None = None
     batch: list[int] | None = None
     dtype: list[DType] | None = None
     mode: list[Mode] | None = None
@@ -114,11 +126,11 @@ class Axes(Strict):
             return [{"preset": item} if isinstance(item, str) else item for item in value]
         return value
 
-    @field_validator("batch")
+    @field_validator("batch", "image_size")
     @classmethod
     def _positive(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(batch < 1 for batch in value):
-            raise ValueError("every batch must be >= 1")
+        if value is not None and any(item < 1 for item in value):
+            raise ValueError("every entry must be >= 1")
         return value
 
     def given(self) -> dict[str, list]:
@@ -182,12 +194,14 @@ class Case:
     timeout_s: float
     imports: tuple[str, ...] = ()
     suite: str = ""
+    kind: str = "attention"  # or "model": then ``mechanism`` is a timm model name and dim = in_chans
+    paper: str | None = None
     id: str = field(default="", compare=False)
 
     def identity(self) -> dict[str, Any]:
         """What the measurement depends on: its hash is the case id (labels and timeouts are left out)."""
         config = asdict(self)
-        for key in ("label", "suite", "timeout_s", "id", "shape"):
+        for key in ("label", "suite", "timeout_s", "id", "shape", "paper"):
             config.pop(key)
         return json.loads(json.dumps(config, sort_keys=True, default=str))
 
@@ -301,16 +315,24 @@ def _axis_values(suite: Suite, axis: str) -> list[tuple[str, list]]:
 
 def _check_semantics(path: Path, suite: Suite) -> None:
     _import_modules(path, suite)
+    models = bool(_axis_values(suite, "model"))
+    required = ("model", "image_size") if models else ("mechanism", "shape")
     for axis in AXES:
         places = _axis_values(suite, axis)
         if len(places) > 1:
             raise SuiteError(f"{path}: {places[1][0]}: axis {axis!r} is already given at {places[0][0]}")
-        if axis in ("mechanism", "shape") and not places:
+        if axis in required and not places:
             raise SuiteError(f"{path}: grid.{axis}: required axis is missing")
+        if places and axis in ("mechanism", "shape", "model", "image_size") and axis not in required:
+            raise SuiteError(f"{path}: {places[0][0]}: a suite measures either mechanisms at shapes or models at "
+                             "image sizes, not both")
     for index, group in enumerate(suite.zip):
         lengths = {axis: len(values) for axis, values in group.given().items()}
         if len(set(lengths.values())) > 1:
             raise SuiteError(f"{path}: zip[{index}]: tied axes need equal lengths, got {lengths}")
+    if models:
+        _check_models(path, suite)
+        return
     (shape_path, shapes), = _axis_values(suite, "shape")
     shape_names = [shape.name for shape in shapes]
     (mechanism_path, mechanisms), = _axis_values(suite, "mechanism")
@@ -338,6 +360,30 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             except (ValueError, TypeError) as error:
                 raise SuiteError(f"{where}: at shape {shape.name} ({shape.height}x{shape.width}, dim {shape.dim}, "
                                  f"heads {shape.heads}): {error}") from None
+
+
+def _check_models(path: Path, suite: Suite) -> None:
+    import timm
+
+    from . import models  # noqa: F401  (registers BiFormer's models with timm)
+    from .report.paper import paper_figures
+
+    (model_path, specs), = _axis_values(suite, "model")
+    for index, spec in enumerate(specs):
+        where = f"{path}: {model_path}[{index}]"
+        if not timm.is_model(spec.name):
+            raise SuiteError(f"{where}.name: unknown model {spec.name!r}; attnbench's: biformer_tiny, biformer_small, "
+                             "biformer_base, biformer_stl*, or any timm model name")
+        rows = paper_figures()["models"]
+        if spec.paper is not None and spec.paper not in rows:
+            raise SuiteError(f"{where}.paper: no paper row {spec.paper!r}; rows: {', '.join(rows)}")
+        try:
+            with torch.device("meta"):  # builds the architecture without allocating its weights
+                timm.create_model(spec.name, **spec.options)
+        except (ValueError, TypeError) as error:
+            raise SuiteError(f"{where}.options: {error}") from None
+        except (NotImplementedError, RuntimeError):
+            pass  # a model that cannot be built on the meta device is checked when its case runs
 
 
 def _check_distinct(path: Path, suite: Suite) -> None:
@@ -376,16 +422,23 @@ def expand(suite: Suite) -> list[Case]:
         combos = [{**combo, **choice} for combo in combos for choice in axis]
     cases = []
     for combo in combos:
-        spec: MechanismSpec = combo["mechanism"]
-        shape: ShapeSpec = combo["shape"]
-        case = Case(
-            mechanism=spec.name, label=spec.label or spec.name,
-            options={**spec.options, **spec.options_by_shape.get(shape.name, {})},
-            shape=shape.name, height=shape.height, width=shape.width, dim=shape.dim, heads=shape.heads,
+        common = dict(
             batch=combo["batch"], dtype=combo["dtype"], mode=combo["mode"], device=resolve_device(suite.device),
             measures=tuple(suite.measures), repeats=suite.repeats.model_dump(), threads=suite.threads,
             seed=suite.seed, check_correctness=suite.check_correctness, timeout_s=suite.timeout_s,
             imports=tuple(suite.imports), suite=suite.name,
         )
+        if "model" in combo:
+            model: ModelSpec = combo["model"]
+            size = combo["image_size"]
+            case = Case(mechanism=model.name, label=model.label or model.name, options=dict(model.options),
+                        shape=f"{size}px", height=size, width=size, dim=3, heads=0, kind="model",
+                        paper=model.paper, **common)
+        else:
+            spec: MechanismSpec = combo["mechanism"]
+            shape: ShapeSpec = combo["shape"]
+            case = Case(mechanism=spec.name, label=spec.label or spec.name,
+                        options={**spec.options, **spec.options_by_shape.get(shape.name, {})}, shape=shape.name,
+                        height=shape.height, width=shape.width, dim=shape.dim, heads=shape.heads, **common)
         cases.append(Case(**{**case.__dict__, "id": case_id(case)}))
     return cases

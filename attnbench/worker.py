@@ -67,6 +67,34 @@ def build_step(module: torch.nn.Module, x: torch.Tensor, mode: str):
     return forward_backward
 
 
+def build_subject(config: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The module a case measures and its random input: a mechanism on (B, H, W, C), or a model on
+    (B, 3, H, W)."""
+    generator = torch.Generator().manual_seed(config["seed"])
+    batch, height, width, dim = config["batch"], config["height"], config["width"], config["dim"]
+    if config["kind"] == "model":
+        import timm
+
+        from . import models  # noqa: F401  (registers BiFormer's models with timm)
+
+        return timm.create_model(config["mechanism"], **config["options"]), torch.randn(
+            batch, dim, height, width, generator=generator)
+    module = attentions.create(config["mechanism"], dim=dim, num_heads=config["heads"], **config["options"])
+    return module, torch.randn(batch, height, width, dim, generator=generator)
+
+
+def analytic_cost(module: attentions.AttentionMechanism, config: dict[str, Any]) -> dict[str, Any]:
+    """The mechanism's own MAC count (batch included) and the keys each query attends to."""
+    analytic = module.macs(config["height"], config["width"]).scaled(config["batch"])
+    try:
+        keys = module.keys_per_query(config["height"], config["width"])
+    except NotImplementedError:
+        keys = None
+    return {"analytic_macs": analytic.total, "analytic_flops": analytic.flops, "analytic_parts": analytic.parts,
+            "analytic_counter_blind": sorted(analytic.counter_blind), "keys_per_query": keys,
+            "density": keys / (config["height"] * config["width"]) if keys is not None else None}
+
+
 def run_case(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config["seed"])
     if config["threads"]:
@@ -77,14 +105,11 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaseFailure("unsupported", "device cuda: CUDA is not available on this machine")
     dtype = getattr(torch, config["dtype"])
-    module = attentions.create(config["mechanism"], dim=config["dim"], num_heads=config["heads"],
-                               **config["options"])
-    reasons = module.not_supported_reasons(device, dtype)
+    module, x = build_subject(config)
+    reasons = module.not_supported_reasons(device, dtype) if hasattr(module, "not_supported_reasons") else []
     if reasons:
         raise CaseFailure("unsupported", "; ".join(reasons))
     module = module.to(device=device, dtype=dtype)
-    generator = torch.Generator().manual_seed(config["seed"])
-    x = torch.randn(config["batch"], config["height"], config["width"], config["dim"], generator=generator)
     x = x.to(device=device, dtype=dtype)
     step = build_step(module, x, config["mode"])
     measures, metrics = config["measures"], {}
@@ -104,17 +129,10 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
         metrics["params"] = count_parameters(module)
     if "flops" in measures:
         counted = count_flops(step)
-        analytic = module.macs(config["height"], config["width"]).scaled(config["batch"])
-        try:
-            keys = module.keys_per_query(config["height"], config["width"])
-        except NotImplementedError:
-            keys = None
-        metrics["flops"] = {
-            "counted_flops": counted.flops, "counted_by_op": counted.by_op, "uncounted_ops": counted.uncounted_ops,
-            "analytic_macs": analytic.total, "analytic_flops": analytic.flops, "analytic_parts": analytic.parts,
-            "analytic_counter_blind": sorted(analytic.counter_blind), "keys_per_query": keys,
-            "density": keys / (config["height"] * config["width"]) if keys is not None else None,
-        }
+        metrics["flops"] = {"counted_flops": counted.flops, "counted_by_op": counted.by_op,
+                            "uncounted_ops": counted.uncounted_ops}
+        if config["kind"] == "attention":
+            metrics["flops"].update(analytic_cost(module, config))
     if "latency" in measures:
         latency = measure_latency(step, device, **config["repeats"])
         summary = latency.summary()

@@ -93,6 +93,30 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert all(line.endswith("}") for line in records_path.read_text().splitlines())
 
 
+@pytest.mark.slow
+def test_a_model_suite_measures_whole_models_and_renders_the_model_table(tmp_path):
+    suite = tmp_path / "models.yaml"
+    suite.write_text(textwrap.dedent("""
+        name: models
+        device: cpu
+        measures: [params, flops, latency]
+        repeats: {warmup_iters: 1, warmup_time_s: 0, min_samples: 2, max_samples: 2, max_time_s: 0.1}
+        grid:
+          model: [{name: biformer_tiny, label: BiFormer-T, paper: biformer_tiny}]
+          image_size: [112]
+    """))
+    assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 0
+    (record,) = RecordStore(tmp_path / "results/models/r/records.jsonl").load()
+    assert record["status"] == "ok", record["message"]
+    assert record["metrics"]["params"] == sum(
+        p.numel() for p in __import__("timm").create_model("biformer_tiny").parameters())
+    assert record["metrics"]["flops"]["counted_flops"] > 0
+    report = (tmp_path / "results/models/r/report.md").read_text()
+    assert "## Models: cpu, float32, forward, batch 1" in report
+    row = next(line for line in report.splitlines() if line.startswith("| BiFormer-T"))
+    assert "| 13.14 " in row and "| 13.1 " in row and "| 81.4 " in row and "+0.3%" in row
+
+
 def test_store_drops_a_partial_line_and_rejects_unknown_statuses(tmp_path):
     store = RecordStore(tmp_path / "records.jsonl")
     store.append({"id": "a", "status": "ok"})

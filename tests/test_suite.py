@@ -118,6 +118,32 @@ MALFORMED = {
 }
 
 
+MODELS = """
+name: m
+grid:
+  model: [{name: biformer_tiny, paper: biformer_tiny}]
+  image_size: [224]
+"""
+MALFORMED.update({
+    "unknown_model": (MODELS.replace("name: biformer_tiny,", "name: biformer_tinyy,"),
+                      r"grid\.model\[0\]\.name: unknown model 'biformer_tinyy'"),
+    "unknown_paper_row": (MODELS.replace("paper: biformer_tiny", "paper: biformer_huge"),
+                          r"grid\.model\[0\]\.paper: no paper row 'biformer_huge'; rows: biformer_tiny"),
+    "bad_model_option": (MODELS.replace("name: biformer_tiny, paper: biformer_tiny",
+                                        "name: biformer_stl, options: {attention: nope}"),
+                         r"grid\.model\[0\]\.options: attention='nope': named configurations are bra, full"),
+    "models_and_mechanisms": (MODELS + "  mechanism: [{name: full}]\n",
+                              r"grid\.mechanism: a suite measures either mechanisms at shapes or models"),
+    "models_without_size": (MODELS.replace("  image_size: [224]\n", ""), r"grid\.image_size: required axis is missing"),
+})
+
+
+def test_model_suites_expand_to_model_cases(tmp_path):
+    (case,) = expand(load_suite(write(tmp_path, MODELS)))
+    assert (case.kind, case.mechanism, case.height, case.dim, case.paper) == ("model", "biformer_tiny", 224, 3,
+                                                                             "biformer_tiny")
+
+
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_suite_exits_2_with_one_line_naming_the_field(name, tmp_path, capsys):
     text, pattern = MALFORMED[name]
@@ -139,7 +165,7 @@ def test_unknown_profile_and_missing_file(tmp_path, capsys):
     assert "absent.yaml: no such suite file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("suite", ["suites/smoke.yaml", "suites/speed.yaml", "suites/scaling.yaml"])
+@pytest.mark.parametrize("suite", ["suites/smoke.yaml", "suites/speed.yaml", "suites/scaling.yaml", "suites/models.yaml"])
 def test_shipped_suites_are_valid(suite):
     for profile in [None, *load_suite(suite).profiles]:
         assert expand(load_suite(suite, profile))

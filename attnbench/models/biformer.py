@@ -85,7 +85,7 @@ class BiFormer(nn.Module):
         self.downsample_layers = nn.ModuleList([stem, *(
             nn.Sequential(nn.Conv2d(embed_dims[i], embed_dims[i + 1], 3, 2, 1), nn.BatchNorm2d(embed_dims[i + 1]))
             for i in range(3))])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             self.stages.append(nn.Sequential(*(

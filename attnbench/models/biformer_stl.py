@@ -118,7 +118,7 @@ class BiFormerSTL(nn.Module):
             downsample = [nn.Sequential(nn.BatchNorm2d(embed_dims[i]),
                                         nn.Conv2d(embed_dims[i], embed_dims[i + 1], 2, 2)) for i in range(3)]
         self.downsample_layers = nn.ModuleList([stem, *downsample])
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         for i, (depth, dim) in enumerate(zip(depths, embed_dims, strict=True)):
             blocks = [STLBlock(dim, self._attention(i, j, dim, head_dim, n_wins[i], topks[i], side_dwconv),

@@ -16,13 +16,14 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     memory, roofline = metrics.get("memory", {}), metrics.get("roofline", {})
     batch = case["batch"]
     return {
-        "id": record["id"], "label": case["label"], "mechanism": case["mechanism"],
+        "id": record["id"], "kind": case.get("kind", "attention"), "paper": case.get("paper"),
+        "label": case["label"], "mechanism": case["mechanism"],
         "options": json.dumps(case["options"], sort_keys=True), "shape": case["shape"],
         "height": case["height"], "width": case["width"], "tokens": case["height"] * case["width"],
         "dim": case["dim"], "heads": case["heads"], "batch": batch, "dtype": case["dtype"], "mode": case["mode"],
         "device": case["device"], "status": record["status"], "message": record.get("message", ""),
         "params": metrics.get("params"),
-        "analytic_gmacs_per_image": flops["analytic_macs"] / batch / 1e9 if flops else None,
+        "analytic_gmacs_per_image": flops["analytic_macs"] / batch / 1e9 if "analytic_macs" in flops else None,
         "counted_gflops_per_image": flops["counted_flops"] / batch / 1e9 if flops else None,
         "keys_per_query": flops.get("keys_per_query"), "density": flops.get("density"),
         "median_ms": latency["median_s"] * 1e3 if latency else None,

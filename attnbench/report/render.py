@@ -19,6 +19,7 @@ from .tables import (
     groups,
     latency_table,
     memory_table,
+    model_table,
     quadtree_claim_table,
     roofline_table,
     throughput_table,
@@ -74,6 +75,13 @@ def build_report(run_dir: str | Path) -> Path:
     ]
     if frame.empty:
         lines.append("_No records yet._")
+    models = frame[frame["kind"] == "model"] if len(frame) else frame
+    for title, group in groups(models) if len(models) else ():
+        lines += [f"## Models: {title}", "",
+                  "Ours: params, GMACs (FlopCounterMode ÷ 2, the paper's convention) and GFLOPs per image, latency "
+                  "per batch and throughput. *Paper* columns: the published figures (ImageNet-1K top-1 is the "
+                  "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), ""]
+    frame = frame[frame["kind"] == "attention"] if len(frame) else frame
     for title, group in groups(frame) if len(frame) else ():
         lines += [f"## Speed: {title}", "", "Latency, ms per batch (± half IQR):", "", markdown(latency_table(group)),
                   "", "Throughput, images/s:", "", markdown(throughput_table(group)), "",

@@ -111,3 +111,36 @@ def quadtree_claim_table(frame: pd.DataFrame) -> pd.DataFrame:
 def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
     failed = frame[frame["status"] != "ok"]
     return failed[["label", "shape", "dtype", "mode", "batch", "status", "message"]].reset_index(drop=True)
+
+
+def _number(value, template: str) -> str:
+    return "" if value is None or pd.isna(value) else template.format(value)
+
+
+def _gap(ours, theirs) -> str:
+    return f"{100 * (ours / theirs - 1):+.1f}%" if ours is not None and not pd.isna(ours) and theirs else ""
+
+
+def model_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Whole models: ours (params, GMACs and GFLOPs per image by FlopCounterMode, latency, throughput) beside
+    the paper's params, GMACs and ImageNet top-1, with our gap to the paper's size figures."""
+    papers = paper_figures()["models"]
+    rows = []
+    for _, row in frame.iterrows():
+        paper = papers.get(row["paper"], {}) if isinstance(row["paper"], str) else {}
+        failed = FAILED.get(row["status"])
+        params = row["params"] / 1e6 if not pd.isna(row["params"]) else None
+        gmacs = row["counted_gflops_per_image"] / 2
+        ours = {
+            "params (M)": _number(params, "{:.2f}"), "GMACs": _number(gmacs, "{:.3f}"),
+            "GFLOPs": _number(2 * gmacs, "{:.3f}"),
+            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(row["iqr_ms"] / 2, " (±{:.1f})"),
+            "images/s": _number(row["images_per_s"], "{:,.1f}"),
+        }
+        rows.append({
+            "model": row["label"], "input": row["shape"], **{key: failed or cell for key, cell in ours.items()},
+            "paper params (M)": paper.get("params_m", ""), "paper GMACs": paper.get("gmacs", ""),
+            "paper top-1": paper.get("top1", ""),
+            "params vs paper": _gap(params, paper.get("params_m")), "GMACs vs paper": _gap(gmacs, paper.get("gmacs")),
+        })
+    return pd.DataFrame(rows)
