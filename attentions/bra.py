@@ -30,13 +30,21 @@ after down-sampling (h·w for ``identity``):
 
 The paper writes the routing term as 2(S²)²C; the code spends one S² × S² × qk_dim matmul, which is
 what is counted here. Region means, top-k, gather, softmax and pooling are not multiply-adds.
+
+Step 4–5's token attention runs on one of the backends of ``attentions/bra_kernels.py`` (option ``impl``):
+``reference`` is the official expand-then-gather computation, the others compute the same function faster
+(``auto``, the default, picks the fastest that can run). Every backend spends the MACs above; ``dense``
+additionally spends masked-out products that are not counted as useful work.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
+from . import bra_kernels
 from ._common import conv_nhwc, depthwise_conv, depthwise_conv_macs, pad_bottom_right
 from .base import AttentionMechanism, MacCount, check_heads
 from .registry import register
@@ -112,6 +120,8 @@ class BiLevelRoutingAttention(AttentionMechanism):
         diff_routing: let gradients reach the routing; the official code supports it only together with
             soft_routing. soft_routing: scale gathered keys and values by the routing weights.
         side_dwconv: LCE kernel size (0 = off). auto_pad: pad H, W up to multiples of n_win.
+        impl: backend of the token attention, one of ``bra_kernels.IMPLS`` (default 'auto'; 'reference' is
+            the official computation). Not a parameter: the state_dict is the same for every impl.
     """
 
     def __init__(
@@ -131,6 +141,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
         soft_routing: bool = False,
         side_dwconv: int = 3,
         auto_pad: bool = False,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -157,6 +168,9 @@ class BiLevelRoutingAttention(AttentionMechanism):
                 "diff_routing=True needs soft_routing=True: the official code has no differentiable hard "
                 "routing (its KVGather 'hard' mode raises NotImplementedError)"
             )
+        if impl not in bra_kernels.IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(bra_kernels.IMPLS)}, got {impl!r}")
+        self.impl = impl
         self.n_win = n_win
         self.topk = topk
         self.scale = qk_scale or self.qk_dim**-0.5
@@ -219,27 +233,28 @@ class BiLevelRoutingAttention(AttentionMechanism):
 
         kv_tokens = self.kv_down(kv.reshape(batch * s * s, region_h, region_w, qk + c).permute(0, 3, 1, 2))
         kv_tokens = kv_tokens.flatten(2).transpose(1, 2).reshape(batch, s * s, -1, qk + c)  # (B, S², n_kv, ·)
-        batch_index = torch.arange(batch, device=x.device).view(batch, 1, 1)
-        routed_kv = kv_tokens[batch_index, routing_index]  # (B, S², k, n_kv, qk + C)
-        if self.soft_routing:
-            routed_kv = routed_kv * routing_weight[..., None, None]
-        routed_k, routed_v = routed_kv.flatten(2, 3).split([qk, c], dim=-1)  # (B, S², k·n_kv, ·)
+        inputs = bra_kernels.RoutedAttention(
+            q=q.reshape(batch, s * s, region_h * region_w, self.num_heads, qk // self.num_heads), kv=kv_tokens,
+            index=routing_index, weight=routing_weight if self.soft_routing else None, scale=self.scale)
+        out = bra_kernels.choose(self.impl, inputs).run(inputs)  # (B, S², h·w, heads, C/heads)
 
-        heads = self.num_heads
-        q_heads = q.reshape(batch, s * s, region_h * region_w, heads, qk // heads).transpose(2, 3)
-        k_heads = routed_k.reshape(batch, s * s, -1, heads, qk // heads).transpose(2, 3)
-        v_heads = routed_v.reshape(batch, s * s, -1, heads, c // heads).transpose(2, 3)
-        attention = ((q_heads * self.scale) @ k_heads.transpose(-2, -1)).softmax(dim=-1)
-        out = attention @ v_heads  # (B, S², heads, h·w, C/heads)
-
-        out = out.transpose(2, 3).reshape(batch, s, s, region_h, region_w, c)
-        out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_h, padded_w, c)
+        out = out.reshape(batch, s, s, region_h, region_w, c).permute(0, 1, 3, 2, 4, 5)  # (B, S, h, S, w, C) view
         if self.side_dwconv > 0:
             v_map = kv[..., qk:].reshape(batch, s, s, region_h, region_w, c).permute(0, 1, 3, 2, 4, 5)
-            v_map = v_map.reshape(batch, padded_h, padded_w, c)
-            out = out + conv_nhwc(self.lepe, v_map)
-        out = self.wo(out)
+            local_context = conv_nhwc(self.lepe, v_map.reshape(batch, padded_h, padded_w, c))
+            # one pass: the region-major attention output is added into the map-major LCE output in place
+            out = local_context.reshape(batch, s, region_h, s, region_w, c).add_(out)
+        out = self.wo(out.reshape(batch, padded_h, padded_w, c))
         return out[:, :height, :width].contiguous()
+
+    def plain(self) -> BiLevelRoutingAttention:
+        """A copy of this module on the reference backend (the official computation)."""
+        plain = copy.deepcopy(self)
+        plain.impl = "reference"
+        return plain
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        return bra_kernels.device_reasons(self.impl, torch.device(device), dtype)
 
     def keys_per_query(self, height: int, width: int) -> float:
         padded_h, padded_w = self._padded_size(height, width)

@@ -88,7 +88,7 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
     device = cases[0].device if cases else "cpu"
     run = {
         "suite": suite.name, "suite_file": suite_path, "profile": profile, "description": suite.description,
-        "command": previous.get("command", command),
+        "baseline": suite.baseline, "command": previous.get("command", command),
         "created": previous.get("created", _now()), "resumed": previous.get("resumed", []),
         "environment": previous.get("environment") or environment(device),
         "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),

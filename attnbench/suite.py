@@ -147,6 +147,7 @@ class SuiteSettings(Strict):
     threads: int | None = Field(None, ge=1)
     seed: int = 0
     check_correctness: bool = True
+    baseline: str | None = None  # a row label: the report adds a speed-up table (baseline latency ÷ row latency)
 
 
 class Profile(Strict):
@@ -159,6 +160,7 @@ class Profile(Strict):
     timeout_s: float | None = Field(None, gt=0)
     threads: int | None = Field(None, ge=1)
     check_correctness: bool | None = None
+    baseline: str | None = None
     grid: Axes | None = None
     zip: list[Axes] | None = None
 
@@ -291,6 +293,7 @@ def load_suite(path: str | Path, profile: str | None = None) -> Suite:
             raise _first_error(path, error, Suite) from None
     _check_semantics(path, base)
     _check_distinct(path, base)
+    _check_baseline(path, base)
     return base
 
 
@@ -394,6 +397,12 @@ def _check_distinct(path: Path, suite: Suite) -> None:
             raise SuiteError(f"{path}: grid: cases '{first.label} @ {first.shape}' and '{case.label} @ {case.shape}' "
                              "measure the same thing (same mechanism, options, shape, batch, dtype and mode)")
         seen[case.id] = case
+
+
+def _check_baseline(path: Path, suite: Suite) -> None:
+    labels = list(dict.fromkeys(case.label for case in expand(suite)))
+    if suite.baseline is not None and suite.baseline not in labels:
+        raise SuiteError(f"{path}: baseline: no row labelled {suite.baseline!r}; labels: {', '.join(labels)}")
 
 
 def resolve_device(device: str) -> str:

@@ -65,3 +65,11 @@ class Unsupported(_Base):
 
     def forward(self, x):
         return self.proj(x)
+
+
+@attentions.register("test_backend_refuses")
+class BackendRefuses(_Base):
+    """Finds out only at run time that no backend fits the input (as bra's dispatcher does)."""
+
+    def forward(self, x):
+        raise NotImplementedError("impl='fast' cannot run here: fast: no kernel for this input")

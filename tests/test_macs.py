@@ -15,13 +15,14 @@ QUADTREE_UNCOUNTED = {
 CASES = [
     ("full", dict(), set()),
     ("full", dict(side_dwconv=5, qkv_bias=False), set()),
-    ("bra", dict(n_win=7, topk=4, side_dwconv=5), {"mean", "topk", "_softmax", "index"}),
-    ("bra", dict(n_win=7, topk=2, qk_dim=16, param_attention="qkv"), {"mean", "topk", "_softmax", "index"}),
-    ("bra", dict(n_win=7, topk=3, soft_routing=True, diff_routing=True, param_routing=True),
+    ("bra", dict(impl="reference", n_win=7, topk=4, side_dwconv=5), {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(impl="reference", n_win=7, topk=2, qk_dim=16, param_attention="qkv"), {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(impl="reference", n_win=7, topk=3, soft_routing=True, diff_routing=True, param_routing=True),
      {"mean", "topk", "_softmax", "index"}),
-    ("bra", dict(n_win=7, topk=4, kv_downsample_mode="ada_avgpool", kv_per_win=2),
+    ("bra", dict(impl="reference", n_win=7, topk=4, kv_downsample_mode="ada_avgpool", kv_per_win=2),
      {"mean", "topk", "_softmax", "index", "_adaptive_avg_pool2d"}),
-    ("bra", dict(n_win=4, topk=4, auto_pad=True), {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(impl="reference", n_win=4, topk=4, auto_pad=True), {"mean", "topk", "_softmax", "index"}),
+    ("bra", dict(impl="gather", n_win=7, topk=4, side_dwconv=5), {"mean", "topk", "_softmax", "index_select"}),
     ("swin", dict(window_size=7), {"index"}),  # the bias-table lookup
     ("swin", dict(window_size=7, shift_size=3), {"index"}),
     ("axial", dict(), {"_safe_softmax"}),
@@ -49,6 +50,18 @@ def test_analytic_macs_match_flop_counter(name, options, uncounted, size):
     analytic = module.macs(*size).scaled(2)  # the counter cannot see grid_sample's taps: compare what it can
     assert abs(analytic.counter_visible - counted.macs) <= 0.02 * counted.macs, (analytic.parts, counted.by_op)
     assert set(counted.uncounted_ops) == uncounted
+
+
+def test_dense_bra_counts_the_masked_products_it_wastes():
+    """impl="dense" computes every query-key product and masks the unrouted ones: the counter sees all of them,
+    the analytic count (useful work, the same for every impl) only the routed ones."""
+    module = attentions.create("bra", dim=32, num_heads=4, n_win=7, topk=4, impl="dense")
+    x = torch.randn(1, 14, 14, 32)
+    with torch.no_grad():
+        counted = count_flops(lambda: module(x))
+    parts = module.macs(14, 14).parts
+    unrouted = (parts["attn_scores"] + parts["attn_values"]) * (49 / 4 - 1)
+    assert counted.macs == module.macs(14, 14).total + unrouted
 
 
 def test_full_attention_sdpa_is_counted_on_cpu():

@@ -19,3 +19,23 @@ def test_report_of_the_fixture_run_matches_the_expected_markdown(tmp_path, monke
                      "throughput_cpu__float32__forward__batch_2.png"]
     for name in plots:
         assert f"](plots/{name})" in report.read_text()
+
+
+def test_a_baseline_adds_a_speedup_table_computed_from_the_records(tmp_path):
+    import json
+
+    from attnbench.records import RecordStore
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "results/fixture/run", run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**run, "baseline": "full"}))
+    text = build_report(run_dir).read_text()
+    assert "Speed-up over `full` (its latency ÷ the row's, same run):" in text
+    median = {(r["case"]["label"], r["case"]["shape"]): r["metrics"]["latency"]["median_s"]
+              for r in RecordStore(run_dir / "records.jsonl").load() if r["status"] == "ok"}
+    table = text.split("Speed-up over `full`")[1].split("\n\n")[1]
+    bra_row = next(line for line in table.splitlines() if line.startswith("| bra"))
+    expected = median[("full", "small")] / median[("bra", "small")]
+    assert f"| {expected:.2f}× " in bra_row
+    assert "| 1.00× " in next(line for line in table.splitlines() if line.startswith("| full"))

@@ -41,15 +41,17 @@ def write_suite(tmp_path: Path, mechanisms: list[str], timeout: float) -> Path:
 def test_failures_are_recorded_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ATTNBENCH_TEST_SLEEP_S", "30")
     names = [("test_raises", "raises"), ("test_nan", "nan"), ("test_sleeps", "sleeps"),
-             ("test_unsupported", "unsupported"), ("test_linear", "linear")]
+             ("test_unsupported", "unsupported"), ("test_backend_refuses", "refuses"), ("test_linear", "linear")]
     suite = write_suite(tmp_path, names, timeout=8)
     assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 0
     records = RecordStore(tmp_path / "results/faulty/r/records.jsonl").load()
     status = {record["case"]["label"]: record for record in records}
     assert {label: record["status"] for label, record in status.items()} == {
-        "raises": "error", "nan": "nan", "sleeps": "timeout", "unsupported": "unsupported", "linear": "ok"}
+        "raises": "error", "nan": "nan", "sleeps": "timeout", "unsupported": "unsupported", "refuses": "unsupported",
+        "linear": "ok"}
     assert status["raises"]["message"] == "RuntimeError: this mechanism always fails"
     assert "no kernel for cpu/torch.float32" in status["unsupported"]["message"]
+    assert status["refuses"]["message"] == "impl='fast' cannot run here: fast: no kernel for this input"
     assert status["linear"]["metrics"]["params"] == 8 * 8 + 8
     latency = status["linear"]["metrics"]["latency"]
     assert len(latency["samples_s"]) == latency["n"] >= 2 and latency["median_s"] > 0

@@ -115,6 +115,9 @@ MALFORMED = {
     "duplicate_cases": (BASE.replace("- {name: full}", "- {name: full}\n    - {name: full, label: again}"),
                         r"grid: cases 'full @ a' and 'again @ a' measure the same thing"),
     "missing_import": (BASE + "imports: [no_such_module_xyz]\n", r"imports\[0\]: cannot import 'no_such_module_xyz'"),
+    "unknown_baseline": (BASE + "baseline: ful\n", r"baseline: no row labelled 'ful'; labels: full, bra"),
+    "unknown_impl": (BASE.replace("{n_win: 2, topk: 1}", "{n_win: 2, topk: 1, impl: fused}"),
+                     r"grid\.mechanism\[1\]: at shape a .*impl must be one of auto, reference"),
 }
 
 
@@ -165,7 +168,8 @@ def test_unknown_profile_and_missing_file(tmp_path, capsys):
     assert "absent.yaml: no such suite file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("suite", ["suites/smoke.yaml", "suites/speed.yaml", "suites/scaling.yaml", "suites/models.yaml"])
+@pytest.mark.parametrize("suite", ["suites/smoke.yaml", "suites/speed.yaml", "suites/scaling.yaml", "suites/models.yaml",
+                                   "suites/bra_impl.yaml"])
 def test_shipped_suites_are_valid(suite):
     for profile in [None, *load_suite(suite).profiles]:
         assert expand(load_suite(suite, profile))

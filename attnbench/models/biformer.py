@@ -32,12 +32,12 @@ class BiFormerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, topk: int, n_win: int = 7, qk_dim: int | None = None,
                  mlp_ratio: float = 3.0, side_dwconv: int = 5, before_attn_dwconv: int = 3,
                  drop_path: float = 0.0, layer_scale_init_value: float = -1.0, pre_norm: bool = True,
-                 mlp_dwconv: bool = False, auto_pad: bool = False) -> None:
+                 mlp_dwconv: bool = False, auto_pad: bool = False, bra_impl: str = "auto") -> None:
         super().__init__()
         if before_attn_dwconv > 0:
             self.pos_embed = nn.Conv2d(dim, dim, before_attn_dwconv, padding=before_attn_dwconv // 2, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        bra_options = {"qk_dim": qk_dim, "auto_pad": auto_pad} if topk > 0 else {}
+        bra_options = {"qk_dim": qk_dim, "auto_pad": auto_pad, "impl": bra_impl} if topk > 0 else {}
         self.attn = biformer_attention(dim, num_heads, topk, n_win, side_dwconv, **bra_options)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, mlp_ratio, dwconv_slot=True, dwconv=mlp_dwconv)
@@ -71,7 +71,7 @@ class BiFormer(nn.Module):
                  side_dwconv: int = 5, before_attn_dwconv: int = 3, layer_scale_init_value: float = -1.0,
                  pre_norm: bool = True, mlp_dwconv: bool = False, auto_pad: bool = False,
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0, in_chans: int = 3,
-                 num_classes: int = 1000) -> None:
+                 num_classes: int = 1000, bra_impl: str = "auto") -> None:
         super().__init__()
         qk_dims = list(qk_dims or embed_dims)
         self.num_classes = num_classes
@@ -91,7 +91,7 @@ class BiFormer(nn.Module):
             self.stages.append(nn.Sequential(*(
                 BiFormerBlock(embed_dims[i], qk_dims[i] // head_dim, topks[i], n_win, qk_dims[i], mlp_ratios[i],
                               side_dwconv, before_attn_dwconv, rates[sum(depths[:i]) + j], layer_scale_init_value,
-                              pre_norm, mlp_dwconv, auto_pad)
+                              pre_norm, mlp_dwconv, auto_pad, bra_impl)
                 for j in range(depth))))
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()

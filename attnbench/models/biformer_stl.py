@@ -95,8 +95,9 @@ class BiFormerSTL(nn.Module):
                  attention: str | Sequence[StageAttention] | None = None, n_wins: Sequence[int] = (7, 7, 7, 7),
                  topks: Sequence[int] = (1, 4, 16, -2), side_dwconv: int = 5, overlapping_stem: bool = False,
                  cpe: bool = False, drop_path_rate: float = 0.0, drop_rate: float = 0.0, in_chans: int = 3,
-                 num_classes: int = 1000) -> None:
+                 num_classes: int = 1000, bra_impl: str = "auto") -> None:
         super().__init__()
+        self.bra_impl = bra_impl
         if isinstance(attention, str):
             if attention not in ABLATION_ATTENTION:
                 raise ValueError(f"attention={attention!r}: named configurations are {', '.join(ABLATION_ATTENTION)}")
@@ -133,7 +134,8 @@ class BiFormerSTL(nn.Module):
     def _attention(self, stage: int, block: int, dim: int, head_dim: int, n_win: int, topk: int,
                    side_dwconv: int) -> nn.Module:
         if self.attention is None:
-            return biformer_attention(dim, dim // head_dim, topk, n_win, side_dwconv)
+            bra_options = {"impl": self.bra_impl} if topk > 0 else {}
+            return biformer_attention(dim, dim // head_dim, topk, n_win, side_dwconv, **bra_options)
         spec = self.attention[stage]
         options = {**spec.get("options", {}), **(spec.get("odd_block_options", {}) if block % 2 else {})}
         heads = options.pop("num_heads", dim // head_dim)

@@ -22,6 +22,7 @@ from .tables import (
     model_table,
     quadtree_claim_table,
     roofline_table,
+    speedup_table,
     throughput_table,
 )
 
@@ -85,6 +86,8 @@ def build_report(run_dir: str | Path) -> Path:
     for title, group in groups(frame) if len(frame) else ():
         lines += [f"## Speed: {title}", "", "Latency, ms per batch (± half IQR):", "", markdown(latency_table(group)),
                   "", "Throughput, images/s:", "", markdown(throughput_table(group)), "",
+                  *([f"Speed-up over `{run['baseline']}` (its latency ÷ the row's, same run):", "",
+                     markdown(speedup_table(group, run["baseline"])), ""] if run.get("baseline") else []),
                   "Achieved FLOP/s as a fraction of the dense GEMM rate measured in the same run (roofline):", "",
                   markdown(roofline_table(group)), "",
                   "Peak memory, MiB (activations and workspace beyond module and inputs):", "",

@@ -50,6 +50,15 @@ def throughput_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns=_shape_header(frame))
 
 
+def speedup_table(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Latency of the ``baseline`` row ÷ latency of each row, per shape (> 1: faster than the baseline)."""
+    base = frame[(frame["label"] == baseline) & (frame["status"] == "ok")].set_index("shape")["median_ms"]
+
+    def cell(row):
+        return f"{base[row['shape']] / row.median_ms:.2f}×" if row["shape"] in base.index else "no baseline"
+    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+
+
 def roofline_table(frame: pd.DataFrame) -> pd.DataFrame:
     def cell(row):
         return "" if pd.isna(row.fraction_of_gemm) else f"{100 * row.fraction_of_gemm:.1f}%"

@@ -1,0 +1,133 @@
+"""Every backend of BRA's token attention against the reference (the official computation), in float64 and
+float32, forward and backward; the dispatcher's choices and its reasons when a backend cannot run."""
+
+import pytest
+import torch
+
+import attentions
+from attentions import bra_kernels
+
+from .test_bra import CASES, make
+
+EAGER_BACKENDS = ("gather", "dense")
+
+
+def paired(impl: str, **options):
+    """A module on ``impl`` and its reference twin with the same weights."""
+    module = make(impl=impl, **options)
+    return module, module.plain()
+
+
+def supports(impl: str, module, x) -> bool:
+    try:
+        module(x[:1])
+    except NotImplementedError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("impl", EAGER_BACKENDS)
+@pytest.mark.parametrize("options,size", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_backend_equals_reference_float64(impl, options, size):
+    module, reference = paired(impl, **options)
+    x = torch.randn(2, *size, 32, dtype=torch.float64)
+    if not supports(impl, module, x):
+        assert impl == "dense" and options.get("soft_routing"), "only soft routing may rule out dense"
+        return
+    x_ref = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
+    out, expected = module(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("impl", ("auto", *EAGER_BACKENDS))
+@pytest.mark.parametrize("topk", (1, 4, 16))
+def test_backend_equals_reference_float32_at_biformer_shapes(impl, topk):
+    torch.manual_seed(topk)
+    module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=topk, qk_dim=64, side_dwconv=5, impl=impl)
+    reference = module.plain()
+    x = torch.randn(2, 28, 28, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x), rtol=0, atol=1e-5)
+
+
+def test_impl_is_not_in_the_state_dict():
+    fast, reference = paired("gather", n_win=7, topk=4)
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    assert reference.impl == "reference" and fast.impl == "gather"
+
+
+def test_unknown_impl_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="impl must be one of auto, reference, gather, dense"):
+        attentions.create("bra", dim=32, num_heads=4, impl="fused")
+
+
+def test_dense_refuses_soft_routing_with_its_reason():
+    module = make(n_win=4, topk=6, soft_routing=True, impl="dense")
+    with pytest.raises(NotImplementedError, match="dense: soft routing scales keys and values"):
+        module(torch.randn(1, 8, 8, 32, dtype=torch.float64))
+
+
+def test_auto_picks_dense_for_many_routed_regions_and_gather_for_few():
+    def inputs(topk: int, soft: bool = False) -> bra_kernels.RoutedAttention:
+        regions = 49
+        return bra_kernels.RoutedAttention(
+            q=torch.randn(1, regions, 4, 2, 8), kv=torch.randn(1, regions, 4, 32),
+            index=torch.randint(regions, (1, regions, topk)), weight=torch.rand(1, regions, topk) if soft else None,
+            scale=0.25)
+    assert bra_kernels.choose("auto", inputs(16)).name == "dense"
+    assert bra_kernels.choose("auto", inputs(4)).name == "gather"
+    assert bra_kernels.choose("auto", inputs(16, soft=True)).name == "gather"
+
+
+def test_xformers_off_cuda_is_unsupported_with_reasons():
+    reasons = bra_kernels.device_reasons("xformers", torch.device("cpu"), torch.float32)
+    assert any("CUDA only" in reason for reason in reasons)
+    module = make(n_win=4, topk=3, impl="xformers")
+    assert module.not_supported_reasons(torch.device("cpu"), torch.float32) == reasons
+    with pytest.raises(NotImplementedError, match="xformers: memory-efficient attention runs on CUDA only"):
+        module(torch.randn(1, 8, 8, 32, dtype=torch.float64))
+    assert make(n_win=4, topk=3).not_supported_reasons(torch.device("cpu"), torch.float64) == []
+
+
+def test_flex_refuses_backward_on_cpu():
+    module = make(n_win=4, topk=3, impl="flex")
+    x = torch.randn(1, 8, 8, 32, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="flex: FlexAttention has no backward on CPU"):
+        module(x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ("compile", "flex"))
+def test_compiled_backends_equal_reference(impl):
+    if bra_kernels.device_reasons(impl, torch.device("cpu"), torch.float32):
+        pytest.skip("; ".join(bra_kernels.device_reasons(impl, torch.device("cpu"), torch.float32)))
+    torch.manual_seed(0)
+    module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=4, impl=impl)
+    reference = module.plain()
+    x = torch.randn(2, 28, 28, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ("gather", "dense", "flex", "xformers"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_cuda_backends_equal_reference(impl, dtype):
+    torch.manual_seed(0)
+    module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=4, impl=impl).cuda().to(dtype)
+    reasons = module.not_supported_reasons(torch.device("cuda"), dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    reference = module.plain().cuda().to(dtype)
+    x = torch.randn(2, 28, 28, 64, device="cuda", dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x), rtol=0, atol=tolerance)
