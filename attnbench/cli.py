@@ -1,4 +1,4 @@
-"""Command line: ``python -m attnbench list | run | report | env``.
+"""Command line: ``python -m attnbench list | run | train | report | data | env``.
 
 Exit codes: 0 done, 2 bad input (suite file, profile, run directory), 1 anything else.
 """
@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
 import attentions
 
+from .data.errors import DataError
 from .suite import SuiteError, expand, load_suite
 
 
@@ -27,11 +29,21 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _data_roots(pairs: list[str]) -> dict[str, str]:
+    roots = {}
+    for pair in pairs:
+        name, separator, root = pair.partition("=")
+        if not separator or not name or not root:
+            raise SuiteError(f"--data-root {pair}: expected TASK=PATH, e.g. --data-root imagenet=/data/imagenet")
+        roots[name] = root
+    return roots
+
+
+def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     from .report import build_report
     from .runner import run_suite
 
-    suite = load_suite(args.suite, args.profile)
+    suite = load_suite(args.suite, args.profile, _data_roots(args.data_root))
     cases = expand(suite)
     if args.dry_run:
         for case in cases:
@@ -42,12 +54,35 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
-    summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command)
+    summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command, in_process)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     report = build_report(summary.run_dir)
     counts = ", ".join(f"{count} {status}" for status, count in summary.statuses.items()) or "nothing new"
     print(f"{summary.total} cases ({summary.skipped} already recorded; {counts}) in {summary.seconds:.0f} s")
     print(f"records: {summary.run_dir / 'records.jsonl'}")
     print(f"report:  {report}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.run is None and "WORLD_SIZE" in os.environ:
+        raise SuiteError("train: under torchrun every rank must write to the same run; give --run NAME")
+    return _run(args, in_process=True)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .train import GENERATORS
+
+    options = {}
+    for pair in args.option:
+        key, _, value = pair.partition("=")
+        options[key] = json.loads(value) if value[:1] in "[{0123456789" else value
+    try:
+        root = GENERATORS[args.dataset](args.root, seed=args.seed, **options)
+    except TypeError as error:
+        raise SuiteError(f"data generate {args.dataset}: {error}") from None
+    print(root)
     return 0
 
 
@@ -91,7 +126,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="results", help="where runs are stored (default: results)")
     run.add_argument("--run", help="run name (default: a timestamp); reuse one to resume it")
     run.add_argument("--dry-run", action="store_true", help="list the cases without running them")
+    run.add_argument("--data-root", action="append", default=[], metavar="TASK=PATH",
+                     help="data root of an accuracy suite's task (repeatable), e.g. imagenet=/data/imagenet")
     run.set_defaults(handler=_run)
+
+    train = commands.add_parser(
+        "train", help="run an accuracy suite in this process (for torchrun: DDP over its processes)",
+        description="Like 'run', but every case trains in this process, so that 'torchrun --nproc_per_node N "
+                    "-m attnbench train SUITE --run NAME' trains each case with DistributedDataParallel over N "
+                    "processes; rank 0 writes the records and the report.")
+    for action in run._actions[1:]:
+        train._add_action(action)
+    train.set_defaults(handler=_train)
+
+    data = commands.add_parser("data", help="write a generated data set in the ImageNet or ADE20K layout")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    generate = data_commands.add_parser(
+        "generate", help="write a small generated data set (real JPEG/PNG files) at ROOT",
+        description="Write a generated data set at ROOT in the layout its loader reads: imagenet (ImageFolder), "
+                    "relation_proxy (ImageFolder; the ablation's CPU proxy) or ade20k (ADEChallengeData2016).")
+    generate.add_argument("dataset", choices=["imagenet", "relation_proxy", "ade20k"])
+    generate.add_argument("root", help="where to write it")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                          help="a generator argument, e.g. train_per_class=64 (see attnbench/data/generate.py)")
+    generate.set_defaults(handler=_generate)
 
     report = commands.add_parser("report", help="(re)build report.md of a run directory",
                                  description="Render RUN_DIR/report.md and RUN_DIR/plots/ from RUN_DIR/records.jsonl.")
@@ -107,6 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except SuiteError as error:
+    except (SuiteError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

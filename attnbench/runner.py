@@ -25,7 +25,7 @@ from .env import environment
 from .measure.gemm import gemm_flops_per_s
 from .records import RecordStore
 from .suite import Case, Suite, expand
-from .worker import worker_main
+from .worker import run_case_safely, worker_main
 
 
 @dataclass
@@ -41,12 +41,14 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def execute_case(case: Case) -> dict[str, Any]:
-    """Run one case in its own process; always returns a result with a status."""
+def execute_case(case: Case, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Run one case in its own process; always returns a result with a status. A training case keeps its
+    per-epoch checkpoints in ``checkpoint_dir``, so a rerun after a kill resumes it."""
     context = multiprocessing.get_context("spawn")
+    config = {**case.config(), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
     with tempfile.TemporaryDirectory(prefix="attnbench-case-") as scratch:
         result_path = Path(scratch) / "result.json"
-        process = context.Process(target=worker_main, args=(case.config(), str(result_path)), daemon=True)
+        process = context.Process(target=worker_main, args=(config, str(result_path)), daemon=True)
         process.start()
         process.join(case.timeout_s)
         if process.is_alive():
@@ -123,7 +125,10 @@ class _Progress:
     def finished(self, case: Case, result: dict[str, Any]) -> None:
         self.done += 1
         latency = result.get("metrics", {}).get("latency")
+        accuracy = result.get("metrics", {}).get("accuracy")
         detail = f" {latency['median_s'] * 1e3:.2f} ms" if latency else ""
+        if accuracy:
+            detail = " " + ", ".join(f"{key} {value:.2f}" for key, value in accuracy["final"].items())
         line = (f"[{self.done}/{self.total}] {case.label} @ {case.shape} b{case.batch} {case.dtype} {case.mode}: "
                 f"{result['status']}{detail}{' ' + result['message'] if result['message'] else ''}")
         if self.plain:
@@ -138,22 +143,34 @@ class _Progress:
 
 
 def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, profile: str | None = None,
-              command: str = "") -> RunSummary:
+              command: str = "", in_process: bool = False) -> RunSummary:
+    """Run the suite's pending cases, one record each. ``in_process`` runs them in this process instead of a
+    spawned one (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes)."""
     started = time.time()
     cases = expand(suite)
     run_dir = results_dir / suite.name / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = _write_run_json(run_dir, suite, suite_path, profile, command, cases)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = _write_run_json(run_dir, suite, suite_path, profile, command, cases)
+    else:
+        run = {"gemm_flops_per_s": {}}
     store = RecordStore(run_dir / "records.jsonl")
     done = store.done_ids()
     pending = [case for case in cases if case.id not in done]
-    progress = _Progress(len(pending))
+    progress = _Progress(len(pending) if main_rank else 0)
     statuses: dict[str, int] = {}
     try:
         for case in pending:
             progress.starting(case)
             case_started = _now()
-            result = execute_case(case)
+            checkpoints = run_dir / "checkpoints" / case.id if case.kind == "accuracy" else None
+            if in_process:
+                result = run_case_safely({**case.config(), "checkpoint_dir": str(checkpoints) if checkpoints else None})
+            else:
+                result = execute_case(case, checkpoints)
+            if not main_rank:
+                continue
             _roofline(result, run["gemm_flops_per_s"].get(f"{case.device}/{case.dtype}"))
             record = {"id": case.id, "suite": suite.name, "run": run_name, "case": case.config(),
                       "started": case_started, "finished": _now(), **result}

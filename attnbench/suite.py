@@ -44,8 +44,8 @@ from .presets import PRESETS
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 Mode = Literal["forward", "forward_backward"]
-Measure = Literal["params", "flops", "memory", "latency"]
-AXES = ("mechanism", "shape", "model", "image_size", "batch", "dtype", "mode")
+Measure = Literal["params", "flops", "memory", "latency", "accuracy"]
+AXES = ("mechanism", "shape", "task", "model", "image_size", "batch", "dtype", "mode")  # outer to inner
 
 
 class SuiteError(ValueError):
@@ -110,11 +110,75 @@ class ShapeSpec(Strict):
         return self
 
 
+class DataSpec(Strict):
+    """Where a task's images are and which subset of them it uses (attnbench/data/)."""
+
+    dataset: Literal["imagenet", "ade20k", "relation_proxy"]
+    root: str | None = None  # or --data-root NAME=PATH on the command line (NAME: the task's name)
+    generate: dict[str, Any] | None = None  # write a generated data set of this size at root first (demo, tests)
+    classes: list[str] | None = None  # classification: class folders to use
+    num_classes: int | None = Field(None, ge=1)  # ... or how many to draw with seed
+    images_per_class: int | None = Field(None, ge=1)
+    val_images_per_class: int | None = Field(None, ge=1)
+    images: int | None = Field(None, ge=1)  # segmentation: training images to draw with seed
+    val_images: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class TrainSpec(Strict):
+    """The optimisation recipe (attnbench/train/engine.py TrainSettings); batch sizes are per process."""
+
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    schedule: Literal["cosine", "poly"] = "cosine"
+    clip_grad: float | None = Field(None, gt=0)
+    amp: bool = True
+    workers: int = Field(0, ge=0)
+
+
+TASK_DATASETS = {"classification": ("imagenet", "relation_proxy"), "segmentation": ("ade20k",)}
+RECIPE_KEYS = {
+    "classification": ("auto_augment", "re_prob", "mixup", "cutmix", "label_smoothing", "scale", "color_jitter",
+                       "hflip", "drop_path_rate", "crop_pct", "interpolation"),
+    "segmentation": ("fpn_channels", "head_channels", "dropout", "drop_path_rate", "ratio_range"),
+}
+
+
+class TaskSpec(Strict):
+    """An accuracy task: train a model on a data subset, then score it (top-1/top-5, or mIoU/pixel accuracy)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    task: Literal["classification", "segmentation"]
+    image_size: int = Field(224, ge=32)  # classification input; segmentation crop
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    recipe: dict[str, Any] = {}  # augmentation / regularisation / head overrides, see RECIPE_KEYS
+    model_options: dict[str, Any] = {}  # merged over every model's options for this task (e.g. a demo scale)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskSpec:
+        if self.data.dataset not in TASK_DATASETS[self.task]:
+            raise ValueError(f"data.dataset {self.data.dataset!r} does not fit task {self.task!r}; "
+                             f"use {' or '.join(TASK_DATASETS[self.task])}")
+        unknown = sorted(set(self.recipe) - set(RECIPE_KEYS[self.task]))
+        if unknown:
+            raise ValueError(f"recipe: unknown key(s) {', '.join(unknown)} for {self.task}; "
+                             f"allowed: {', '.join(RECIPE_KEYS[self.task])}")
+        return self
+
+
 class Axes(Strict):
     mechanism: list[MechanismSpec] | None = None
     shape: list[ShapeSpec] | None = None
     model: list[ModelSpec] | None = None
     image_size: list[int] | None = None
+    task: list[TaskSpec] | None = None
     batch: list[int] | None = None
     dtype: list[DType] | None = None
     mode: list[Mode] | None = None
@@ -196,8 +260,9 @@ class Case:
     timeout_s: float
     imports: tuple[str, ...] = ()
     suite: str = ""
-    kind: str = "attention"  # or "model": then ``mechanism`` is a timm model name and dim = in_chans
+    kind: str = "attention"  # "model": ``mechanism`` is a timm model name, dim = in_chans; "accuracy": trained
     paper: str | None = None
+    task: dict[str, Any] | None = None  # kind "accuracy": the TaskSpec (data, recipe) the model is trained on
     id: str = field(default="", compare=False)
 
     def identity(self) -> dict[str, Any]:
@@ -264,8 +329,20 @@ def _first_error(path: Path, error: ValidationError, model: type[BaseModel]) -> 
     return SuiteError(f"{path}: {_location(loc)}: {message} (got {detail.get('input')!r})")
 
 
-def load_suite(path: str | Path, profile: str | None = None) -> Suite:
-    """Read, merge the profile, validate: a ``SuiteError`` with one line on any problem."""
+def _apply_data_roots(suite: Suite, data_roots: dict[str, str]) -> None:
+    tasks = [task for _, values in _axis_values(suite, "task") for task in values]
+    names = [task.name for task in tasks]
+    for name, root in data_roots.items():
+        if name not in names:
+            raise SuiteError(f"--data-root {name}={root}: no task named {name!r}; tasks: {', '.join(names) or 'none'}")
+        for task in tasks:
+            if task.name == name:
+                task.data.root = root
+
+
+def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None) -> Suite:
+    """Read, merge the profile, set ``data_roots`` (task name -> path), validate: a ``SuiteError`` with one line
+    on any problem."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -291,6 +368,7 @@ def load_suite(path: str | Path, profile: str | None = None) -> Suite:
             base = Suite.model_validate(merged)
         except ValidationError as error:
             raise _first_error(path, error, Suite) from None
+    _apply_data_roots(base, data_roots or {})
     _check_semantics(path, base)
     _check_distinct(path, base)
     _check_baseline(path, base)
@@ -319,20 +397,24 @@ def _axis_values(suite: Suite, axis: str) -> list[tuple[str, list]]:
 def _check_semantics(path: Path, suite: Suite) -> None:
     _import_modules(path, suite)
     models = bool(_axis_values(suite, "model"))
-    required = ("model", "image_size") if models else ("mechanism", "shape")
+    tasks = bool(_axis_values(suite, "task"))
+    required = (("model", "task") if tasks else ("model", "image_size")) if models else ("mechanism", "shape")
     for axis in AXES:
         places = _axis_values(suite, axis)
         if len(places) > 1:
             raise SuiteError(f"{path}: {places[1][0]}: axis {axis!r} is already given at {places[0][0]}")
         if axis in required and not places:
             raise SuiteError(f"{path}: grid.{axis}: required axis is missing")
-        if places and axis in ("mechanism", "shape", "model", "image_size") and axis not in required:
-            raise SuiteError(f"{path}: {places[0][0]}: a suite measures either mechanisms at shapes or models at "
-                             "image sizes, not both")
+        if places and axis in ("mechanism", "shape", "model", "image_size", "task") and axis not in required:
+            raise SuiteError(f"{path}: {places[0][0]}: a suite measures mechanisms at shapes, models at image "
+                             "sizes, or models trained on tasks; not a mix")
     for index, group in enumerate(suite.zip):
         lengths = {axis: len(values) for axis, values in group.given().items()}
         if len(set(lengths.values())) > 1:
             raise SuiteError(f"{path}: zip[{index}]: tied axes need equal lengths, got {lengths}")
+    if tasks:
+        _check_tasks(path, suite)
+        return
     if models:
         _check_models(path, suite)
         return
@@ -365,7 +447,32 @@ def _check_semantics(path: Path, suite: Suite) -> None:
                                  f"heads {shape.heads}): {error}") from None
 
 
-def _check_models(path: Path, suite: Suite) -> None:
+def _check_tasks(path: Path, suite: Suite) -> None:
+    import inspect
+
+    from .train import GENERATORS
+
+    if "accuracy" not in suite.measures:
+        raise SuiteError(f"{path}: measures: a suite of tasks needs 'accuracy' among its measures")
+    if "memory" in suite.measures:
+        raise SuiteError(f"{path}: measures: 'memory' is measured by speed suites, not by accuracy suites")
+    (task_path, tasks), = _axis_values(suite, "task")
+    for index, task in enumerate(tasks):
+        where = f"{path}: {task_path}[{index}]"
+        if task.data.root is None:
+            raise SuiteError(f"{where}.data.root: no data root; give it in the suite or with "
+                             f"--data-root {task.name}=PATH")
+        if task.data.generate is not None:
+            generator = GENERATORS[task.data.dataset]
+            allowed = [name for name in inspect.signature(generator).parameters if name not in ("root", "seed")]
+            unknown = sorted(set(task.data.generate) - set(allowed))
+            if unknown:
+                raise SuiteError(f"{where}.data.generate: unknown key(s) {', '.join(unknown)}; "
+                                 f"allowed: {', '.join(allowed)}")
+    _check_models(path, suite, paper_table="attention_ablation")
+
+
+def _check_models(path: Path, suite: Suite, paper_table: str = "models") -> None:
     import timm
 
     from . import models  # noqa: F401  (registers BiFormer's models with timm)
@@ -377,7 +484,7 @@ def _check_models(path: Path, suite: Suite) -> None:
         if not timm.is_model(spec.name):
             raise SuiteError(f"{where}.name: unknown model {spec.name!r}; attnbench's: biformer_tiny, biformer_small, "
                              "biformer_base, biformer_stl*, or any timm model name")
-        rows = paper_figures()["models"]
+        rows = paper_figures()[paper_table]
         if spec.paper is not None and spec.paper not in rows:
             raise SuiteError(f"{where}.paper: no paper row {spec.paper!r}; rows: {', '.join(rows)}")
         try:
@@ -437,7 +544,14 @@ def expand(suite: Suite) -> list[Case]:
             seed=suite.seed, check_correctness=suite.check_correctness, timeout_s=suite.timeout_s,
             imports=tuple(suite.imports), suite=suite.name,
         )
-        if "model" in combo:
+        if "task" in combo:
+            model, task = combo["model"], combo["task"]
+            common.update(batch=task.train.batch_size, mode="train")
+            case = Case(mechanism=model.name, label=model.label or model.name,
+                        options={**model.options, **task.model_options}, shape=task.name,
+                        height=task.image_size, width=task.image_size, dim=3, heads=0, kind="accuracy",
+                        paper=model.paper, task=task.model_dump(), **common)
+        elif "model" in combo:
             model: ModelSpec = combo["model"]
             size = combo["image_size"]
             case = Case(mechanism=model.name, label=model.label or model.name, options=dict(model.options),

@@ -1,5 +1,8 @@
 """One case, measured in a process of its own (started with ``spawn`` by the runner).
 
+A case of kind ``accuracy`` is handed to ``attnbench.train`` (train, score, then size and speed of the trained
+model); the rest of this module measures mechanisms and models.
+
 The worker builds the mechanism through the registry, checks it (finite output, agreement with its float64
 plain path), then runs the suite's measures: memory, parameters, FLOPs and latency. Whatever happens is
 written as one JSON result file; a worker that dies writes nothing and the runner records why.
@@ -104,6 +107,10 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(config["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CaseFailure("unsupported", "device cuda: CUDA is not available on this machine")
+    if config["kind"] == "accuracy":
+        from .train import run_accuracy_case
+
+        return {"status": "ok", "message": "", "metrics": run_accuracy_case(config, config.get("checkpoint_dir"))}
     dtype = getattr(torch, config["dtype"])
     module, x = build_subject(config)
     reasons = module.not_supported_reasons(device, dtype) if hasattr(module, "not_supported_reasons") else []
@@ -115,7 +122,12 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
     measures, metrics = config["measures"], {}
 
     if "memory" in measures:
-        metrics["memory"] = measure_peak_memory(step, device, state_bytes(module, x)).summary()
+        try:
+            metrics["memory"] = measure_peak_memory(step, device, state_bytes(module, x)).summary()
+        except Exception as error:  # e.g. a compiled kernel that refuses to run under the CPU tracker
+            if _is_out_of_memory(error):
+                raise
+            metrics["memory"] = {"unmeasured": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
     out = step()
     if not _finite(out, x.grad, *(p.grad for p in module.parameters())):
         raise CaseFailure("nan", "the output or a gradient has NaN or Inf on random input")
@@ -142,8 +154,8 @@ def run_case(config: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "message": "", "metrics": metrics}
 
 
-def worker_main(config: dict[str, Any], result_path: str) -> None:
-    """Entry point of the case process: always leaves a result file unless the process itself dies."""
+def run_case_safely(config: dict[str, Any]) -> dict[str, Any]:
+    """``run_case`` with every failure turned into a result with a status (never raises)."""
     started = time.time()
     try:
         result = run_case(config)
@@ -156,6 +168,12 @@ def worker_main(config: dict[str, Any], result_path: str) -> None:
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         result = {"status": status, "message": message, "metrics": {}, "traceback": traceback.format_exc()}
     result["worker"] = {"threads": torch.get_num_threads(), "pid": os.getpid(), "duration_s": time.time() - started}
+    return result
+
+
+def worker_main(config: dict[str, Any], result_path: str) -> None:
+    """Entry point of the case process: always leaves a result file unless the process itself dies."""
+    result = run_case_safely(config)
     temporary = Path(result_path).with_suffix(".tmp")
     temporary.write_text(json.dumps(result, default=str))
     temporary.replace(result_path)

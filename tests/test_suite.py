@@ -136,7 +136,7 @@ MALFORMED.update({
                                         "name: biformer_stl, options: {attention: nope}"),
                          r"grid\.model\[0\]\.options: attention='nope': named configurations are bra, full"),
     "models_and_mechanisms": (MODELS + "  mechanism: [{name: full}]\n",
-                              r"grid\.mechanism: a suite measures either mechanisms at shapes or models"),
+                              r"grid\.mechanism: a suite measures mechanisms at shapes, models at image sizes, or models trained"),
     "models_without_size": (MODELS.replace("  image_size: [224]\n", ""), r"grid\.image_size: required axis is missing"),
 })
 

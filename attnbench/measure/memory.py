@@ -20,7 +20,13 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of tensor storages created under this mode and still alive: the current and the peak value."""
+    """Bytes of tensor storages created under this mode and still alive: the current and the peak value.
+
+    Higher-order operators (FlexAttention's, for one) run as one op: their outputs are counted, the tensors
+    they create and free inside are not.
+    """
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()

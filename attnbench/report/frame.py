@@ -30,10 +30,23 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "iqr_ms": latency["iqr_s"] * 1e3 if latency else None,
         "samples": latency.get("n"), "converged": latency.get("converged"),
         "images_per_s": latency.get("images_per_s"),
-        "peak_mib": memory["peak_bytes"] / MIB if memory else None,
-        "activation_mib": memory["activation_bytes"] / MIB if memory else None,
+        "peak_mib": memory["peak_bytes"] / MIB if "peak_bytes" in memory else None,
+        "activation_mib": memory["activation_bytes"] / MIB if "peak_bytes" in memory else None,
         "fraction_of_gemm": roofline.get("fraction_of_gemm"),
+        "task": (case.get("task") or {}).get("task"),
+        "dataset": ((case.get("task") or {}).get("data") or {}).get("dataset"),
+        **_accuracy(metrics.get("accuracy")),
     }
+
+
+def _accuracy(accuracy: dict[str, Any] | None) -> dict[str, Any]:
+    if not accuracy:
+        return {}
+    final, data = accuracy["final"], accuracy["data"]
+    return {"top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
+            "pixel_accuracy": final.get("pixel_accuracy"), "epochs": len(accuracy["history"]),
+            "train_images": data["train"]["images"], "val_images": data["val"]["images"],
+            "train_minutes": accuracy["train_seconds"] / 60}
 
 
 def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

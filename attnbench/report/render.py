@@ -13,6 +13,7 @@ from .frame import records_frame
 from .paper import paper_figures
 from .plots import make_plots
 from .tables import (
+    ablation_table,
     bra_formula_table,
     complexity_table,
     failures_table,
@@ -24,6 +25,7 @@ from .tables import (
     roofline_table,
     speedup_table,
     throughput_table,
+    training_table,
 )
 
 
@@ -76,6 +78,15 @@ def build_report(run_dir: str | Path) -> Path:
     ]
     if frame.empty:
         lines.append("_No records yet._")
+    trained = frame[frame["kind"] == "accuracy"] if len(frame) else frame
+    if len(trained):
+        lines += ["## Attention ablation: accuracy, size and speed", "",
+                  "Ours: the score of each trained model on each task; params, GMACs (FlopCounterMode ÷ 2) and "
+                  "inference throughput of the first task's trained model at its input size. *Paper* columns: the "
+                  "BiFormer paper's ablation on the full STL backbone (ImageNet-1K top-1, ADE20K mIoU), only for the "
+                  "rows it reports; a proxy or generated-data column is not comparable with them.", "",
+                  markdown(ablation_table(trained), index=False), "",
+                  "What each score rests on:", "", markdown(training_table(trained), index=False), ""]
     models = frame[frame["kind"] == "model"] if len(frame) else frame
     for title, group in groups(models) if len(models) else ():
         lines += [f"## Models: {title}", "",

@@ -67,7 +67,7 @@ def roofline_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def memory_table(frame: pd.DataFrame) -> pd.DataFrame:
     def cell(row):
-        return "" if pd.isna(row.peak_mib) else f"{row.peak_mib:,.1f} ({row.activation_mib:,.1f})"
+        return "not measured" if pd.isna(row.peak_mib) else f"{row.peak_mib:,.1f} ({row.activation_mib:,.1f})"
     return _pivot(frame, cell).rename(columns=_shape_header(frame))
 
 
@@ -152,4 +152,56 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
             "paper top-1": paper.get("top1", ""),
             "params vs paper": _gap(params, paper.get("params_m")), "GMACs vs paper": _gap(gmacs, paper.get("gmacs")),
         })
+    return pd.DataFrame(rows)
+
+
+def _task_title(row: pd.Series) -> str:
+    if row["dataset"] == "relation_proxy":
+        return f"{row['shape']} (proxy task, not ImageNet)"
+    generated = "generated" in str(row["shape"])
+    return f"{row['shape']} ({row['dataset']}{', generated data' if generated else ''})"
+
+
+def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: each task's score, then size and speed of the first task's trained model, then the
+    paper's ImageNet top-1 / ADE20K mIoU for the rows it reports (attention ablation on the same backbone)."""
+    papers = paper_figures()["attention_ablation"]
+    rows: dict[str, dict[str, str]] = {}
+    first_task = frame["shape"].iloc[0]
+    for _, row in frame.iterrows():
+        cells = rows.setdefault(row["label"], {"mechanism": row["label"]})
+        title = _task_title(row)
+        failed = FAILED.get(row["status"])
+        if row["task"] == "classification":
+            cells[f"{title} top-1 %"] = failed or _number(row.get("top1"), "{:.1f}")
+        else:
+            cells[f"{title} mIoU %"] = failed or _number(row.get("miou"), "{:.1f}")
+        if row["shape"] == first_task:
+            gmacs = row["counted_gflops_per_image"] / 2 if not pd.isna(row["counted_gflops_per_image"]) else None
+            cells["params (M)"] = _number(row["params"] / 1e6 if not pd.isna(row["params"]) else None, "{:.2f}")
+            cells[f"GMACs @{row['height']}²"] = _number(gmacs, "{:.3f}")
+            cells["images/s"] = _number(row["images_per_s"], "{:,.1f}")
+        paper = papers.get(row["paper"], {}) if isinstance(row["paper"], str) else {}
+        cells["paper ImageNet top-1"] = str(paper.get("top1", ""))
+        cells["paper ADE20K mIoU"] = str(paper.get("miou", ""))
+    table = pd.DataFrame(list(rows.values()))
+    paper_columns = ["paper ImageNet top-1", "paper ADE20K mIoU"]
+    return table[[c for c in table.columns if c not in paper_columns] + paper_columns]
+
+
+def training_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """What each score rests on: data sizes, epochs, final scores and training time."""
+    rows = []
+    for _, row in frame.iterrows():
+        if row["status"] != "ok":
+            score = FAILED.get(row["status"], row["status"])
+        elif row["task"] == "classification":
+            score = f"top-1 {row['top1']:.1f} / top-5 {row['top5']:.1f}"
+        else:
+            score = f"mIoU {row['miou']:.1f} / pixel acc. {row['pixel_accuracy']:.1f}"
+        rows.append({"mechanism": row["label"], "task": _task_title(row),
+                     "train / val images": f"{_number(row.get('train_images'), '{:.0f}')} / "
+                                           f"{_number(row.get('val_images'), '{:.0f}')}",
+                     "epochs": _number(row.get("epochs"), "{:.0f}"), "final scores": score,
+                     "train min": _number(row.get("train_minutes"), "{:.1f}")})
     return pd.DataFrame(rows)

@@ -1,0 +1,98 @@
+"""Image classification on an ImageNet-style subset (or the generated relation proxy, same layout).
+
+timm's training recipe pieces: ``create_transform`` (RandAugment, random erasing, random-resized crop, flip,
+colour jitter), ``Mixup`` (mixup / cutmix with label smoothing) and ``SoftTargetCrossEntropy`` when mixing,
+``LabelSmoothingCrossEntropy`` otherwise; top-1 / top-5 on the validation split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import ImageNetSubset
+from .distributed import ShardSampler, World
+
+# BiFormer's ImageNet recipe (rayleizhu/BiFormer main.py defaults, as in DeiT / Swin): RandAugment
+# rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, label smoothing 0.1.
+RECIPE = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.8, "cutmix": 1.0,
+          "label_smoothing": 0.1, "scale": (0.08, 1.0), "color_jitter": 0.4, "hflip": 0.5, "drop_path_rate": 0.1,
+          "crop_pct": 0.875, "interpolation": "bicubic"}
+
+
+class ClassificationTask:
+    """A timm model (any registered name; BiFormer's and the STL ablation backbone included) on a subset."""
+
+    def __init__(self, name: str, model: str, model_options: dict[str, Any], data: dict[str, Any],
+                 image_size: int, batch_size: int, eval_batch_size: int, workers: int,
+                 recipe: dict[str, Any] | None = None) -> None:
+        self.name, self.model_name, self.model_options = name, model, model_options
+        self.image_size, self.batch_size, self.eval_batch_size, self.workers = (image_size, batch_size,
+                                                                                eval_batch_size, workers)
+        self.recipe = {**RECIPE, **(recipe or {})}
+        seed = data.get("seed", 0)
+        train_transform = create_transform(
+            image_size, is_training=True, auto_augment=self.recipe["auto_augment"], re_prob=self.recipe["re_prob"],
+            scale=tuple(self.recipe["scale"]), color_jitter=self.recipe["color_jitter"], hflip=self.recipe["hflip"],
+            interpolation=self.recipe["interpolation"])
+        self.train = ImageNetSubset(data["root"], "train", data.get("classes"), data.get("num_classes"),
+                                    data.get("images_per_class"), seed, train_transform)
+        eval_transform = create_transform(image_size, is_training=False, crop_pct=self.recipe["crop_pct"],
+                                          interpolation=self.recipe["interpolation"])
+        self.val = ImageNetSubset(data["root"], "val", self.train.classes, None, data.get("val_images_per_class"),
+                                  seed, eval_transform)
+        self.num_classes = len(self.train.classes)
+        mixing = self.recipe["mixup"] > 0 or self.recipe["cutmix"] > 0
+        self.mixup = Mixup(mixup_alpha=self.recipe["mixup"], cutmix_alpha=self.recipe["cutmix"],
+                           label_smoothing=self.recipe["label_smoothing"], num_classes=self.num_classes) \
+            if mixing else None
+        smoothing = self.recipe["label_smoothing"]
+        self.criterion = SoftTargetCrossEntropy() if mixing else (
+            LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
+
+    def build_model(self) -> nn.Module:
+        return timm.create_model(self.model_name, num_classes=self.num_classes,
+                                 drop_path_rate=self.recipe["drop_path_rate"], **self.model_options)
+
+    def train_dataset(self) -> ImageNetSubset:
+        return self.train
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        images, targets = batch[0].to(device), batch[1].to(device)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        return self.criterion(model(images), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, world: World) -> dict[str, float]:
+        model.eval()
+        loader = DataLoader(self.val, batch_size=self.eval_batch_size, sampler=ShardSampler(len(self.val), world),
+                            num_workers=self.workers)
+        top5_k = min(5, self.num_classes)
+        totals = torch.zeros(4, dtype=torch.float64, device=world.device)  # loss sum, top-1, top-k hits, count
+        for images, targets in loader:
+            images, targets = images.to(world.device), targets.to(world.device)
+            logits = model(images).float()
+            ranked = logits.topk(top5_k, dim=1).indices
+            hits = ranked == targets[:, None]
+            totals += torch.stack([nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+                                   hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                   torch.tensor(float(len(targets)), dtype=torch.float64, device=world.device)])
+        world.all_reduce_sum(totals)
+        count = totals[3].item()
+        # "top5" is top-min(5, classes): with fewer than five classes it is trivially 100
+        return {"val_loss": totals[0].item() / count, "top1": 100 * totals[1].item() / count,
+                "top5": 100 * totals[2].item() / count}
+
+    def description(self) -> dict[str, Any]:
+        return {"train": self.train.description(), "val": self.val.description(), "num_classes": self.num_classes,
+                "recipe": self.recipe}
+
+    def sample_input(self, batch: int) -> torch.Tensor:
+        return torch.randn(batch, 3, self.image_size, self.image_size)

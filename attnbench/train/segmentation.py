@@ -1,0 +1,96 @@
+"""Semantic segmentation on an ADE20K-style subset with a Semantic FPN head on a timm backbone.
+
+The recipe of BiFormer's ADE20K Semantic FPN configs (rayleizhu/BiFormer
+``semantic_segmentation/configs/``): AdamW (lr 2e-4, weight decay 1e-4), poly schedule, 512² crops, batch
+16; here those are the defaults of the suite files, scaled down by the demo profiles. Scores: mIoU (mean over
+classes with a non-empty union of the per-class IoU) and pixel accuracy, from one confusion matrix summed over
+the validation images (and over processes under torchrun).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import ADE20KSubset, SegmentationTransform
+from ..data.ade20k import IGNORE_INDEX, NUM_CLASSES
+from .distributed import ShardSampler, World
+from .semantic_fpn import SemanticFPN
+
+
+def confusion_matrix(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes × num_classes) counts of (true, predicted) over the pixels whose label is not ignored."""
+    valid = label != IGNORE_INDEX
+    pairs = label[valid].long() * num_classes + prediction[valid].long()
+    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU (%) over classes present in label or prediction, and pixel accuracy (%)."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    present = union > 0
+    iou = true_positive[present] / union[present]
+    return {"miou": 100 * iou.mean().item() if present.any() else float("nan"),
+            "pixel_accuracy": 100 * (true_positive.sum() / confusion.sum()).item()}
+
+
+class SegmentationTask:
+    """Semantic FPN on ``model`` (a timm name, built with features_only) on an ADE20K-layout subset."""
+
+    def __init__(self, name: str, model: str, model_options: dict[str, Any], data: dict[str, Any],
+                 crop_size: int, batch_size: int, eval_batch_size: int, workers: int,
+                 recipe: dict[str, Any] | None = None) -> None:
+        self.name, self.model_name, self.model_options = name, model, model_options
+        self.crop_size, self.batch_size, self.eval_batch_size, self.workers = (crop_size, batch_size,
+                                                                               eval_batch_size, workers)
+        self.recipe = {"fpn_channels": 256, "head_channels": 128, "dropout": 0.1, "drop_path_rate": 0.1,
+                       "ratio_range": (0.5, 2.0), **(recipe or {})}
+        seed = data.get("seed", 0)
+        crop = (crop_size, crop_size)
+        train_transform = SegmentationTransform(crop, train=True, ratio_range=tuple(self.recipe["ratio_range"]))
+        self.train = ADE20KSubset(data["root"], "train", data.get("names"), data.get("images"), seed, train_transform)
+        self.val = ADE20KSubset(data["root"], "val", data.get("val_names"), data.get("val_images"), seed,
+                                SegmentationTransform(crop, train=False))
+        self.num_classes = NUM_CLASSES
+        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+    def build_model(self) -> nn.Module:
+        backbone = timm.create_model(self.model_name, features_only=True, out_indices=(0, 1, 2, 3),
+                                     drop_path_rate=self.recipe["drop_path_rate"], **self.model_options)
+        return SemanticFPN(backbone, self.num_classes, self.recipe["fpn_channels"], self.recipe["head_channels"],
+                           self.recipe["dropout"])
+
+    def train_dataset(self) -> ADE20KSubset:
+        return self.train
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        images, labels = batch[0].to(device), batch[1].to(device)
+        return self.criterion(model(images).float(), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, world: World) -> dict[str, float]:
+        """Whole-image inference at the crop size, logits resized to each label's full size."""
+        model.eval()
+        confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=world.device)
+        loader = DataLoader(self.val, batch_size=1, sampler=ShardSampler(len(self.val), world),
+                            num_workers=self.workers)
+        for image, label in loader:
+            logits = model(image.to(world.device)).float()
+            logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+            confusion += confusion_matrix(logits.argmax(1), label.to(world.device), self.num_classes)
+        world.all_reduce_sum(confusion)
+        return scores(confusion)
+
+    def description(self) -> dict[str, Any]:
+        return {"train": self.train.description(), "val": self.val.description(), "num_classes": self.num_classes,
+                "recipe": self.recipe}
+
+    def sample_input(self, batch: int) -> torch.Tensor:
+        return torch.randn(batch, 3, self.crop_size, self.crop_size)
