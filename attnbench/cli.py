@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     if args.run is None and "WORLD_SIZE" in os.environ:
-        raise SuiteError("train: under torchrun every rank must write to the same run; give --run NAME")
+        raise SuiteError("train: under torchrun every rank must write to the same run; give --run-name NAME")
     return _run(args, in_process=True)
 
 
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("suite", type=Path, help="suite YAML file, e.g. suites/speed.yaml")
     run.add_argument("--profile", help="a named profile of the suite (e.g. quick, full)")
     run.add_argument("--results-dir", default="results", help="where runs are stored (default: results)")
-    run.add_argument("--run", help="run name (default: a timestamp); reuse one to resume it")
+    run.add_argument("--run", "--run-name", dest="run",
+                     help="run name (default: a timestamp); reuse one to resume it (--run-name under torchrun)")
     run.add_argument("--dry-run", action="store_true", help="list the cases without running them")
     run.add_argument("--data-root", action="append", default=[], metavar="TASK=PATH",
                      help="data root of an accuracy suite's task (repeatable), e.g. imagenet=/data/imagenet")
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="run an accuracy suite in this process (for torchrun: DDP over its processes)",
         description="Like 'run', but every case trains in this process, so that 'torchrun --nproc_per_node N "
-                    "-m attnbench train SUITE --run NAME' trains each case with DistributedDataParallel over N "
+                    "-m attnbench train SUITE --run-name NAME' trains each case with DistributedDataParallel over N "
                     "processes; rank 0 writes the records and the report.")
     for action in run._actions[1:]:
         train._add_action(action)

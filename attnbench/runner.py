@@ -66,7 +66,7 @@ def execute_case(case: Case, checkpoint_dir: Path | None = None) -> dict[str, An
 
 def _roofline(result: dict[str, Any], gemm: float | None) -> None:
     metrics = result.get("metrics", {})
-    if gemm and "latency" in metrics and "flops" in metrics:
+    if gemm and "latency" in metrics and "counted_flops" in metrics.get("flops", {}):
         achieved = metrics["flops"]["counted_flops"] / metrics["latency"]["median_s"]
         metrics["roofline"] = {"achieved_flops_per_s": achieved, "gemm_flops_per_s": gemm,
                                "fraction_of_gemm": achieved / gemm}

@@ -462,6 +462,10 @@ def _check_tasks(path: Path, suite: Suite) -> None:
         if task.data.root is None:
             raise SuiteError(f"{where}.data.root: no data root; give it in the suite or with "
                              f"--data-root {task.name}=PATH")
+        if task.data.generate is None and not Path(task.data.root).is_dir():
+            layout = ("ADEChallengeData2016 with images/ and annotations/" if task.data.dataset == "ade20k"
+                      else "an ImageFolder root with train/<class>/ and val/<class>/")
+            raise SuiteError(f"{where}.data.root: {task.data.root} is not a directory (expected {layout})")
         if task.data.generate is not None:
             generator = GENERATORS[task.data.dataset]
             allowed = [name for name in inspect.signature(generator).parameters if name not in ("root", "seed")]
@@ -469,10 +473,10 @@ def _check_tasks(path: Path, suite: Suite) -> None:
             if unknown:
                 raise SuiteError(f"{where}.data.generate: unknown key(s) {', '.join(unknown)}; "
                                  f"allowed: {', '.join(allowed)}")
-    _check_models(path, suite, paper_table="attention_ablation")
+    _check_models(path, suite, paper_tables=("attention_ablation", "models"))
 
 
-def _check_models(path: Path, suite: Suite, paper_table: str = "models") -> None:
+def _check_models(path: Path, suite: Suite, paper_tables: tuple[str, ...] = ("models",)) -> None:
     import timm
 
     from . import models  # noqa: F401  (registers BiFormer's models with timm)
@@ -484,7 +488,7 @@ def _check_models(path: Path, suite: Suite, paper_table: str = "models") -> None
         if not timm.is_model(spec.name):
             raise SuiteError(f"{where}.name: unknown model {spec.name!r}; attnbench's: biformer_tiny, biformer_small, "
                              "biformer_base, biformer_stl*, or any timm model name")
-        rows = paper_figures()[paper_table]
+        rows = [row for table in paper_tables for row in paper_figures()[table]]
         if spec.paper is not None and spec.paper not in rows:
             raise SuiteError(f"{where}.paper: no paper row {spec.paper!r}; rows: {', '.join(rows)}")
         try:

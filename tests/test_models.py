@@ -56,7 +56,8 @@ def test_parameters_match_the_published_figures(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_macs_match_the_published_figures(name):
-    model = timm.create_model(name).eval()
+    """The official code's computation (bra_impl="reference"); the dense backend also spends masked MACs."""
+    model = timm.create_model(name, bra_impl="reference").eval()
     with torch.no_grad():
         macs = count_flops(lambda: model(torch.randn(1, 3, 224, 224))).macs / 1e9
     assert macs == pytest.approx(PUBLISHED[name][1], rel=0.01)
@@ -115,3 +116,16 @@ def test_swin_in_the_backbone_shifts_every_second_block():
 def test_pretrained_weights_are_refused_with_a_pointer_to_load_checkpoint():
     with pytest.raises(ValueError, match="load_checkpoint"):
         timm.create_model("biformer_tiny", pretrained=True)
+
+
+def test_plain_copy_puts_every_bra_layer_on_the_reference_path():
+    from attentions.bra import BiLevelRoutingAttention
+    from attnbench.measure.correctness import plain_copy
+
+    model = timm.create_model("biformer_tiny")
+    plain = plain_copy(model)
+    impls = [m.impl for m in plain.modules() if isinstance(m, BiLevelRoutingAttention)]
+    assert len(impls) == 12 and set(impls) == {"reference"}
+    assert {m.impl for m in model.modules() if isinstance(m, BiLevelRoutingAttention)} == {"auto"}
+    for (name, tensor), other in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(tensor, other), name

@@ -22,14 +22,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .errors import DataError
+
 MARKER = ".complete"
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 
 
 def _complete(root: Path, spec: dict) -> bool:
+    """True if ``root`` holds this data set already; a DataError if it holds anything else."""
     marker = root / MARKER
-    return marker.exists() and json.loads(marker.read_text()) == spec
+    if marker.exists():
+        if json.loads(marker.read_text()) == spec:
+            return True
+        raise DataError(f"{root}: holds a different generated data set ({marker.read_text()}); remove it or "
+                        "generate elsewhere")
+    if root.exists() and any(root.iterdir()):
+        raise DataError(f"{root}: not empty and not a generated data set; refusing to write into it")
+    return False
 
 
 def _finish(root: Path, spec: dict) -> Path:

@@ -27,11 +27,22 @@ class Agreement:
                 "tolerance": self.tolerance, "ok": self.ok}
 
 
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in which every mechanism with faster paths (a ``plain()`` method, e.g. BRA's
+    ``impl``) is replaced by its plain one, at any depth (a whole model too)."""
+    if hasattr(module, "plain"):
+        return module.plain()
+    copied = copy.deepcopy(module)
+    for name, child in list(copied.named_modules()):
+        if name and hasattr(child, "plain"):
+            parent, _, attribute = name.rpartition(".")
+            setattr(copied.get_submodule(parent) if parent else copied, attribute, child.plain())
+    return copied
+
+
 def plain_reference(module: nn.Module) -> nn.Module:
-    """A float64 CPU copy of ``module``; a mechanism with faster paths returns its plain one from
-    ``plain()``."""
-    reference = module.plain() if hasattr(module, "plain") else copy.deepcopy(module)
-    return reference.to(device="cpu", dtype=torch.float64).eval()
+    """A float64 CPU copy of ``module`` on its plain paths."""
+    return plain_copy(module).to(device="cpu", dtype=torch.float64).eval()
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "device": case["device"], "status": record["status"], "message": record.get("message", ""),
         "params": metrics.get("params"),
         "analytic_gmacs_per_image": flops["analytic_macs"] / batch / 1e9 if "analytic_macs" in flops else None,
-        "counted_gflops_per_image": flops["counted_flops"] / batch / 1e9 if flops else None,
+        "counted_gflops_per_image": flops["counted_flops"] / batch / 1e9 if "counted_flops" in flops else None,
         "keys_per_query": flops.get("keys_per_query"), "density": flops.get("density"),
         "median_ms": latency["median_s"] * 1e3 if latency else None,
         "iqr_ms": latency["iqr_s"] * 1e3 if latency else None,

@@ -165,7 +165,7 @@ def _task_title(row: pd.Series) -> str:
 def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per model: each task's score, then size and speed of the first task's trained model, then the
     paper's ImageNet top-1 / ADE20K mIoU for the rows it reports (attention ablation on the same backbone)."""
-    papers = paper_figures()["attention_ablation"]
+    papers = {**paper_figures()["models"], **paper_figures()["attention_ablation"]}
     rows: dict[str, dict[str, str]] = {}
     first_task = frame["shape"].iloc[0]
     for _, row in frame.iterrows():

@@ -55,8 +55,10 @@ def _inference_measures(model: torch.nn.Module, task: Any, world: World, config:
     if "params" in config["measures"]:
         metrics["params"] = count_parameters(model)
     if "flops" in config["measures"]:
-        counted = count_flops(lambda: model(x[:1]))
-        metrics["flops"] = {"counted_flops": counted.flops * batch, "counted_by_op": counted.by_op,
+        with torch.no_grad():
+            counted = count_flops(lambda: model(x[:1]))
+        # records count FLOPs per case batch (the training batch here); reports divide by it again
+        metrics["flops"] = {"counted_flops": counted.flops * config["batch"], "counted_by_op": counted.by_op,
                             "uncounted_ops": counted.uncounted_ops}
     if "latency" in config["measures"]:
         latency = measure_latency(forward, world.device, **config["repeats"])
