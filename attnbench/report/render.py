@@ -71,7 +71,8 @@ def build_report(run_dir: str | Path) -> Path:
         "Conventions: **GMACs** are multiply-adds, the unit the BiFormer paper calls FLOPs; **GFLOPs** count 2 per"
         " multiply-add (torch's FlopCounterMode). Latency is the median over the timed samples, ± half the"
         " inter-quartile range, after warm-up, on random (never zero) inputs; each case ran in its own process"
-        " after its output was checked against the float64 plain path. Cells say OOM, TIMEOUT, ERROR, NaN or"
+        " (speed and model cases: after their output was checked against the float64 plain path; accuracy cases:"
+        " after training, on the trained model). Cells say OOM, TIMEOUT, ERROR, NaN or"
         " UNSUPPORTED where a case did not finish. Figures in columns marked *paper* are the paper's, from"
         f" `attnbench/paper_figures.yaml` ({paper_figures()['source']}); every other figure was measured here.",
         "",
