@@ -75,7 +75,7 @@ def run_accuracy_case(config: dict[str, Any], checkpoint_dir: str | Path | None,
     world.barrier()
     task = build_task(config)
     train = config["task"]["train"]
-    settings = TrainSettings(**{key: value for key, value in train.items()}, seed=config["seed"])
+    settings = TrainSettings(**train, seed=config["seed"])
     started = time.time()
     outcome = train_and_evaluate(task, settings, world, Path(checkpoint_dir) if checkpoint_dir else None, log)
     final = outcome["history"][-1] if outcome["history"] else {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +45,6 @@ class TrainSettings:
     amp: bool = True  # CUDA only: bfloat16 autocast where supported, else float16 with a grad scaler
     workers: int = 0
     seed: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)  # task-specific settings (augmentation, head sizes)
 
 
 class Task(Protocol):
