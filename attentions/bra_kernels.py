@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -215,11 +216,15 @@ def _reasons_xformers(inputs: RoutedAttention) -> list[str]:
     return _device_reasons_xformers(inputs.q.device, inputs.q.dtype)
 
 
+def _always_supported(inputs: RoutedAttention) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    run: object  # (RoutedAttention) -> Tensor
-    reasons: object = staticmethod(lambda inputs: [])  # (RoutedAttention) -> list[str]
+    run: Callable[[RoutedAttention], torch.Tensor]
+    reasons: Callable[[RoutedAttention], list[str]] = _always_supported
 
     def not_supported_reasons(self, inputs: RoutedAttention) -> list[str]:
         return self.reasons(inputs)
