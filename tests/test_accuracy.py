@@ -266,3 +266,18 @@ def test_torchrun_trains_with_ddp_and_rank_0_writes_once(tmp_path):
     accuracy = record["metrics"]["accuracy"]
     assert accuracy["world_size"] == 2 and accuracy["steps_per_epoch"] == 1  # 8 images, batch 4 per process
     assert (results / "tiny_ablation/ddp/report.md").exists()
+
+
+def test_data_generate_command_writes_a_loadable_set_and_refuses_foreign_folders(tmp_path, capsys):
+    root = tmp_path / "generated"
+    assert main(["data", "generate", "imagenet", str(root), "--option", "num_classes=2",
+                 "--option", "train_per_class=2", "--option", "val_per_class=1"]) == 0
+    assert len(ImageNetSubset(root, "train")) == 4
+    assert main(["data", "generate", "imagenet", str(root), "--option", "num_classes=3"]) == 2  # a different set
+    assert "holds a different generated data set" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("user data")
+    assert main(["data", "generate", "ade20k", str(tmp_path / "mine")]) == 2
+    assert "not empty and not a generated data set" in capsys.readouterr().err
+    assert main(["data", "generate", "ade20k", str(tmp_path / "x"), "--option", "colours=3"]) == 2
+    assert "unexpected keyword argument 'colours'" in capsys.readouterr().err
