@@ -67,16 +67,40 @@ def build(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: 
                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
 
-def stage_intermediates(model: nn.Module, x: torch.Tensor, indices: int | list[int] | None,
-                        intermediates_only: bool) -> Any:
-    """timm's ``forward_intermediates`` for a 4-stage model with ``downsample_layers`` and ``stages``."""
-    take = list(range(4)) if indices is None else (
-        list(range(4 - indices, 4)) if isinstance(indices, int) else list(indices))
-    maps = []
-    for index in range(4):
-        x = model.stages[index](model.downsample_layers[index](x))
-        if index in take:
-            maps.append(x)
-    if intermediates_only:
-        return maps
-    return model.norm(x), maps
+class PyramidClassifier(nn.Module):
+    """timm's classifier API for a 4-stage pyramid with ``downsample_layers``, ``stages``, a final ``norm``,
+    a linear ``head``, ``num_features`` and ``drop_rate`` (BiFormer and BiFormer-STL share it)."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C4, H/32, W/32), after the final BatchNorm."""
+        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
+            x = stage(downsample(x))
+        return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              intermediates_only: bool = False, **_: Any) -> Any:
+        """The four stage maps (strides 4, 8, 16, 32) for dense-prediction heads (timm's API)."""
+        take = list(range(4)) if indices is None else (
+            list(range(4 - indices, 4)) if isinstance(indices, int) else list(indices))
+        maps = []
+        for index in range(4):
+            x = self.stages[index](self.downsample_layers[index](x))
+            if index in take:
+                maps.append(x)
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = nn.functional.dropout(x.mean((2, 3)), self.drop_rate, self.training)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

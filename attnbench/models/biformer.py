@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from ._blocks import biformer_attention, build, init_weights, mlp, stage_intermediates
+from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
 
 class BiFormerBlock(nn.Module):
@@ -62,7 +62,7 @@ class BiFormerBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormer(nn.Module):
+class BiFormer(PyramidClassifier):
     """The BiFormer backbone and classifier (official ``BiFormer``)."""
 
     def __init__(self, depths: Sequence[int] = (2, 2, 8, 2), embed_dims: Sequence[int] = (64, 128, 256, 512),
@@ -98,31 +98,6 @@ class BiFormer(nn.Module):
         self.feature_info = [dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}")
                              for i, dim in enumerate(embed_dims)]
         self.apply(init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C4, H/32, W/32), after the final BatchNorm."""
-        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
-            x = stage(downsample(x))
-        return self.norm(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
-                              intermediates_only: bool = False, **_: Any) -> Any:
-        """The four stage maps (strides 4, 8, 16, 32) for dense-prediction heads (timm's API)."""
-        return stage_intermediates(self, x, indices, intermediates_only)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = nn.functional.dropout(x.mean((2, 3)), self.drop_rate, self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from torch import nn
 
 import attentions
 
-from ._blocks import biformer_attention, build, init_weights, mlp, stage_intermediates
+from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
 StageAttention = Mapping[str, Any]  # {"name": ..., "options": {...}, "odd_block_options": {...}}
 
@@ -87,7 +87,7 @@ class STLStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class BiFormerSTL(nn.Module):
+class BiFormerSTL(PyramidClassifier):
     """The Swin-T-layout backbone; attention per stage from the registry (BRA by default)."""
 
     def __init__(self, depths: Sequence[int] = (2, 2, 6, 2), embed_dims: Sequence[int] = (96, 192, 384, 768),
@@ -140,31 +140,6 @@ class BiFormerSTL(nn.Module):
         options = {**spec.get("options", {}), **(spec.get("odd_block_options", {}) if block % 2 else {})}
         heads = options.pop("num_heads", dim // head_dim)
         return attentions.create(spec["name"], dim=dim, num_heads=heads, **options)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C4, H/32, W/32), after the final BatchNorm."""
-        for downsample, stage in zip(self.downsample_layers, self.stages, strict=True):
-            x = stage(downsample(x))
-        return self.norm(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
-                              intermediates_only: bool = False, **_: Any) -> Any:
-        """The four stage maps (strides 4, 8, 16, 32) for dense-prediction heads (timm's API)."""
-        return stage_intermediates(self, x, indices, intermediates_only)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = nn.functional.dropout(x.mean((2, 3)), self.drop_rate, self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # From STL toward BiFormer-S, BRA fixed. The last step is BiFormer-S's architecture (in STL key layout).
