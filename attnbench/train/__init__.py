@@ -24,6 +24,7 @@ from .classification import ClassificationTask
 from .distributed import World, init_world
 from .engine import TrainSettings, train_and_evaluate
 from .segmentation import SegmentationTask
+from .task import Task
 
 GENERATORS = {"imagenet": generate.write_imagenet_like, "relation_proxy": generate.write_relation_proxy,
               "ade20k": generate.write_ade20k_like}
@@ -36,11 +37,10 @@ def prepare_data(data: dict[str, Any]) -> None:
         GENERATORS[data["dataset"]](data["root"], **data["generate"], seed=data.get("seed", 0))
 
 
-def build_task(config: dict[str, Any]) -> ClassificationTask | SegmentationTask:
+def build_task(config: dict[str, Any]) -> Task:
     task, train = config["task"], config["task"]["train"]
     return TASKS[task["task"]](task["name"], config["mechanism"], dict(config["options"]), task["data"],
-                               task["image_size"], train["batch_size"], train["eval_batch_size"], train["workers"],
-                               task.get("recipe"))
+                               task["image_size"], train["eval_batch_size"], train["workers"], task.get("recipe"))
 
 
 def _inference_measures(model: torch.nn.Module, task: Any, world: World, config: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..data import ImageNetSubset
 from .distributed import ShardSampler, World
+from .task import Task
 
 # BiFormer's ImageNet recipe (rayleizhu/BiFormer main.py defaults, as in DeiT / Swin): RandAugment
 # rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, label smoothing 0.1.
@@ -26,16 +27,12 @@ RECIPE = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.8,
           "crop_pct": 0.875, "interpolation": "bicubic"}
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     """A timm model (any registered name; BiFormer's and the STL ablation backbone included) on a subset."""
 
     def __init__(self, name: str, model: str, model_options: dict[str, Any], data: dict[str, Any],
-                 image_size: int, batch_size: int, eval_batch_size: int, workers: int,
-                 recipe: dict[str, Any] | None = None) -> None:
-        self.name, self.model_name, self.model_options = name, model, model_options
-        self.image_size, self.batch_size, self.eval_batch_size, self.workers = (image_size, batch_size,
-                                                                                eval_batch_size, workers)
-        self.recipe = {**RECIPE, **(recipe or {})}
+                 image_size: int, eval_batch_size: int, workers: int, recipe: dict[str, Any] | None = None) -> None:
+        super().__init__(name, model, model_options, image_size, eval_batch_size, workers, {**RECIPE, **(recipe or {})})
         seed = data.get("seed", 0)
         train_transform = create_transform(
             image_size, is_training=True, auto_augment=self.recipe["auto_augment"], re_prob=self.recipe["re_prob"],
@@ -59,9 +56,6 @@ class ClassificationTask:
     def build_model(self) -> nn.Module:
         return timm.create_model(self.model_name, num_classes=self.num_classes,
                                  drop_path_rate=self.recipe["drop_path_rate"], **self.model_options)
-
-    def train_dataset(self) -> ImageNetSubset:
-        return self.train
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         images, targets = batch[0].to(device), batch[1].to(device)
@@ -89,10 +83,3 @@ class ClassificationTask:
         # "top5" is top-min(5, classes): with fewer than five classes it is trivially 100
         return {"val_loss": totals[0].item() / count, "top1": 100 * totals[1].item() / count,
                 "top5": 100 * totals[2].item() / count}
-
-    def description(self) -> dict[str, Any]:
-        return {"train": self.train.description(), "val": self.val.description(), "num_classes": self.num_classes,
-                "recipe": self.recipe}
-
-    def sample_input(self, batch: int) -> torch.Tensor:
-        return torch.randn(batch, 3, self.image_size, self.image_size)

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distributed import World
+from .task import Task
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,17 +46,6 @@ class TrainSettings:
     amp: bool = True  # CUDA only: bfloat16 autocast where supported, else float16 with a grad scaler
     workers: int = 0
     seed: int = 0
-
-
-class Task(Protocol):
-    """What the loop needs from a task (classification.py, segmentation.py)."""
-
-    name: str
-
-    def build_model(self) -> nn.Module: ...
-    def train_dataset(self) -> torch.utils.data.Dataset: ...
-    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor: ...
-    def evaluate(self, model: nn.Module, world: World) -> dict[str, float]: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +90,7 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
     if world.size > 1:
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
-    dataset = task.train_dataset()
+    dataset = task.train
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
                                                   seed=settings.seed, drop_last=True)
     steps_per_epoch = len(dataset) // (world.size * settings.batch_size)

@@ -21,6 +21,7 @@ from ..data import ADE20KSubset, SegmentationTransform
 from ..data.ade20k import IGNORE_INDEX, NUM_CLASSES
 from .distributed import ShardSampler, World
 from .semantic_fpn import SemanticFPN
+from .task import Task
 
 
 def confusion_matrix(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -41,17 +42,16 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
             "pixel_accuracy": 100 * (true_positive.sum() / confusion.sum()).item()}
 
 
-class SegmentationTask:
+# The official ADE20K Semantic FPN sizes (FPN 256, head 128, dropout 0.1) and mmseg's rescale range.
+RECIPE = {"fpn_channels": 256, "head_channels": 128, "dropout": 0.1, "drop_path_rate": 0.1, "ratio_range": (0.5, 2.0)}
+
+
+class SegmentationTask(Task):
     """Semantic FPN on ``model`` (a timm name, built with features_only) on an ADE20K-layout subset."""
 
     def __init__(self, name: str, model: str, model_options: dict[str, Any], data: dict[str, Any],
-                 crop_size: int, batch_size: int, eval_batch_size: int, workers: int,
-                 recipe: dict[str, Any] | None = None) -> None:
-        self.name, self.model_name, self.model_options = name, model, model_options
-        self.crop_size, self.batch_size, self.eval_batch_size, self.workers = (crop_size, batch_size,
-                                                                               eval_batch_size, workers)
-        self.recipe = {"fpn_channels": 256, "head_channels": 128, "dropout": 0.1, "drop_path_rate": 0.1,
-                       "ratio_range": (0.5, 2.0), **(recipe or {})}
+                 crop_size: int, eval_batch_size: int, workers: int, recipe: dict[str, Any] | None = None) -> None:
+        super().__init__(name, model, model_options, crop_size, eval_batch_size, workers, {**RECIPE, **(recipe or {})})
         seed = data.get("seed", 0)
         crop = (crop_size, crop_size)
         train_transform = SegmentationTransform(crop, train=True, ratio_range=tuple(self.recipe["ratio_range"]))
@@ -66,9 +66,6 @@ class SegmentationTask:
                                      drop_path_rate=self.recipe["drop_path_rate"], **self.model_options)
         return SemanticFPN(backbone, self.num_classes, self.recipe["fpn_channels"], self.recipe["head_channels"],
                            self.recipe["dropout"])
-
-    def train_dataset(self) -> ADE20KSubset:
-        return self.train
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         images, labels = batch[0].to(device), batch[1].to(device)
@@ -88,9 +85,3 @@ class SegmentationTask:
         world.all_reduce_sum(confusion)
         return scores(confusion)
 
-    def description(self) -> dict[str, Any]:
-        return {"train": self.train.description(), "val": self.val.description(), "num_classes": self.num_classes,
-                "recipe": self.recipe}
-
-    def sample_input(self, batch: int) -> torch.Tensor:
-        return torch.randn(batch, 3, self.crop_size, self.crop_size)
