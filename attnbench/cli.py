@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .train import GENERATORS
+    from .data import GENERATORS
 
     options = {}
     for pair in args.option:

@@ -450,7 +450,7 @@ def _check_semantics(path: Path, suite: Suite) -> None:
 def _check_tasks(path: Path, suite: Suite) -> None:
     import inspect
 
-    from .train import GENERATORS
+    from .data import GENERATORS
 
     if "accuracy" not in suite.measures:
         raise SuiteError(f"{path}: measures: a suite of tasks needs 'accuracy' among its measures")
@@ -480,7 +480,7 @@ def _check_models(path: Path, suite: Suite, paper_tables: tuple[str, ...] = ("mo
     import timm
 
     from . import models  # noqa: F401  (registers BiFormer's models with timm)
-    from .report.paper import paper_figures
+    from .paper import paper_figures
 
     (model_path, specs), = _axis_values(suite, "model")
     for index, spec in enumerate(specs):

@@ -6,5 +6,14 @@ from .errors import DataError
 from .generate import write_ade20k_like, write_imagenet_like, write_relation_proxy
 from .imagenet import ImageNetSubset
 
-__all__ = ["ADE20KSubset", "DataError", "ImageNetSubset", "SegmentationTransform", "write_ade20k_like",
-           "write_imagenet_like", "write_relation_proxy"]
+# dataset name (a suite's data.dataset) -> the generator that writes a small data set in its layout
+GENERATORS = {"imagenet": write_imagenet_like, "relation_proxy": write_relation_proxy, "ade20k": write_ade20k_like}
+
+
+def prepare_data(data: dict) -> None:
+    """Write the generated data set a suite asks for at ``data['root']`` (kept if already complete there)."""
+    if data.get("generate") is not None:
+        GENERATORS[data["dataset"]](data["root"], **data["generate"], seed=data.get("seed", 0))
+
+__all__ = ["GENERATORS", "ADE20KSubset", "DataError", "ImageNetSubset", "SegmentationTransform", "prepare_data",
+           "write_ade20k_like", "write_imagenet_like", "write_relation_proxy"]

@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from ..records import RecordStore
 from .frame import records_frame
-from .paper import paper_figures
+from ..paper import paper_figures
 from .plots import make_plots
 from .tables import (
     ablation_table,

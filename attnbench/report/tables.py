@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from .paper import bra_paper_macs, paper_figures
+from ..paper import bra_paper_macs, paper_figures
 
 FAILED = {"oom": "OOM", "timeout": "TIMEOUT", "error": "ERROR", "nan": "NaN", "unsupported": "UNSUPPORTED"}
 GROUP = ["device", "dtype", "mode", "batch"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import models  # noqa: F401  (registers BiFormer's models with timm)
-from ..data import generate
+from ..data import prepare_data
 from ..measure.flops import count_flops
 from ..measure.latency import measure_latency
 from ..measure.params import count_parameters
@@ -26,15 +26,7 @@ from .engine import TrainSettings, train_and_evaluate
 from .segmentation import SegmentationTask
 from .task import Task
 
-GENERATORS = {"imagenet": generate.write_imagenet_like, "relation_proxy": generate.write_relation_proxy,
-              "ade20k": generate.write_ade20k_like}
 TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}
-
-
-def prepare_data(data: dict[str, Any]) -> None:
-    """Write the generated data set the suite asks for at ``data['root']`` (kept if already complete there)."""
-    if data.get("generate") is not None:
-        GENERATORS[data["dataset"]](data["root"], **data["generate"], seed=data.get("seed", 0))
 
 
 def build_task(config: dict[str, Any]) -> Task:

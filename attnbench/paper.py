@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-PAPER_FIGURES = Path(__file__).resolve().parent.parent / "paper_figures.yaml"
+PAPER_FIGURES = Path(__file__).resolve().parent / "paper_figures.yaml"
 
 
 @cache
