@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
+from ..paper import paper_figures
 from ..records import RecordStore
 from .frame import records_frame
-from ..paper import paper_figures
 from .plots import make_plots
 from .tables import (
     ablation_table,
