@@ -72,6 +72,7 @@ class MechanismSpec(Strict):
     label: str | None = None
     options: dict[str, Any] = {}
     options_by_shape: dict[str, dict[str, Any]] = {}  # shape name -> options for that shape only
+    source: str | None = None  # the upstream config these options come from (repo, path, commit or tag)
 
 
 class ModelSpec(Strict):
@@ -79,6 +80,7 @@ class ModelSpec(Strict):
     label: str | None = None
     options: dict[str, Any] = {}  # keyword arguments of timm.create_model
     paper: str | None = None  # key of the paper's row in attnbench/paper_figures.yaml (models)
+    source: str | None = None  # the upstream config of the model's options (repo, path, commit or tag)
 
 
 class ShapeSpec(Strict):
