@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 import attentions
 
 from .data.errors import DataError
@@ -47,9 +49,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     cases = expand(suite)
     if args.dry_run:
         for case in cases:
-            print(f"{case.id}  {case.label} @ {case.shape} ({case.height}x{case.width}, C={case.dim}, "
-                  f"heads={case.heads}) batch {case.batch} {case.dtype} {case.mode} {case.device} "
-                  f"{json.dumps(case.options, sort_keys=True)}")
+            print(f"{case.id}  {case.describe()}")
         print(f"{len(cases)} cases")
         return 0
     run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -76,8 +76,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     options = {}
     for pair in args.option:
-        key, _, value = pair.partition("=")
-        options[key] = json.loads(value) if value[:1] in "[{0123456789" else value
+        key, separator, value = pair.partition("=")
+        if not separator or not key or not value.strip():
+            raise SuiteError(f"--option {pair}: expected KEY=VALUE, e.g. --option train_per_class=64")
+        try:
+            options[key] = yaml.safe_load(value)  # numbers, booleans, lists as YAML reads them
+        except yaml.YAMLError:
+            raise SuiteError(f"--option {pair}: the value is not valid YAML") from None
     try:
         root = GENERATORS[args.dataset](args.root, seed=args.seed, **options)
     except TypeError as error:
@@ -170,3 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SuiteError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (``attnbench list | head``): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -1,8 +1,13 @@
-"""The results store: one JSON record per case, appended to ``records.jsonl``, written whole or not at all.
+"""Results and records: what a case's process returns (``Result``) and what the run stores (``Record``), one
+JSON line per case in ``records.jsonl``, written whole or not at all, read back through one loader.
 
 A record is a single line written with one ``write`` on a file opened for appending, then flushed and
 fsynced. A line cut short by a crash (no trailing newline, or not valid JSON) is dropped when the file is
-read, and cut off before the next append, so a rerun into the same run directory resumes cleanly.
+read, and cut off before the next append, so a rerun into the same run directory resumes cleanly. Lines that
+are JSON but not records are skipped with a warning, never a reason to stop a resume or a report.
+
+Schema 2 stores the typed case (attnbench/cases.py); schema 1 records (the first committed runs: a flat case,
+``params`` as a bare number) are normalised on load, with their ids unchanged.
 """
 
 from __future__ import annotations
@@ -13,32 +18,82 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "error", "timeout", "nan", "unsupported")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .cases import Case, case_from_legacy
+from .status import Status
+
+SCHEMA_VERSION = 2
+
+
+class Result(BaseModel):
+    """How one case ended and what it measured: ``metrics`` maps a measure's name (attnbench/measure/) to
+    what that measure stored; ``worker`` says where and how long it ran."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Status
+    message: str = ""
+    metrics: dict[str, Any] = {}
+    traceback: str | None = None
+    worker: dict[str, Any] = {}
+
+
+class Record(Result):
+    """A result with its case and where it belongs."""
+
+    schema_version: int = Field(SCHEMA_VERSION, alias="schema")
+    id: str
+    suite: str
+    run: str
+    case: Case
+    started: str | None = None
+    finished: str | None = None
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, default=str)
+
+
+def normalise(data: dict[str, Any]) -> Record:
+    """A record of any schema version as a ``Record`` (raises ValidationError/KeyError/TypeError if it is none)."""
+    if data.get("schema", 1) < 2:
+        data = dict(data)
+        data["case"] = case_from_legacy({**data["case"], "id": data["id"]}).model_dump()
+        metrics = dict(data.get("metrics") or {})
+        if isinstance(metrics.get("params"), int):
+            metrics["params"] = {"count": metrics["params"]}
+        data["metrics"] = metrics
+    return Record.model_validate(data)
 
 
 class RecordStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def load(self) -> list[dict[str, Any]]:
-        """Every complete record, in the order written."""
-        if not self.path.exists():
+    def load(self) -> list[Record]:
+        """Every complete record, in the order written; lines that are not records are skipped with a warning."""
+        if not self.path.is_file():
+            if self.path.exists():
+                warnings.warn(f"{self.path}: not a file; no records read", stacklevel=2)
             return []
         records = []
-        for number, line in enumerate(self.path.read_text().splitlines(keepends=True), start=1):
-            if not line.endswith("\n"):
-                warnings.warn(f"{self.path}:{number}: dropping a record cut short by an interrupted run",
-                              stacklevel=2)
+        for number, line in enumerate(self.path.read_bytes().splitlines(keepends=True), start=1):
+            where = f"{self.path}:{number}"
+            if not line.endswith(b"\n"):
+                warnings.warn(f"{where}: dropping a record cut short by an interrupted run", stacklevel=2)
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{self.path}:{number}: dropping a line that is not JSON", stacklevel=2)
+                records.append(normalise(json.loads(line)))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                warnings.warn(f"{where}: dropping a line that is not JSON", stacklevel=2)
+            except (ValidationError, KeyError, TypeError, AttributeError) as error:
+                warnings.warn(f"{where}: skipping a line that is not a record ({type(error).__name__})", stacklevel=2)
         return records
 
     def done_ids(self) -> set[str]:
-        return {record["id"] for record in self.load()}
+        return {record.id for record in self.load()}
 
     def _drop_partial_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -48,15 +103,16 @@ class RecordStore:
             with open(self.path, "r+b") as handle:
                 handle.truncate(data.rfind(b"\n") + 1)
 
-    def append(self, record: dict[str, Any]) -> None:
-        if record.get("status") not in STATUSES:
-            raise ValueError(f"record status must be one of {STATUSES}, got {record.get('status')!r}")
+    def append(self, record: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_partial_tail()
-        line = json.dumps({"schema": SCHEMA_VERSION, **record}, sort_keys=True, default=str) + "\n"
+        line = (record.to_json() + "\n").encode()
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(descriptor, line.encode())
+            written = os.write(descriptor, line)
+            if written != len(line):  # a short write (a full disk): take the partial line back out
+                os.ftruncate(descriptor, os.fstat(descriptor).st_size - written)
+                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes): disk full?")
             os.fsync(descriptor)
         finally:
             os.close(descriptor)

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
+from .cases import Case
 from .env import environment
 from .measure.gemm import gemm_flops_per_s
-from .records import RecordStore
-from .suite import Case, Suite, expand
+from .records import Record, RecordStore, Result
+from .status import Status
+from .suite import Suite, expand
 from .worker import run_case_safely, worker_main
 
 
@@ -41,33 +43,34 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def execute_case(case: Case, checkpoint_dir: Path | None = None) -> dict[str, Any]:
+def execute_case(case: Case, checkpoint_dir: Path | None = None) -> Result:
     """Run one case in its own process; always returns a result with a status. A training case keeps its
     per-epoch checkpoints in ``checkpoint_dir``, so a rerun after a kill resumes it."""
     context = multiprocessing.get_context("spawn")
-    config = {**case.config(), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
     with tempfile.TemporaryDirectory(prefix="attnbench-case-") as scratch:
         result_path = Path(scratch) / "result.json"
-        process = context.Process(target=worker_main, args=(config, str(result_path)), daemon=True)
+        process = context.Process(target=worker_main, daemon=True, args=(
+            case.model_dump(mode="json"), str(checkpoint_dir) if checkpoint_dir else None, str(result_path)))
         process.start()
         process.join(case.timeout_s)
         if process.is_alive():
             process.kill()
             process.join()
-            return {"status": "timeout", "message": f"no result within timeout_s={case.timeout_s:g}", "metrics": {}}
+            return Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g}")
         if result_path.exists():
-            return json.loads(result_path.read_text())
+            return Result.model_validate_json(result_path.read_text())
         code = process.exitcode
         if code == -signal.SIGKILL:
-            return {"status": "oom", "message": "the case process was killed (SIGKILL): out of memory?", "metrics": {}}
+            return Result(status=Status.OOM, message="the case process was killed (SIGKILL): out of memory?")
         reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        return {"status": "error", "message": f"the case process died with {reason}", "metrics": {}}
+        return Result(status=Status.ERROR, message=f"the case process died with {reason}")
 
 
-def _roofline(result: dict[str, Any], gemm: float | None) -> None:
-    metrics = result.get("metrics", {})
-    if gemm and "latency" in metrics and "counted_flops" in metrics.get("flops", {}):
-        achieved = metrics["flops"]["counted_flops"] / metrics["latency"]["median_s"]
+def _roofline(result: Result, gemm: float | None) -> None:
+    metrics = result.metrics
+    if gemm and "median_s" in metrics.get("latency", {}) and "counted_flops" in metrics.get("flops", {}):
+        flops = metrics["flops"]
+        achieved = flops["counted_flops"] / flops.get("images", 1) * metrics["latency"]["images_per_s"]
         metrics["roofline"] = {"achieved_flops_per_s": achieved, "gemm_flops_per_s": gemm,
                                "fraction_of_gemm": achieved / gemm}
 
@@ -120,17 +123,18 @@ class _Progress:
 
     def starting(self, case: Case) -> None:
         if not self.plain:
-            self.bar.update(self.task, description=f"{case.label} @ {case.shape} {case.dtype} {case.mode}")
+            self.bar.update(self.task, description=f"{case.label} @ {case.column} {case.dtype} {case.mode}")
 
-    def finished(self, case: Case, result: dict[str, Any]) -> None:
+    def finished(self, case: Case, result: Result) -> None:
         self.done += 1
-        latency = result.get("metrics", {}).get("latency")
-        accuracy = result.get("metrics", {}).get("accuracy")
-        detail = f" {latency['median_s'] * 1e3:.2f} ms" if latency else ""
+        latency = result.metrics.get("latency", {})
+        accuracy = result.metrics.get("accuracy")
+        detail = f" {latency['median_s'] * 1e3:.2f} ms" if "median_s" in latency else ""
         if accuracy:
-            detail = " " + ", ".join(f"{key} {value:.2f}" for key, value in accuracy["final"].items())
-        line = (f"[{self.done}/{self.total}] {case.label} @ {case.shape} b{case.batch} {case.dtype} {case.mode}: "
-                f"{result['status']}{detail}{' ' + result['message'] if result['message'] else ''}")
+            detail = " " + ", ".join(f"{key} {value:.2f}" for key, value in accuracy["final"].items()
+                                     if isinstance(value, (int, float)))
+        line = (f"[{self.done}/{self.total}] {case.label} @ {case.column} b{case.batch} {case.dtype} {case.mode}: "
+                f"{result.status.value}{detail}{' ' + result.message if result.message else ''}")
         if self.plain:
             print(line, flush=True)
         else:
@@ -166,16 +170,16 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
             case_started = _now()
             checkpoints = run_dir / "checkpoints" / case.id if case.kind == "accuracy" else None
             if in_process:
-                result = run_case_safely({**case.config(), "checkpoint_dir": str(checkpoints) if checkpoints else None})
+                result = run_case_safely(case, str(checkpoints) if checkpoints else None)
             else:
                 result = execute_case(case, checkpoints)
             if not main_rank:
                 continue
             _roofline(result, run["gemm_flops_per_s"].get(f"{case.device}/{case.dtype}"))
-            record = {"id": case.id, "suite": suite.name, "run": run_name, "case": case.config(),
-                      "started": case_started, "finished": _now(), **result}
+            record = Record(id=case.id, suite=suite.name, run=run_name, case=case, started=case_started,
+                            finished=_now(), **result.model_dump())
             store.append(record)
-            statuses[result["status"]] = statuses.get(result["status"], 0) + 1
+            statuses[result.status.value] = statuses.get(result.status.value, 0) + 1
             progress.finished(case, result)
     finally:
         progress.close()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnbench.cases import AccuracyCase
 from attnbench.cli import main
 from attnbench.data import (
     ADE20KSubset,
@@ -103,7 +104,7 @@ def test_segmentation_scores_from_a_confusion_matrix():
     assert result["pixel_accuracy"] == pytest.approx(100 * 5 / 7)
 
 
-def case_config(task: str, root, epochs: int = 1, attention: str = "bra") -> dict:
+def case_config(task: str, root, epochs: int = 1, attention: str = "bra") -> AccuracyCase:
     if task == "classification":
         spec = {"name": "relation_proxy", "task": "classification", "image_size": 112, "recipe": NO_AUGMENT,
                 "data": {"dataset": "relation_proxy", "root": str(root), "seed": 0},
@@ -116,8 +117,9 @@ def case_config(task: str, root, epochs: int = 1, attention: str = "bra") -> dic
     train = {"lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 0.5, "warmup_lr": 1e-6, "weight_decay": 0.05,
              "schedule": "cosine", "clip_grad": None, "amp": True, "workers": 0, **spec["train"]}
     spec = {**spec, "train": train, "model_options": {}}
-    return {"mechanism": "biformer_stl", "options": {"attention": attention, **TINY_BACKBONE}, "task": spec,
-            "device": "cpu", "seed": 0, "measures": ["accuracy", "params"], "repeats": {}}
+    return AccuracyCase(model="biformer_stl", label=attention, options={"attention": attention, **TINY_BACKBONE},
+                        task=spec, device="cpu", seed=0, measures=("accuracy", "params"), batch=train["batch_size"],
+                        dtype="float32", mode="train")
 
 
 @pytest.mark.slow
@@ -130,7 +132,7 @@ def test_one_epoch_trains_and_evaluates(datasets, task):
     keys = ("top1", "top5", "val_loss") if task == "classification" else ("miou", "pixel_accuracy")
     for key in keys:
         assert key in metrics["accuracy"]["final"] and 0 <= metrics["accuracy"]["final"][key] <= max(100, 1e9)
-    assert metrics["params"] > 0
+    assert metrics["params"]["count"] > 0
 
 
 class Interrupted(Exception):
@@ -196,17 +198,17 @@ def test_the_suite_trains_every_case_and_renders_the_ablation_table(tmp_path):
     results = tmp_path / "results"
     assert main(["run", write_suite(tmp_path), "--results-dir", str(results), "--run", "r"]) == 0
     records = RecordStore(results / "tiny_ablation/r/records.jsonl").load()
-    assert [(r["case"]["shape"], r["case"]["label"], r["status"]) for r in records] == [
+    assert [(r.case.column, r.case.label, r.status) for r in records] == [
         ("relation_proxy", "bra", "ok"), ("relation_proxy", "swin (shifted window)", "ok"),
         ("ade20k_generated", "bra", "ok"), ("ade20k_generated", "swin (shifted window)", "ok")]
-    assert records[0]["metrics"]["accuracy"]["data"]["train"]["images"] == 8
-    assert records[0]["metrics"]["flops"]["counted_flops"] > 0 and records[0]["metrics"]["latency"]["median_s"] > 0
+    assert records[0].metrics["accuracy"]["data"]["train"]["images"] == 8
+    assert records[0].metrics["flops"]["counted_flops"] > 0 and records[0].metrics["latency"]["median_s"] > 0
     report = (results / "tiny_ablation/r/report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| mechanism") and "paper" in line)
     assert "relation_proxy (proxy task, not ImageNet) top-1 %" in header and "paper ImageNet top-1" in header
     swin_row = next(line for line in report.splitlines() if line.startswith("| swin (shifted window)"))
     assert "| 81.3 " in swin_row and "| 41.5 " in swin_row  # the paper's figures, in the paper's columns
-    top1 = records[1]["metrics"]["accuracy"]["final"]["top1"]
+    top1 = records[1].metrics["accuracy"]["final"]["top1"]
     assert f"| {top1:.1f} " in swin_row
 
 
@@ -262,8 +264,8 @@ def test_torchrun_trains_with_ddp_and_rank_0_writes_once(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (record,) = RecordStore(results / "tiny_ablation/ddp/records.jsonl").load()
-    assert record["status"] == "ok", record["message"]
-    accuracy = record["metrics"]["accuracy"]
+    assert record.status == "ok", record.message
+    accuracy = record.metrics["accuracy"]
     assert accuracy["world_size"] == 2 and accuracy["steps_per_epoch"] == 1  # 8 images, batch 4 per process
     assert (results / "tiny_ablation/ddp/report.md").exists()
 

@@ -32,8 +32,8 @@ def test_a_baseline_adds_a_speedup_table_computed_from_the_records(tmp_path):
     (run_dir / "run.json").write_text(json.dumps({**run, "baseline": "full"}))
     text = build_report(run_dir).read_text()
     assert "Speed-up over `full` (its latency ÷ the row's, same run):" in text
-    median = {(r["case"]["label"], r["case"]["shape"]): r["metrics"]["latency"]["median_s"]
-              for r in RecordStore(run_dir / "records.jsonl").load() if r["status"] == "ok"}
+    median = {(r.case.label, r.case.column): r.metrics["latency"]["median_s"]
+              for r in RecordStore(run_dir / "records.jsonl").load() if r.status == "ok"}
     table = text.split("Speed-up over `full`")[1].split("\n\n")[1]
     bra_row = next(line for line in table.splitlines() if line.startswith("| bra"))
     expected = median[("full", "small")] / median[("bra", "small")]

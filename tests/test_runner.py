@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from attnbench.cases import AttentionCase, ModelCase
 from attnbench.cli import main
-from attnbench.records import RecordStore
+from attnbench.records import Record, RecordStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,15 +46,15 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path, monkeypatch, caps
     suite = write_suite(tmp_path, names, timeout=8)
     assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 0
     records = RecordStore(tmp_path / "results/faulty/r/records.jsonl").load()
-    status = {record["case"]["label"]: record for record in records}
-    assert {label: record["status"] for label, record in status.items()} == {
+    status = {record.case.label: record for record in records}
+    assert {label: record.status for label, record in status.items()} == {
         "raises": "error", "nan": "nan", "sleeps": "timeout", "unsupported": "unsupported", "refuses": "unsupported",
         "linear": "ok"}
-    assert status["raises"]["message"] == "RuntimeError: this mechanism always fails"
-    assert "no kernel for cpu/torch.float32" in status["unsupported"]["message"]
-    assert status["refuses"]["message"] == "impl='fast' cannot run here: fast: no kernel for this input"
-    assert status["linear"]["metrics"]["params"] == 8 * 8 + 8
-    latency = status["linear"]["metrics"]["latency"]
+    assert status["raises"].message == "RuntimeError: this mechanism always fails"
+    assert "no kernel for cpu/torch.float32" in status["unsupported"].message
+    assert status["refuses"].message == "impl='fast' cannot run here: fast: no kernel for this input"
+    assert status["linear"].metrics["params"]["count"] == 8 * 8 + 8
+    latency = status["linear"].metrics["latency"]
     assert len(latency["samples_s"]) == latency["n"] >= 2 and latency["median_s"] > 0
     report = (tmp_path / "results/faulty/r/report.md").read_text()
     for cell in ("ERROR", "NaN", "TIMEOUT", "UNSUPPORTED"):
@@ -79,7 +80,7 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     before = RecordStore(records_path).load()
-    assert [r["case"]["label"] for r in before] == ["first", "first"]
+    assert [r.case.label for r in before] == ["first", "first"]
     with open(records_path, "a") as handle:  # a record cut short mid-write
         handle.write('{"id": "half')
 
@@ -89,9 +90,9 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert "2 already recorded" in finished.stdout
     after = RecordStore(records_path).load()
     assert after[:2] == before  # nothing measured is lost or rewritten
-    ids = [r["id"] for r in after]
+    ids = [r.id for r in after]
     assert len(ids) == len(set(ids)) == 4  # 2 mechanisms × 2 batches, each once
-    assert all(r["status"] == "ok" for r in after)
+    assert all(r.status == "ok" for r in after)
     assert all(line.endswith("}") for line in records_path.read_text().splitlines())
 
 
@@ -109,28 +110,49 @@ def test_a_model_suite_measures_whole_models_and_renders_the_model_table(tmp_pat
     """))
     assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 0
     (record,) = RecordStore(tmp_path / "results/models/r/records.jsonl").load()
-    assert record["status"] == "ok", record["message"]
-    assert record["metrics"]["params"] == sum(
+    assert record.status == "ok", record.message
+    assert record.metrics["params"]["count"] == sum(
         p.numel() for p in __import__("timm").create_model("biformer_tiny").parameters())
-    assert record["metrics"]["flops"]["counted_flops"] > 0
+    assert record.metrics["flops"]["counted_flops"] > 0
     report = (tmp_path / "results/models/r/report.md").read_text()
     assert "## Models: cpu, float32, forward, batch 1" in report
     row = next(line for line in report.splitlines() if line.startswith("| BiFormer-T"))
     assert "| 13.14 " in row and "| 13.1 " in row and "| 81.4 " in row and "+0.3%" in row
 
 
-def test_store_drops_a_partial_line_and_rejects_unknown_statuses(tmp_path):
+def _record(case_id: str, status: str) -> Record:
+    case = AttentionCase(label="x", mechanism="full", shape="s", height=4, width=4, dim=8, heads=1, batch=1,
+                         dtype="float32", mode="forward", device="cpu", measures=("params",), id=case_id)
+    return Record(id=case_id, suite="s", run="r", case=case, status=status)
+
+
+def test_store_drops_a_partial_line_skips_lines_that_are_not_records_and_rejects_unknown_statuses(tmp_path):
     store = RecordStore(tmp_path / "records.jsonl")
-    store.append({"id": "a", "status": "ok"})
+    store.append(_record("a", "ok"))
     with open(store.path, "a") as handle:
         handle.write('{"id": "b", "sta')
     with pytest.warns(UserWarning, match="cut short"):
-        assert [r["id"] for r in store.load()] == ["a"]
-    store.append({"id": "c", "status": "oom"})
-    assert [r["id"] for r in store.load()] == ["a", "c"]
-    assert all(json.loads(line)["schema"] == 1 for line in store.path.read_text().splitlines())
-    with pytest.raises(ValueError, match="status must be one of"):
-        store.append({"id": "d", "status": "crashed"})
+        assert [r.id for r in store.load()] == ["a"]
+    store.append(_record("c", "oom"))
+    assert [r.id for r in store.load()] == ["a", "c"]
+    assert all(json.loads(line)["schema"] == 2 for line in store.path.read_text().splitlines())
+    with open(store.path, "a") as handle:
+        handle.write('{}\n[1, 2]\n{"id": "e", "status": "ok"}\n')
+    with pytest.warns(UserWarning, match="not a record"):
+        assert [r.id for r in store.load()] == ["a", "c"]
+    with pytest.raises(ValueError, match="status"):
+        _record("d", "crashed")
+
+
+def test_schema_1_records_load_with_their_ids_and_typed_cases():
+    """The first committed runs (flat cases, params as a number) read back through the same loader."""
+    records = RecordStore(REPO / "results/models/quick-cpu/records.jsonl").load()
+    assert records and all(isinstance(r.case, ModelCase) for r in records)
+    for record in records:
+        assert record.case.with_id().id == record.id  # the typed case hashes to the id it was stored under
+        assert isinstance(record.metrics["params"]["count"], int)
+    speed = RecordStore(REPO / "results/speed/quick-cpu/records.jsonl").load()
+    assert all(r.case.with_id().id == r.id for r in speed)
 
 
 def test_report_of_a_missing_run_directory_exits_2(tmp_path, capsys):

@@ -93,7 +93,7 @@ MALFORMED = {
     "dtype": (BASE.replace("  mode: [forward, forward_backward]", "  dtype: [float8]"), r"grid\.dtype\[0\]: .*float32"),
     "mode": (BASE.replace("forward_backward]", "backward]"), r"grid\.mode\[1\]: .*forward"),
     "device": (BASE.replace("device: cpu", "device: tpu"), r"device: .*'auto', 'cpu' or 'cuda'"),
-    "measure": (BASE + "measures: [speed]\n", r"measures\[0\]: .*'params'"),
+    "measure": (BASE + "measures: [speed]\n", r"measures: unknown measure\(s\) speed; measures: accuracy, flops, latency, params"),
     "timeout": (BASE + "timeout_s: -1\n", r"timeout_s: .*greater than 0"),
     "repeats_key": (BASE + "repeats: {samples: 3}\n", r"repeats\.samples: unknown key 'samples'; allowed: warmup_iters"),
     "unknown_mechanism": (BASE.replace("{name: full}", "{name: fulll}"),
@@ -143,8 +143,8 @@ MALFORMED.update({
 
 def test_model_suites_expand_to_model_cases(tmp_path):
     (case,) = expand(load_suite(write(tmp_path, MODELS)))
-    assert (case.kind, case.mechanism, case.height, case.dim, case.paper) == ("model", "biformer_tiny", 224, 3,
-                                                                             "biformer_tiny")
+    assert (case.kind, case.model, case.image_size, case.in_chans, case.paper) == ("model", "biformer_tiny", 224, 3,
+                                                                                  "biformer_tiny")
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))

@@ -18,6 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from . import Measure, Subject, dispatch_safely, register_measure
+
 aten = torch.ops.aten
 
 
@@ -96,3 +98,47 @@ def _overloads(packet) -> list:
 
 def _tags(packet) -> set:
     return {tag for overload in _overloads(packet) for tag in overload.tags}
+
+
+@register_measure
+class Flops(Measure):
+    """FLOPs counted on one step. Attention cases: on the timed step, beside the mechanism's analytic MACs
+    and keys per query. Models and trained models: on the plain path of their mechanisms (the useful
+    multiply-adds, the paper's convention, whichever backend is timed)."""
+
+    name = "flops"
+    order = 20
+
+    def measure(self, subject: Subject) -> dict[str, Any]:
+        step = subject.plain_step or subject.step
+        images = subject.plain_images if subject.plain_step else subject.images
+
+        def counted() -> dict[str, Any]:
+            count = count_flops(step)
+            return {"counted_flops": count.flops, "counted_by_op": count.by_op, "uncounted_ops": count.uncounted_ops,
+                    "images": images}
+        metrics = dispatch_safely(counted)
+        if subject.kind == "attention":
+            metrics.update(analytic_cost(subject.module, *subject.spatial, subject.images))
+        return metrics
+
+    def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
+        counted_images = metrics.get("images", images)  # records before schema 2 counted the case's batch
+        return {
+            "analytic_gmacs_per_image": metrics["analytic_macs"] / images / 1e9 if "analytic_macs" in metrics else None,
+            "counted_gflops_per_image": (metrics["counted_flops"] / counted_images / 1e9
+                                         if "counted_flops" in metrics else None),
+            "keys_per_query": metrics.get("keys_per_query"), "density": metrics.get("density"),
+        }
+
+
+def analytic_cost(module: Any, height: int, width: int, images: int) -> dict[str, Any]:
+    """The mechanism's own MAC count (``images`` included) and the keys each query attends to."""
+    analytic = module.macs(height, width).scaled(images)
+    try:
+        keys = module.keys_per_query(height, width)
+    except NotImplementedError:
+        keys = None
+    return {"analytic_macs": analytic.total, "analytic_flops": analytic.flops, "analytic_parts": analytic.parts,
+            "analytic_counter_blind": sorted(analytic.counter_blind), "keys_per_query": keys,
+            "density": keys / (height * width) if keys is not None else None}

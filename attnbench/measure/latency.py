@@ -12,8 +12,11 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
+
+from . import Measure, Subject, register_measure
 
 MIN_SAMPLE_S = 0.01
 
@@ -92,3 +95,21 @@ def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_it
         if time.perf_counter() - start > max_time_s and len(samples) >= min(2, min_samples):
             break
     return Latency(samples, number, iterations, converged)
+
+
+@register_measure
+class LatencyMeasure(Measure):
+    name = "latency"
+    order = 100  # last: nothing else runs between its warm-up and its samples
+
+    def measure(self, subject: Subject) -> dict[str, Any]:
+        latency = measure_latency(subject.step, subject.device, **subject.repeats)
+        height, width = subject.spatial
+        return {**latency.summary(), "images_per_s": subject.images / latency.median_s,
+                "tokens_per_s": subject.images * height * width / latency.median_s}
+
+    def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
+        timed = "median_s" in metrics
+        return {"median_ms": metrics["median_s"] * 1e3 if timed else None,
+                "iqr_ms": metrics["iqr_s"] * 1e3 if timed else None, "samples": metrics.get("n"),
+                "converged": metrics.get("converged"), "images_per_s": metrics.get("images_per_s")}

@@ -13,10 +13,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from . import Measure, Subject, dispatch_safely, register_measure
+from .params import state_bytes
+
+MIB = 2**20
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -82,3 +88,20 @@ def measure_peak_memory(step: Callable[[], object], device: torch.device, state_
     return PeakMemory(tracker.peak, state_bytes,
                       "cpu: peak bytes of tensor storages alive during the step, followed per ATen op by a "
                       "dispatch mode (kernel-internal scratch not seen)")
+
+
+@register_measure
+class Memory(Measure):
+    name = "memory"
+    kinds = frozenset({"attention", "model"})
+    before_check = True
+    order = 0
+
+    def measure(self, subject: Subject) -> dict[str, Any]:
+        return dispatch_safely(lambda: measure_peak_memory(
+            subject.step, subject.device, state_bytes(subject.module, subject.x)).summary())
+
+    def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
+        measured = "peak_bytes" in metrics
+        return {"peak_mib": metrics["peak_bytes"] / MIB if measured else None,
+                "activation_mib": metrics["activation_bytes"] / MIB if measured else None}

@@ -1,4 +1,5 @@
-"""Records flattened into one pandas row per case."""
+"""Records flattened into one pandas row per case: the case's own columns, then each measure's (its
+``columns``), so a new measure reaches the report and the CSV without touching this file."""
 
 from __future__ import annotations
 
@@ -7,48 +8,49 @@ from typing import Any
 
 import pandas as pd
 
-MIB = 2**20
+from ..cases import AccuracyCase, AttentionCase, ModelCase
+from ..measure import MEASURES
+from ..records import Record
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
-    case, metrics = record["case"], record.get("metrics", {})
-    latency, flops = metrics.get("latency", {}), metrics.get("flops", {})
-    memory, roofline = metrics.get("memory", {}), metrics.get("roofline", {})
-    batch = case["batch"]
-    return {
-        "id": record["id"], "kind": case.get("kind", "attention"), "paper": case.get("paper"),
-        "label": case["label"], "mechanism": case["mechanism"],
-        "options": json.dumps(case["options"], sort_keys=True), "shape": case["shape"],
-        "height": case["height"], "width": case["width"], "tokens": case["height"] * case["width"],
-        "dim": case["dim"], "heads": case["heads"], "batch": batch, "dtype": case["dtype"], "mode": case["mode"],
-        "device": case["device"], "status": record["status"], "message": record.get("message", ""),
-        "params": metrics.get("params"),
-        "analytic_gmacs_per_image": flops["analytic_macs"] / batch / 1e9 if "analytic_macs" in flops else None,
-        "counted_gflops_per_image": flops["counted_flops"] / batch / 1e9 if "counted_flops" in flops else None,
-        "keys_per_query": flops.get("keys_per_query"), "density": flops.get("density"),
-        "median_ms": latency["median_s"] * 1e3 if latency else None,
-        "iqr_ms": latency["iqr_s"] * 1e3 if latency else None,
-        "samples": latency.get("n"), "converged": latency.get("converged"),
-        "images_per_s": latency.get("images_per_s"),
-        "peak_mib": memory["peak_bytes"] / MIB if "peak_bytes" in memory else None,
-        "activation_mib": memory["activation_bytes"] / MIB if "peak_bytes" in memory else None,
-        "fraction_of_gemm": roofline.get("fraction_of_gemm"),
-        "task": (case.get("task") or {}).get("task"),
-        "dataset": ((case.get("task") or {}).get("data") or {}).get("dataset"),
-        **_accuracy(metrics.get("accuracy")),
-    }
+def _case_columns(record: Record) -> dict[str, Any]:
+    case = record.case
+    row = {"id": record.id, "kind": case.kind, "label": case.label, "shape": case.column, "batch": case.batch,
+           "dtype": case.dtype, "mode": case.mode, "device": case.device, "status": record.status.value,
+           "message": record.message, "options": json.dumps(case.options, sort_keys=True), "source": case.source,
+           "paper": None, "task": None, "dataset": None, "backend": ", ".join(
+               record.metrics.get("backend", {}).get("used", []))}
+    if isinstance(case, AttentionCase):
+        row.update(mechanism=case.mechanism, height=case.height, width=case.width, dim=case.dim, heads=case.heads)
+    elif isinstance(case, ModelCase):
+        row.update(mechanism=case.model, height=case.image_size, width=case.image_size, dim=case.in_chans, heads=0,
+                   paper=case.paper)
+    elif isinstance(case, AccuracyCase):
+        row.update(mechanism=case.model, height=case.image_size, width=case.image_size, dim=3, heads=0,
+                   paper=case.paper, task=case.task["task"], dataset=case.task["data"]["dataset"])
+    row["tokens"] = row["height"] * row["width"]
+    return row
 
 
-def _accuracy(accuracy: dict[str, Any] | None) -> dict[str, Any]:
-    if not accuracy:
-        return {}
-    final, data = accuracy["final"], accuracy["data"]
-    return {"top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
-            "pixel_accuracy": final.get("pixel_accuracy"), "epochs": len(accuracy["history"]),
-            "train_images": data["train"]["images"], "val_images": data["val"]["images"],
-            "train_minutes": accuracy["train_seconds"] / 60}
+def _row(record: Record) -> dict[str, Any]:
+    row = _case_columns(record)
+    for name, measure in MEASURES.items():
+        row.update(measure.columns(record.metrics.get(name) or {}, record.case.batch))
+    row["fraction_of_gemm"] = record.metrics.get("roofline", {}).get("fraction_of_gemm")
+    return row
 
 
-def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per case, in the order the records were written."""
-    return pd.DataFrame([_row(record) for record in records])
+def records_frame(records: list[Record]) -> pd.DataFrame:
+    """One row per case, in the order the records were written; every column present even when no case has it."""
+    frame = pd.DataFrame([_row(record) for record in records])
+    for column in _all_columns():
+        if column not in frame.columns:
+            frame[column] = None
+    return frame
+
+
+def _all_columns() -> list[str]:
+    columns = ["fraction_of_gemm"]
+    for measure in MEASURES.values():
+        columns += list(measure.columns({}, 1))
+    return columns

@@ -11,19 +11,34 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from ..paper import bra_paper_macs, paper_figures
+import attentions
 
-FAILED = {"oom": "OOM", "timeout": "TIMEOUT", "error": "ERROR", "nan": "NaN", "unsupported": "UNSUPPORTED"}
+from ..paper import bra_paper_macs, paper_figures
+from ..status import Status
+
 GROUP = ["device", "dtype", "mode", "batch"]
+
+
+def failed_cell(status: str) -> str:
+    """OOM, TIMEOUT, ERROR, NaN, MISMATCH or UNSUPPORTED for a case that did not finish; empty for ok."""
+    return Status(status).cell
+
+
+def _row_labels(frame: pd.DataFrame, columns: str) -> pd.Series:
+    """Each case's row: its label, or, where two cases of this table share a label and a column (runs recorded
+    before labels had to be distinct), the label with the case's options, so no case hides another."""
+    shared = frame.duplicated(["label", columns], keep=False)
+    return frame["label"].where(~shared, frame["label"] + " " + frame["options"])
 
 
 def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape") -> pd.DataFrame:
     """Rows: labels in suite order; columns: ``columns`` values in suite order; cells from ``cell(row)``."""
-    rows = list(dict.fromkeys(frame["label"]))
+    labels = _row_labels(frame, columns)
+    rows = list(dict.fromkeys(labels))
     cols = list(dict.fromkeys(frame[columns]))
     table = pd.DataFrame("", index=pd.Index(rows, name="mechanism"), columns=cols)
-    for _, row in frame.iterrows():
-        table.loc[row["label"], row[columns]] = FAILED.get(row["status"]) or cell(row)
+    for (_, row), label in zip(frame.iterrows(), labels, strict=True):
+        table.loc[label, row[columns]] = failed_cell(row["status"]) or cell(row)
     return table
 
 
@@ -92,8 +107,8 @@ def bra_formula_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Our analytic BRA cost beside the paper's formula evaluated at the same sizes (both in GMACs)."""
     rows = []
     for _, row in _forward(frame[frame["mechanism"] == "bra"]).iterrows():
-        options = json.loads(row.options)
-        n_win, topk = options.get("n_win", 7), options.get("topk", 4)
+        options = {**attentions.options("bra"), **json.loads(row.options)}
+        n_win, topk = options["n_win"], options["topk"]
         paper = bra_paper_macs(row.height, row.width, row.dim, n_win, topk) / 1e9
         rows.append({"mechanism": row["label"], "shape": row["shape"], "S": n_win, "k": topk,
                      "paper formula (GMACs)": f"{paper:.4g}",
@@ -122,8 +137,18 @@ def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
     return failed[["label", "shape", "dtype", "mode", "batch", "status", "message"]].reset_index(drop=True)
 
 
+def measure_table(frame: pd.DataFrame, column: str, template: str) -> pd.DataFrame:
+    """A measure's own table (attnbench/measure/ ``Measure.table``): one column of the frame pivoted."""
+    return _pivot(frame, lambda row: _number(row[column], template)).rename(columns=_shape_header(frame))
+
+
 def _number(value, template: str) -> str:
     return "" if value is None or pd.isna(value) else template.format(value)
+
+
+def _scaled(value, factor: float) -> float | None:
+    """``value × factor``, or None for a missing value (a case that failed has no figures)."""
+    return None if value is None or pd.isna(value) else value * factor
 
 
 def _gap(ours, theirs) -> str:
@@ -137,13 +162,13 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in frame.iterrows():
         paper = papers.get(row["paper"], {}) if isinstance(row["paper"], str) else {}
-        failed = FAILED.get(row["status"])
-        params = row["params"] / 1e6 if not pd.isna(row["params"]) else None
-        gmacs = row["counted_gflops_per_image"] / 2
+        failed = failed_cell(row["status"])
+        params = _scaled(row["params"], 1e-6)
+        gmacs = _scaled(row["counted_gflops_per_image"], 0.5)
         ours = {
             "params (M)": _number(params, "{:.2f}"), "GMACs": _number(gmacs, "{:.3f}"),
-            "GFLOPs": _number(2 * gmacs, "{:.3f}"),
-            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(row["iqr_ms"] / 2, " (±{:.1f})"),
+            "GFLOPs": _number(row["counted_gflops_per_image"], "{:.3f}"),
+            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(_scaled(row["iqr_ms"], 0.5), " (±{:.1f})"),
             "images/s": _number(row["images_per_s"], "{:,.1f}"),
         }
         rows.append({
@@ -171,14 +196,14 @@ def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
     for _, row in frame.iterrows():
         cells = rows.setdefault(row["label"], {"mechanism": row["label"]})
         title = _task_title(row)
-        failed = FAILED.get(row["status"])
+        failed = failed_cell(row["status"])
         if row["task"] == "classification":
             cells[f"{title} top-1 %"] = failed or _number(row.get("top1"), "{:.1f}")
         else:
             cells[f"{title} mIoU %"] = failed or _number(row.get("miou"), "{:.1f}")
         if row["shape"] == first_task:
-            gmacs = row["counted_gflops_per_image"] / 2 if not pd.isna(row["counted_gflops_per_image"]) else None
-            cells["params (M)"] = _number(row["params"] / 1e6 if not pd.isna(row["params"]) else None, "{:.2f}")
+            gmacs = _scaled(row["counted_gflops_per_image"], 0.5)
+            cells["params (M)"] = _number(_scaled(row["params"], 1e-6), "{:.2f}")
             cells[f"GMACs @{row['height']}²"] = _number(gmacs, "{:.3f}")
             cells["images/s"] = _number(row["images_per_s"], "{:,.1f}")
         paper = papers.get(row["paper"], {}) if isinstance(row["paper"], str) else {}
@@ -194,11 +219,11 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in frame.iterrows():
         if row["status"] != "ok":
-            score = FAILED.get(row["status"], row["status"])
+            score = failed_cell(row["status"])
         elif row["task"] == "classification":
-            score = f"top-1 {row['top1']:.1f} / top-5 {row['top5']:.1f}"
+            score = f"top-1 {_number(row['top1'], '{:.1f}')} / top-5 {_number(row['top5'], '{:.1f}')}"
         else:
-            score = f"mIoU {row['miou']:.1f} / pixel acc. {row['pixel_accuracy']:.1f}"
+            score = f"mIoU {_number(row['miou'], '{:.1f}')} / pixel acc. {_number(row['pixel_accuracy'], '{:.1f}')}"
         rows.append({"mechanism": row["label"], "task": _task_title(row),
                      "train / val images": f"{_number(row.get('train_images'), '{:.0f}')} / "
                                            f"{_number(row.get('val_images'), '{:.0f}')}",

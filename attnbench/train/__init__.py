@@ -3,8 +3,8 @@
 ``run_accuracy_case`` is what the suite worker calls for a case of kind ``accuracy`` (and what
 ``python -m attnbench train`` calls in-process under ``torchrun``). It writes the data set first when the suite
 asks for a generated one, trains with a checkpoint per epoch (a rerun resumes), and returns the metrics:
-``accuracy`` (history and final scores, the data subset, the recipe), and the trained model's ``params``,
-``flops`` and inference ``latency`` at the task's input size when the suite lists those measures.
+``accuracy`` (history and final scores, the data subset, the recipe), then the suite's other measures
+(attnbench/measure/) on the trained model, in inference, at the task's input size.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from .. import models  # noqa: F401  (registers BiFormer's models with timm)
+from ..cases import AccuracyCase
 from ..data import prepare_data
-from ..measure.flops import count_flops
-from ..measure.latency import measure_latency
-from ..measure.params import count_parameters
+from ..measure import Subject, measures_for
+from ..measure.correctness import plain_copy
 from .classification import ClassificationTask
 from .distributed import World, init_world
 from .engine import TrainSettings, train_and_evaluate
@@ -29,55 +29,51 @@ from .task import Task
 TASKS = {"classification": ClassificationTask, "segmentation": SegmentationTask}
 
 
-def build_task(config: dict[str, Any]) -> Task:
-    task, train = config["task"], config["task"]["train"]
-    return TASKS[task["task"]](task["name"], config["mechanism"], dict(config["options"]), task["data"],
-                               task["image_size"], train["eval_batch_size"], train["workers"], task.get("recipe"))
+def build_task(case: AccuracyCase) -> Task:
+    task, train = case.task, case.task["train"]
+    return TASKS[task["task"]](task["name"], case.model, dict(case.options), task["data"], task["image_size"],
+                               train["eval_batch_size"], train["workers"], task.get("recipe"))
 
 
-def _inference_measures(model: torch.nn.Module, task: Any, world: World, config: dict[str, Any]) -> dict[str, Any]:
+def _inference_measures(model: torch.nn.Module, task: Task, world: World, case: AccuracyCase) -> dict[str, Any]:
+    """The suite's measures on the trained model: one inference forward over an evaluation batch (FLOPs on one
+    image through the plain path)."""
     model.eval()
-    batch = config["task"]["train"]["eval_batch_size"]
-    metrics: dict[str, Any] = {}
-    x = task.sample_input(batch).to(world.device)
+    x = task.sample_input(case.task["train"]["eval_batch_size"]).to(world.device)
 
     def forward():
         with torch.inference_mode():
             return model(x)
-    if "params" in config["measures"]:
-        metrics["params"] = count_parameters(model)
-    if "flops" in config["measures"]:
+    plain, one = plain_copy(model), x[:1]
+
+    def plain_forward():
         with torch.no_grad():
-            counted = count_flops(lambda: model(x[:1]))
-        # records count FLOPs per case batch (the training batch here); reports divide by it again
-        metrics["flops"] = {"counted_flops": counted.flops * config["batch"], "counted_by_op": counted.by_op,
-                            "uncounted_ops": counted.uncounted_ops}
-    if "latency" in config["measures"]:
-        latency = measure_latency(forward, world.device, **config["repeats"])
-        metrics["latency"] = {**latency.summary(), "images_per_s": batch / latency.median_s}
-    return metrics
+            return plain(one)
+    subject = Subject(model, x, forward, world.device, case.kind, "forward", (task.image_size, task.image_size),
+                      case.repeats.model_dump(), plain_step=plain_forward, plain_images=1)
+    return {measure.name: measure.measure(subject) for measure in measures_for(case.measures, case.kind)
+            if measure.on_subject}
 
 
-def run_accuracy_case(config: dict[str, Any], checkpoint_dir: str | Path | None, log=print) -> dict[str, Any]:
+def run_accuracy_case(case: AccuracyCase, checkpoint_dir: str | Path | None, log=print) -> dict[str, Any]:
     """Train and score one (model, task) case; see the module docstring."""
-    world = init_world(config["device"])
-    data = config["task"]["data"]
+    world = init_world(case.device)
+    data = case.task["data"]
     if world.is_main:
         prepare_data(data)
     world.barrier()
-    task = build_task(config)
-    train = config["task"]["train"]
-    settings = TrainSettings(**train, seed=config["seed"])
+    task = build_task(case)
+    settings = TrainSettings(**case.task["train"], seed=case.seed)
     started = time.time()
     outcome = train_and_evaluate(task, settings, world, Path(checkpoint_dir) if checkpoint_dir else None, log)
     final = outcome["history"][-1] if outcome["history"] else {}
     accuracy = {
-        "task": config["task"]["task"], "dataset": data["dataset"], "proxy": data["dataset"] == "relation_proxy",
+        "task": case.task["task"], "dataset": data["dataset"], "proxy": data["dataset"] == "relation_proxy",
         "final": {key: value for key, value in final.items() if key not in ("epoch", "lr")},
         "history": outcome["history"], "data": task.description(), "world_size": world.size,
         "steps_per_epoch": outcome["steps_per_epoch"], "train_seconds": time.time() - started,
     }
     metrics = {"accuracy": accuracy}
     if world.is_main:
-        metrics.update(_inference_measures(outcome["model"], task, world, config))
+        metrics.update(_inference_measures(outcome["model"], task, world, case))
     return metrics

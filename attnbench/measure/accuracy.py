@@ -1,0 +1,27 @@
+"""Accuracy of a trained model: produced by the training (attnbench/train), declared here for the suites and
+the report like every other measure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import Measure, Subject, register_measure
+
+
+@register_measure
+class Accuracy(Measure):
+    name = "accuracy"
+    kinds = frozenset({"accuracy"})
+    on_subject = False
+
+    def measure(self, subject: Subject) -> dict[str, Any]:
+        raise TypeError("accuracy is measured by training the case (attnbench.train.run_accuracy_case)")
+
+    def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
+        final, data = metrics.get("final", {}), metrics.get("data", {})
+        return {"top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
+                "pixel_accuracy": final.get("pixel_accuracy"),
+                "epochs": len(metrics["history"]) if "history" in metrics else None,
+                "train_images": data.get("train", {}).get("images"), "val_images": data.get("val", {}).get("images"),
+                "num_classes": data.get("num_classes"),
+                "train_minutes": metrics["train_seconds"] / 60 if "train_seconds" in metrics else None}

@@ -1,0 +1,184 @@
+"""The report's sections, in order. Each says whether it applies to a run's frame and renders its markdown
+lines; ``build_report`` (render.py) writes the header, then every section that applies.
+
+A new table is one more section here (or, for a measure's own table, nothing: ``MeasureTables`` shows the
+``table`` each measure declares).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from ..measure import MEASURES
+from ..paper import paper_figures
+from .plots import make_plots
+from .tables import (
+    ablation_table,
+    bra_formula_table,
+    complexity_table,
+    failures_table,
+    groups,
+    latency_table,
+    measure_table,
+    memory_table,
+    model_table,
+    quadtree_claim_table,
+    roofline_table,
+    speedup_table,
+    throughput_table,
+    training_table,
+)
+
+
+def markdown(table: pd.DataFrame, index: bool = True) -> str:
+    if table.empty:
+        return "_no data_"
+    return tabulate(table, headers="keys", tablefmt="github", showindex=index, disable_numparse=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What sections know of the run besides its frame: its directory and its run.json."""
+
+    directory: Path
+    info: dict[str, Any]
+
+
+class Section:
+    kind: str | None = None  # the case kind the section reads (None: every kind)
+
+    def rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame if self.kind is None or frame.empty else frame[frame["kind"] == self.kind]
+
+    def applies(self, frame: pd.DataFrame, run: Run) -> bool:
+        return not self.rows(frame).empty
+
+    def render(self, frame: pd.DataFrame, run: Run) -> list[str]:
+        raise NotImplementedError
+
+
+class Ablation(Section):
+    kind = "accuracy"
+
+    def render(self, frame, run):
+        trained = self.rows(frame)
+        return ["## Attention ablation: accuracy, size and speed", "",
+                "Ours: the score of each trained model on each task; params, GMACs (FlopCounterMode ÷ 2) and "
+                "inference throughput of the first task's trained model at its input size. *Paper* columns: the "
+                "BiFormer paper's ablation on the full STL backbone (ImageNet-1K top-1, ADE20K mIoU), only for the "
+                "rows it reports; a proxy or generated-data column is not comparable with them.", "",
+                markdown(ablation_table(trained), index=False), "",
+                "What each score rests on:", "", markdown(training_table(trained), index=False), ""]
+
+
+class Models(Section):
+    kind = "model"
+
+    def render(self, frame, run):
+        lines = []
+        for title, group in groups(self.rows(frame)):
+            lines += [f"## Models: {title}", "",
+                      "Ours: params, GMACs (FlopCounterMode ÷ 2, the paper's convention) and GFLOPs per image, latency "
+                      "per batch and throughput. *Paper* columns: the published figures (ImageNet-1K top-1 is the "
+                      "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), ""]
+        return lines
+
+
+class Speed(Section):
+    kind = "attention"
+
+    def render(self, frame, run):
+        lines = []
+        baseline = run.info.get("baseline")
+        for title, group in groups(self.rows(frame)):
+            lines += [f"## Speed: {title}", "", "Latency, ms per batch (± half IQR):", "",
+                      markdown(latency_table(group)), "", "Throughput, images/s:", "",
+                      markdown(throughput_table(group)), "",
+                      *([f"Speed-up over `{baseline}` (its latency ÷ the row's, same run):", "",
+                         markdown(speedup_table(group, baseline)), ""] if baseline else []),
+                      "Achieved FLOP/s as a fraction of the dense GEMM rate measured in the same run (roofline):", "",
+                      markdown(roofline_table(group)), "",
+                      "Peak memory, MiB (activations and workspace beyond module and inputs):", "",
+                      markdown(memory_table(group)), ""]
+            for path in make_plots(group, title, run.directory / "plots"):
+                lines += [f"![{path.stem}](plots/{path.name})", ""]
+        return lines
+
+
+class Complexity(Section):
+    kind = "attention"
+
+    def render(self, frame, run):
+        return ["## Complexity (per image, forward)", "",
+                "analytic GMACs (paper convention) / FlopCounterMode GFLOPs (2 per MAC; blind to grid_sample, "
+                "top-k, gather) / keys attended per query (density = keys ÷ H·W):", "",
+                markdown(complexity_table(self.rows(frame))), ""]
+
+
+class BraFormula(Section):
+    kind = "attention"
+
+    def applies(self, frame, run):
+        return super().applies(frame, run) and not bra_formula_table(self.rows(frame)).empty
+
+    def render(self, frame, run):
+        return ["## BRA cost: ours beside the paper's formula", "",
+                f"The paper's formula is {paper_figures()['bra_cost_formula']} (projections q, k, v; routing;"
+                " attention). Ours adds the output projection and the LCE conv and counts routing once, "
+                "as the official code spends it.", "", markdown(bra_formula_table(self.rows(frame)), index=False), ""]
+
+
+class QuadtreeClaim(Section):
+    kind = "attention"
+
+    def applies(self, frame, run):
+        return super().applies(frame, run) and not quadtree_claim_table(self.rows(frame)).empty
+
+    def render(self, frame, run):
+        return ["## BRA against QuadTree attention", "", markdown(quadtree_claim_table(self.rows(frame)),
+                                                                   index=False), ""]
+
+
+class MeasureTables(Section):
+    """The table every measure declares (attnbench/measure/ ``Measure.table``), where the run measured it."""
+
+    def _tables(self, frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+        for measure in MEASURES.values():
+            if measure.table is None or measure.table.column not in frame or frame[measure.table.column].isna().all():
+                continue
+            measured = frame[frame[measure.table.column].notna() | (frame["status"] != "ok")]
+            for kind, of_kind in measured.groupby("kind", sort=False):
+                for title, group in groups(of_kind):
+                    table = measure_table(group, measure.table.column, measure.table.template)
+                    if kind != "attention":
+                        table = table.rename(columns=str)
+                    yield f"{measure.table.title}: {kind} cases, {title}", measure.name, table
+
+    def applies(self, frame, run):
+        return any(True for _ in self._tables(frame))
+
+    def render(self, frame, run):
+        lines = []
+        for title, name, table in self._tables(frame):
+            lines += [f"## {title}", "", f"(measure `{name}`)", "", markdown(table), ""]
+        return lines
+
+
+class Failures(Section):
+    """Every case that did not finish, of every kind, with its status and message."""
+
+    def applies(self, frame, run):
+        return not frame.empty and (frame["status"] != "ok").any()
+
+    def render(self, frame, run):
+        return ["## Cases that did not finish", "", markdown(failures_table(frame), index=False), ""]
+
+
+SECTIONS: list[Section] = [Ablation(), Models(), Speed(), Complexity(), BraFormula(), QuadtreeClaim(),
+                           MeasureTables(), Failures()]

@@ -1,0 +1,285 @@
+"""Loading a suite: read the YAML, merge a profile, validate, check what the schema cannot (registered
+mechanisms and models, option names and values at every shape, distinct report cells): a ``SuiteError`` of one
+line naming the file and the field on any problem."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import torch
+import yaml
+from pydantic import BaseModel, ValidationError
+
+import attentions
+
+from .expand import expand
+from .schema import AXES, Suite, SuiteError
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def _location(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that the field path ``loc`` leads into, to list its allowed keys."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        if part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+        while get_origin(current) is not None or get_args(current):
+            args = [arg for arg in get_args(current) if arg is not type(None)]
+            if not args:
+                break
+            current = args[-1]
+            if isinstance(current, type) and issubclass(current, BaseModel):
+                break
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _first_error(path: Path, error: ValidationError, model: type[BaseModel]) -> SuiteError:
+    detail = error.errors()[0]
+    loc = tuple(detail["loc"])
+    if detail["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the suite schema"
+        return SuiteError(f"{path}: {_location(loc)}: unknown key {loc[-1]!r}; allowed: {allowed}")
+    if detail["type"] == "missing":
+        return SuiteError(f"{path}: {_location(loc)}: required field is missing")
+    message = detail["msg"].removeprefix("Value error, ")
+    return SuiteError(f"{path}: {_location(loc)}: {message} (got {detail.get('input')!r})")
+
+
+def _apply_data_roots(suite: Suite, data_roots: dict[str, str]) -> None:
+    tasks = [task for _, values in _axis_values(suite, "task") for task in values]
+    names = [task.name for task in tasks]
+    for name, root in data_roots.items():
+        if name not in names:
+            raise SuiteError(f"--data-root {name}={root}: no task named {name!r}; tasks: {', '.join(names) or 'none'}")
+        for task in tasks:
+            if task.name == name:
+                task.data.root = root
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(f"{path}: no such suite file") from None
+    except IsADirectoryError:
+        raise SuiteError(f"{path}: is a directory, not a suite file") from None
+    except UnicodeDecodeError as error:
+        raise SuiteError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise SuiteError(f"{path}: cannot read: {error.strerror or error}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SuiteError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None) -> Suite:
+    """Read, merge the profile, set ``data_roots`` (task name -> path), validate: a ``SuiteError`` with one line
+    on any problem."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{path}: (top level): a suite is a mapping with at least 'name' and 'grid'")
+    try:
+        base = Suite.model_validate(raw)
+    except ValidationError as error:
+        raise _first_error(path, error, Suite) from None
+    if profile is not None:
+        if profile not in base.profiles:
+            known = ", ".join(base.profiles) or "none"
+            raise SuiteError(f"{path}: profiles: no profile {profile!r}; profiles: {known}")
+        merged = _merge(raw, raw["profiles"][profile] or {})
+        try:
+            base = Suite.model_validate(merged)
+        except ValidationError as error:
+            raise _first_error(path, error, Suite) from None
+    _apply_data_roots(base, data_roots or {})
+    _check_semantics(path, base)
+    _check_distinct(path, base)
+    _check_baseline(path, base)
+    return base
+
+
+def _import_modules(path: Path, suite: Suite) -> None:
+    for index, module in enumerate(suite.imports):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise SuiteError(f"{path}: imports[{index}]: cannot import {module!r}: {error}") from None
+
+
+def _axis_values(suite: Suite, axis: str) -> list[tuple[str, list]]:
+    """(field path, values) of every place an axis is given."""
+    places = []
+    if getattr(suite.grid, axis) is not None:
+        places.append((f"grid.{axis}", getattr(suite.grid, axis)))
+    for index, group in enumerate(suite.zip):
+        if getattr(group, axis) is not None:
+            places.append((f"zip[{index}].{axis}", getattr(group, axis)))
+    return places
+
+
+def _check_semantics(path: Path, suite: Suite) -> None:
+    _import_modules(path, suite)
+    models = bool(_axis_values(suite, "model"))
+    tasks = bool(_axis_values(suite, "task"))
+    required = (("model", "task") if tasks else ("model", "image_size")) if models else ("mechanism", "shape")
+    for axis in AXES:
+        places = _axis_values(suite, axis)
+        if len(places) > 1:
+            raise SuiteError(f"{path}: {places[1][0]}: axis {axis!r} is already given at {places[0][0]}")
+        if axis in required and not places:
+            raise SuiteError(f"{path}: grid.{axis}: required axis is missing")
+        if places and axis in ("mechanism", "shape", "model", "image_size", "task") and axis not in required:
+            raise SuiteError(f"{path}: {places[0][0]}: a suite measures mechanisms at shapes, models at image "
+                             "sizes, or models trained on tasks; not a mix")
+    for index, group in enumerate(suite.zip):
+        lengths = {axis: len(values) for axis, values in group.given().items()}
+        if len(set(lengths.values())) > 1:
+            raise SuiteError(f"{path}: zip[{index}]: tied axes need equal lengths, got {lengths}")
+    if tasks:
+        _check_tasks(path, suite)
+        return
+    if models:
+        _check_models(path, suite)
+        return
+    (shape_path, shapes), = _axis_values(suite, "shape")
+    shape_names = [shape.name for shape in shapes]
+    (mechanism_path, mechanisms), = _axis_values(suite, "mechanism")
+    registered = attentions.available()
+    for index, spec in enumerate(mechanisms):
+        where = f"{path}: {mechanism_path}[{index}]"
+        if spec.name not in registered:
+            raise SuiteError(f"{where}.name: unknown attention {spec.name!r}; registered: {', '.join(registered)}")
+        valid = attentions.options(spec.name)
+        for key, options in [("options", spec.options), *(
+                (f"options_by_shape.{name}", extra) for name, extra in spec.options_by_shape.items())]:
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise SuiteError(f"{where}.{key}: unknown option(s) {', '.join(unknown)} for attention "
+                                 f"{spec.name!r}; valid options: {', '.join(valid)}")
+        for name in spec.options_by_shape:
+            if name not in shape_names:
+                raise SuiteError(f"{where}.options_by_shape: no shape named {name!r}; shapes: {', '.join(shape_names)}")
+        for shape in shapes:
+            options = {**spec.options, **spec.options_by_shape.get(shape.name, {})}
+            try:
+                with torch.device("meta"):
+                    module = attentions.create(spec.name, dim=shape.dim, num_heads=shape.heads, **options)
+                module.macs(shape.height, shape.width)
+            except (ValueError, TypeError) as error:
+                raise SuiteError(f"{where}: at shape {shape.name} ({shape.height}x{shape.width}, dim {shape.dim}, "
+                                 f"heads {shape.heads}): {error}") from None
+
+
+def _check_tasks(path: Path, suite: Suite) -> None:
+    from ..data import GENERATORS
+
+    if "accuracy" not in suite.measures:
+        raise SuiteError(f"{path}: measures: a suite of tasks needs 'accuracy' among its measures")
+    if "memory" in suite.measures:
+        raise SuiteError(f"{path}: measures: 'memory' is measured by speed suites, not by accuracy suites")
+    (task_path, tasks), = _axis_values(suite, "task")
+    for index, task in enumerate(tasks):
+        where = f"{path}: {task_path}[{index}]"
+        if task.data.root is None:
+            raise SuiteError(f"{where}.data.root: no data root; give it in the suite or with "
+                             f"--data-root {task.name}=PATH")
+        if task.data.generate is None and not Path(task.data.root).is_dir():
+            layout = ("ADEChallengeData2016 with images/ and annotations/" if task.data.dataset == "ade20k"
+                      else "an ImageFolder root with train/<class>/ and val/<class>/")
+            raise SuiteError(f"{where}.data.root: {task.data.root} is not a directory (expected {layout})")
+        if task.data.generate is not None:
+            generator = GENERATORS[task.data.dataset]
+            allowed = [name for name in inspect.signature(generator).parameters if name not in ("root", "seed")]
+            unknown = sorted(set(task.data.generate) - set(allowed))
+            if unknown:
+                raise SuiteError(f"{where}.data.generate: unknown key(s) {', '.join(unknown)}; "
+                                 f"allowed: {', '.join(allowed)}")
+    _check_models(path, suite, paper_tables=("attention_ablation", "models"))
+
+
+def _check_models(path: Path, suite: Suite, paper_tables: tuple[str, ...] = ("models",)) -> None:
+    import timm
+
+    from .. import models  # noqa: F401  (registers BiFormer's models with timm)
+    from ..paper import paper_figures
+
+    (model_path, specs), = _axis_values(suite, "model")
+    for index, spec in enumerate(specs):
+        where = f"{path}: {model_path}[{index}]"
+        if not timm.is_model(spec.name):
+            raise SuiteError(f"{where}.name: unknown model {spec.name!r}; attnbench's: biformer_tiny, biformer_small, "
+                             "biformer_base, biformer_stl*, or any timm model name")
+        rows = [row for table in paper_tables for row in paper_figures()[table]]
+        if spec.paper is not None and spec.paper not in rows:
+            raise SuiteError(f"{where}.paper: no paper row {spec.paper!r}; rows: {', '.join(rows)}")
+        try:
+            with torch.device("meta"):  # builds the architecture without allocating its weights
+                timm.create_model(spec.name, **spec.options)
+        except (ValueError, TypeError) as error:
+            raise SuiteError(f"{where}.options: {error}") from None
+        except (NotImplementedError, RuntimeError):
+            pass  # a model that cannot be built on the meta device is checked when its case runs
+
+
+def _check_distinct(path: Path, suite: Suite) -> None:
+    """Two cases may neither measure the same thing (same id) nor land in the same report cell (same label,
+    column and table); two shapes may not share a name."""
+    for axis in ("shape", "task"):
+        for where, values in _axis_values(suite, axis):
+            names = [value.name for value in values]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise SuiteError(f"{path}: {where}: {axis}s share the name {repeated[0]!r}; give each a distinct name")
+    by_id: dict[str, Any] = {}
+    by_cell: dict[tuple, Any] = {}
+    for case in expand(suite):
+        if case.id in by_id:
+            first = by_id[case.id]
+            raise SuiteError(f"{path}: grid: cases '{first.label} @ {first.column}' and '{case.label} @ {case.column}' "
+                             "measure the same thing (same mechanism, options, shape, batch, dtype and mode)")
+        cell = (case.kind, case.label, case.column, case.group)
+        if cell in by_cell:
+            raise SuiteError(f"{path}: grid: two cases would share the report cell '{case.label} @ {case.column}' "
+                             f"(options {_options_text(by_cell[cell])} and {_options_text(case)}); give them distinct "
+                             "labels")
+        by_id[case.id] = by_cell[cell] = case
+
+
+def _options_text(case: Any) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in sorted(case.options.items())) or "none"
+
+
+def _check_baseline(path: Path, suite: Suite) -> None:
+    labels = list(dict.fromkeys(case.label for case in expand(suite)))
+    if suite.baseline is not None and suite.baseline not in labels:
+        raise SuiteError(f"{path}: baseline: no row labelled {suite.baseline!r}; labels: {', '.join(labels)}")
+
+
