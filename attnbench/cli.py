@@ -17,6 +17,7 @@ import yaml
 import attentions
 
 from .data.errors import DataError
+from .records import RecordStore
 from .suite import SuiteError, expand, load_suite
 
 
@@ -54,7 +55,8 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
         return 0
     run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
-    summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command, in_process)
+    summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command, in_process,
+                        args.retry_failed)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     report = build_report(summary.run_dir)
@@ -62,6 +64,11 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     print(f"{summary.total} cases ({summary.skipped} already recorded; {counts}) in {summary.seconds:.0f} s")
     print(f"records: {summary.run_dir / 'records.jsonl'}")
     print(f"report:  {report}")
+    failed = [r for r in RecordStore(summary.run_dir / "records.jsonl").latest() if r.status.failed]
+    if failed and not args.allow_failures:
+        print(f"{len(failed)} case(s) failed ({', '.join(sorted({r.status.value for r in failed}))}): exit 1 "
+              "(--allow-failures to exit 0; --retry-failed to run them again)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -71,18 +78,24 @@ def _train(args: argparse.Namespace) -> int:
     return _run(args, in_process=True)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .data import GENERATORS
-
+def _option_values(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs with each value read as YAML reads it (numbers, booleans, lists, strings)."""
     options = {}
-    for pair in args.option:
+    for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key or not value.strip():
             raise SuiteError(f"--option {pair}: expected KEY=VALUE, e.g. --option train_per_class=64")
         try:
-            options[key] = yaml.safe_load(value)  # numbers, booleans, lists as YAML reads them
+            options[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise SuiteError(f"--option {pair}: the value is not valid YAML") from None
+    return options
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .data import GENERATORS
+
+    options = _option_values(args.option)
     try:
         root = GENERATORS[args.dataset](args.root, seed=args.seed, **options)
     except TypeError as error:
@@ -132,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", "--run-name", dest="run",
                      help="run name (default: a timestamp); reuse one to resume it (--run-name under torchrun)")
     run.add_argument("--dry-run", action="store_true", help="list the cases without running them")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="when resuming, run the cases whose last record is a failure again")
+    run.add_argument("--allow-failures", action="store_true",
+                     help="exit 0 even when cases ended in error, oom, timeout, nan or mismatch")
     run.add_argument("--data-root", action="append", default=[], metavar="TASK=PATH",
                      help="data root of an accuracy suite's task (repeatable), e.g. imagenet=/data/imagenet")
     run.set_defaults(handler=_run)

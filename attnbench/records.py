@@ -92,8 +92,16 @@ class RecordStore:
                 warnings.warn(f"{where}: skipping a line that is not a record ({type(error).__name__})", stacklevel=2)
         return records
 
-    def done_ids(self) -> set[str]:
-        return {record.id for record in self.load()}
+    def latest(self) -> list[Record]:
+        """The last record of every case (a retried case keeps only its newest), in the order first recorded."""
+        by_id: dict[str, Record] = {}
+        for record in self.load():
+            by_id[record.id] = record
+        return list(by_id.values())
+
+    def done_ids(self, retry_failed: bool = False) -> set[str]:
+        """Cases already recorded; with ``retry_failed``, less those whose newest record is a failure."""
+        return {record.id for record in self.latest() if not (retry_failed and record.status.failed)}
 
     def _drop_partial_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:

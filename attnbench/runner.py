@@ -147,9 +147,10 @@ class _Progress:
 
 
 def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, profile: str | None = None,
-              command: str = "", in_process: bool = False) -> RunSummary:
-    """Run the suite's pending cases, one record each. ``in_process`` runs them in this process instead of a
-    spawned one (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes)."""
+              command: str = "", in_process: bool = False, retry_failed: bool = False) -> RunSummary:
+    """Run the suite's pending cases, one record each (``retry_failed``: the failed ones again too; their new
+    record supersedes the old). ``in_process`` runs them in this process instead of a spawned one
+    (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes)."""
     started = time.time()
     cases = expand(suite)
     run_dir = results_dir / suite.name / run_name
@@ -160,7 +161,7 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
     else:
         run = {"gemm_flops_per_s": {}}
     store = RecordStore(run_dir / "records.jsonl")
-    done = store.done_ids()
+    done = store.done_ids(retry_failed)
     pending = [case for case in cases if case.id not in done]
     progress = _Progress(len(pending) if main_rank else 0)
     statuses: dict[str, int] = {}

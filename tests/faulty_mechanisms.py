@@ -73,3 +73,28 @@ class BackendRefuses(_Base):
 
     def forward(self, x):
         raise NotImplementedError("impl='fast' cannot run here: fast: no kernel for this input")
+
+
+@attentions.register("test_wrong_fast_path")
+class WrongFastPath(_Base):
+    """A fast path that disagrees with its plain one (``plain()``): a correctness mismatch."""
+
+    def __init__(self, dim: int, num_heads: int, fast: bool = True) -> None:
+        super().__init__(dim, num_heads)
+        self.fast = fast
+
+    def plain(self):
+        plain = WrongFastPath(self.dim, self.num_heads, fast=False)
+        plain.load_state_dict(self.state_dict())
+        return plain
+
+    def forward(self, x):
+        return self.proj(x) + (1.0 if self.fast else 0.0)
+
+
+@attentions.register("test_wrong_shape")
+class WrongShape(_Base):
+    """Returns (B, 1, W, C) instead of (B, H, W, C)."""
+
+    def forward(self, x):
+        return self.proj(x)[:, :1]

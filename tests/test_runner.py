@@ -44,7 +44,8 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path, monkeypatch, caps
     names = [("test_raises", "raises"), ("test_nan", "nan"), ("test_sleeps", "sleeps"),
              ("test_unsupported", "unsupported"), ("test_backend_refuses", "refuses"), ("test_linear", "linear")]
     suite = write_suite(tmp_path, names, timeout=8)
-    assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 0
+    assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 1  # cases failed
+    assert "3 case(s) failed (error, nan, timeout): exit 1" in capsys.readouterr().err
     records = RecordStore(tmp_path / "results/faulty/r/records.jsonl").load()
     status = {record.case.label: record for record in records}
     assert {label: record.status for label, record in status.items()} == {
@@ -59,6 +60,19 @@ def test_failures_are_recorded_and_the_suite_goes_on(tmp_path, monkeypatch, caps
     report = (tmp_path / "results/faulty/r/report.md").read_text()
     for cell in ("ERROR", "NaN", "TIMEOUT", "UNSUPPORTED"):
         assert f"| {cell} " in report
+
+    # a resumed run skips every recorded case, failed or not; --retry-failed runs the failed ones again
+    monkeypatch.setenv("ATTNBENCH_TEST_SLEEP_S", "0")
+    args = ["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]
+    assert main([*args, "--allow-failures"]) == 0
+    assert len(RecordStore(tmp_path / "results/faulty/r/records.jsonl").load()) == 6
+    assert main([*args, "--retry-failed"]) == 1  # raises and nan fail again
+    store = RecordStore(tmp_path / "results/faulty/r/records.jsonl")
+    assert len(store.load()) == 6 + 3
+    latest = {record.case.label: record.status for record in store.latest()}
+    assert latest == {"raises": "error", "nan": "nan", "sleeps": "ok", "unsupported": "unsupported",
+                      "refuses": "unsupported", "linear": "ok"}
+    assert "| TIMEOUT " not in (tmp_path / "results/faulty/r/report.md").read_text()
 
 
 @pytest.mark.slow

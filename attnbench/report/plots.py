@@ -29,7 +29,7 @@ def make_plots(frame: pd.DataFrame, title: str, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for column, ylabel, name in PLOTS:
-        data = ok[ok[column] > 0]  # log axes: a zero (no measurable rise) cannot be drawn
+        data = ok[pd.to_numeric(ok[column], errors="coerce") > 0]  # log axes: no zero (no measurable rise), no gap
         if data.empty:
             continue
         figure, axes = plt.subplots(figsize=(6.4, 4.2))

@@ -56,7 +56,7 @@ def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` (and ``run_dir/plots/*.png``) from its records; returns the report path."""
     run_dir = Path(run_dir)
     run = Run(run_dir, json.loads((run_dir / "run.json").read_text()))
-    records = RecordStore(run_dir / "records.jsonl").load()
+    records = RecordStore(run_dir / "records.jsonl").latest()
     frame = records_frame(records)
     statuses = frame["status"].value_counts().to_dict() if len(frame) else {}
     lines = _header(run_dir, run.info, len(records), statuses)

@@ -91,21 +91,35 @@ class Models(Section):
 
 
 class Speed(Section):
+    """Per device / dtype / mode / batch: latency, throughput, speed-up, roofline (when timed), memory (when
+    measured), and the plots."""
+
     kind = "attention"
+
+    @staticmethod
+    def _shows(group: pd.DataFrame, column: str) -> bool:
+        """A block is shown where some case has its figures, or where no case finished (its cells say why)."""
+        return group[column].notna().any() or (group["status"] != "ok").all()
+
+    def applies(self, frame, run):
+        rows = self.rows(frame)
+        return not rows.empty and (self._shows(rows, "median_ms") or self._shows(rows, "peak_mib"))
 
     def render(self, frame, run):
         lines = []
         baseline = run.info.get("baseline")
         for title, group in groups(self.rows(frame)):
-            lines += [f"## Speed: {title}", "", "Latency, ms per batch (± half IQR):", "",
-                      markdown(latency_table(group)), "", "Throughput, images/s:", "",
-                      markdown(throughput_table(group)), "",
-                      *([f"Speed-up over `{baseline}` (its latency ÷ the row's, same run):", "",
-                         markdown(speedup_table(group, baseline)), ""] if baseline else []),
-                      "Achieved FLOP/s as a fraction of the dense GEMM rate measured in the same run (roofline):", "",
-                      markdown(roofline_table(group)), "",
-                      "Peak memory, MiB (activations and workspace beyond module and inputs):", "",
-                      markdown(memory_table(group)), ""]
+            lines += [f"## Speed: {title}", ""]
+            if self._shows(group, "median_ms"):
+                lines += ["Latency, ms per batch (± half IQR):", "", markdown(latency_table(group)), "",
+                          "Throughput, images/s:", "", markdown(throughput_table(group)), "",
+                          *([f"Speed-up over `{baseline}` (its latency ÷ the row's, same run):", "",
+                             markdown(speedup_table(group, baseline)), ""] if baseline else []),
+                          "Achieved FLOP/s as a fraction of the dense GEMM rate measured in the same run (roofline):",
+                          "", markdown(roofline_table(group)), ""]
+            if group["peak_mib"].notna().any():
+                lines += ["Peak memory, MiB (activations and workspace beyond module and inputs):", "",
+                          markdown(memory_table(group)), ""]
             for path in make_plots(group, title, run.directory / "plots"):
                 lines += [f"![{path.stem}](plots/{path.name})", ""]
         return lines
@@ -113,6 +127,9 @@ class Speed(Section):
 
 class Complexity(Section):
     kind = "attention"
+
+    def applies(self, frame, run):
+        return super().applies(frame, run) and self.rows(frame)["analytic_gmacs_per_image"].notna().any()
 
     def render(self, frame, run):
         return ["## Complexity (per image, forward)", "",

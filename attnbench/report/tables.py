@@ -56,12 +56,14 @@ def groups(frame: pd.DataFrame):
 
 
 def latency_table(frame: pd.DataFrame) -> pd.DataFrame:
-    table = _pivot(frame, lambda row: f"{row.median_ms:.2f} (±{row.iqr_ms / 2:.2f})")
+    def cell(row):
+        return _number(row.median_ms, "{:.2f}") + _number(_scaled(row.iqr_ms, 0.5), " (±{:.2f})")
+    table = _pivot(frame, cell)
     return table.rename(columns=_shape_header(frame))
 
 
 def throughput_table(frame: pd.DataFrame) -> pd.DataFrame:
-    table = _pivot(frame, lambda row: f"{row.images_per_s:,.1f}")
+    table = _pivot(frame, lambda row: _number(row.images_per_s, "{:,.1f}"))
     return table.rename(columns=_shape_header(frame))
 
 
@@ -70,7 +72,9 @@ def speedup_table(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
     base = frame[(frame["label"] == baseline) & (frame["status"] == "ok")].set_index("shape")["median_ms"]
 
     def cell(row):
-        return f"{base[row['shape']] / row.median_ms:.2f}×" if row["shape"] in base.index else "no baseline"
+        if row["shape"] not in base.index or pd.isna(row.median_ms):
+            return "no baseline" if row["shape"] not in base.index else ""
+        return f"{base[row['shape']] / row.median_ms:.2f}×"
     return _pivot(frame, cell).rename(columns=_shape_header(frame))
 
 
