@@ -1,10 +1,19 @@
 """Semantic segmentation on an ADE20K-style subset with a Semantic FPN head on a timm backbone.
 
-The recipe of BiFormer's ADE20K Semantic FPN configs (rayleizhu/BiFormer
-``semantic_segmentation/configs/``): AdamW (lr 2e-4, weight decay 1e-4), poly schedule, 512² crops, batch
-16; here those are the defaults of the suite files, scaled down by the demo profiles. Scores: mIoU (mean over
-classes with a non-empty union of the per-class IoU) and pixel accuracy, from one confusion matrix summed over
-the validation images (and over processes under torchrun).
+Scores: mIoU (mean over classes with a non-empty union of the per-class IoU) and pixel accuracy, from one
+confusion matrix summed over the validation images (and over processes under torchrun).
+
+The official recipe this task is modelled on, BiFormer's ADE20K Semantic FPN configs (rayleizhu/BiFormer
+``semantic_segmentation/configs/ade20k/sfpn.biformer_{small,base}.py`` and ``_base_/datasets/ade20k_sfpn.py``
+at commit 1697bbb, which follow UniFormer's): AdamW (lr 2e-4, weight decay 1e-4), cosine annealing to
+lr × 1e-8 after a 1000-iteration linear warm-up from lr / 10, 80k iterations of 8 GPUs × 4 = 32 images,
+512² crops of images rescaled to (2048, 512) × [0.5, 2.0] with flips and photometric distortion, fp16 AMP,
+drop path 0.15 (S) / 0.3 (B), BRA with n_win 8 and auto_pad; evaluation on whole images resized to a short
+side of 512 (sides rounded to multiples of 32), single scale. Here the optimiser, schedule, batch and length
+come from the suite's ``train`` section (attnbench/train/engine.py, which counts warm-up in epochs), the FPN
+sizes and rescale range from ``RECIPE``; training has no photometric distortion, and evaluation runs on each
+validation image resized to the square crop size (aspect not kept), its logits resized back to the label's
+size. Backbones start from random weights; the official ones start from the ImageNet checkpoints.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
             "pixel_accuracy": 100 * (true_positive.sum() / confusion.sum()).item()}
 
 
-# The official ADE20K Semantic FPN sizes (FPN 256, head 128, dropout 0.1) and mmseg's rescale range.
+# The official ADE20K Semantic FPN sizes (FPN 256, head 128, dropout 0.1) and mmseg's rescale range; the
+# official drop path is 0.15 (BiFormer-S) / 0.3 (BiFormer-B), set per task in the suite's recipe.
 RECIPE = {"fpn_channels": 256, "head_channels": 128, "dropout": 0.1, "drop_path_rate": 0.1, "ratio_range": (0.5, 2.0)}
 
 
@@ -55,9 +65,10 @@ class SegmentationTask(Task):
         seed = data.get("seed", 0)
         crop = (crop_size, crop_size)
         train_transform = SegmentationTransform(crop, train=True, ratio_range=tuple(self.recipe["ratio_range"]))
-        self.train = ADE20KSubset(data["root"], "train", data.get("names"), data.get("images"), seed, train_transform)
-        self.val = ADE20KSubset(data["root"], "val", data.get("val_names"), data.get("val_images"), seed,
-                                SegmentationTransform(crop, train=False))
+        self.train = ADE20KSubset(data["root"], "train", images=data.get("images"), seed=seed,
+                                  transform=train_transform)
+        self.val = ADE20KSubset(data["root"], "val", images=data.get("val_images"), seed=seed,
+                                transform=SegmentationTransform(crop, train=False))
         self.num_classes = NUM_CLASSES
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
