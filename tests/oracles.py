@@ -307,11 +307,33 @@ def bilinear(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def deformable_reference_points(grid_h: int, grid_w: int) -> torch.Tensor:
-    """DAT's reference points: cell centres (i + 0.5) mapped by p / (n - 1) · 2 - 1, as (grid_h, grid_w, 2)."""
-    ys = [(i + 0.5) / (grid_h - 1) * 2 - 1 for i in range(grid_h)]
-    xs = [(j + 0.5) / (grid_w - 1) * 2 - 1 for j in range(grid_w)]
-    return torch.tensor([[[y, x] for x in xs] for y in ys], dtype=torch.float64)
+def deformable_reference_points(grid_h: int, grid_w: int, version: str = "dat++") -> torch.Tensor:
+    """DAT's reference points, cell centres i + 0.5 mapped by p / n · 2 - 1 (DAT v1) or p / (n - 1) · 2 - 1
+    (DAT++), as (grid_h, grid_w, 2)."""
+    def axis(n: int) -> list[float]:
+        cells = n if version == "dat" else n - 1
+        return [(i + 0.5) / cells * 2 - 1 for i in range(n)]
+
+    return torch.tensor([[[y, x] for x in axis(grid_w)] for y in axis(grid_h)], dtype=torch.float64)
+
+
+def deformable_query_points(height: int, width: int, version: str) -> torch.Tensor:
+    """(H·W, 2) query positions of DAT's bias displacements: the H × W reference points (DAT v1), or
+    i / (n - 1) · 2 - 1 (DAT++)."""
+    if version == "dat":
+        return deformable_reference_points(height, width, "dat").reshape(-1, 2)
+    return torch.tensor([[i / (height - 1) * 2 - 1, j / (width - 1) * 2 - 1]
+                         for i in range(height) for j in range(width)], dtype=torch.float64)
+
+
+def deformable_offset_bound(grid_h: int, grid_w: int, factor: float, version: str) -> torch.Tensor | None:
+    """f / Hk, f / Wk (DAT v1, f > 0) or f / (Hk - 1), f / (Wk - 1) (DAT++, f >= 0); None: unbounded. DAT
+    computes 1 / cells in float32 (torch's default dtype) whatever the input's dtype, and so does this."""
+    if (version == "dat" and factor <= 0) or (version != "dat" and factor < 0):
+        return None
+    cells = (grid_h, grid_w) if version == "dat" else (grid_h - 1, grid_w - 1)
+    inverse = [float(torch.tensor(1.0 / n, dtype=torch.float32)) for n in cells]
+    return torch.tensor([inverse[0] * factor, inverse[1] * factor], dtype=torch.float64)
 
 
 def deformable_offsets(module, q: torch.Tensor) -> torch.Tensor:
@@ -320,17 +342,22 @@ def deformable_offsets(module, q: torch.Tensor) -> torch.Tensor:
     groups = module.n_groups
     grouped = q.permute(0, 3, 1, 2).reshape(batch * groups, channels // groups, height, width)
     dw, norm, _, point = module.conv_offset
-    out = F.conv2d(grouped, dw.weight, dw.bias, stride=dw.stride, padding=dw.padding, groups=dw.groups)
+    ksize, stride = module.ksize, module.stride
+    padding = ksize // 2 if module.version == "dat" or ksize != stride else 0  # DAT++: none when ksize == stride
+    out = F.conv2d(grouped, dw.weight, dw.bias, stride=stride, padding=padding, groups=dw.groups)
     out = F.layer_norm(out.permute(0, 2, 3, 1), (out.shape[1],), norm.norm.weight, norm.norm.bias)
     out = F.conv2d(F.gelu(out).permute(0, 3, 1, 2), point.weight)
     return out.permute(0, 2, 3, 1)
 
 
 def deformable(module, x: torch.Tensor) -> torch.Tensor:
-    """DAT deformable attention: offsets bounded by tanh (or positions clamped), keys/values sampled with the
-    written-out bilinear interpolation, the bias table sampled the same way at (query - key) / 2."""
+    """DAT (v1) / DAT++ deformable attention: offsets bounded by tanh (or positions squashed / clamped), keys
+    and values sampled with the written-out bilinear interpolation, the bias table sampled the same way at
+    (query - key) / 2; reference and query points as ``module.version`` defines them."""
     batch, height_in, width_in, channels = x.shape
-    height, width = max(height_in, 2 * module.stride), max(width_in, 2 * module.stride)
+    version = module.version
+    least = 1 if version == "dat" else 2 * module.stride  # DAT++ divides by n - 1: padded up to 2 · stride
+    height, width = max(height_in, least), max(width_in, least)
     x = _pad(x, height, width)
     groups, heads = module.n_groups, module.num_heads
     group_channels, group_heads = channels // groups, heads // groups
@@ -338,11 +365,12 @@ def deformable(module, x: torch.Tensor) -> torch.Tensor:
     offset = deformable_offsets(module, q)
     grid_h, grid_w = offset.shape[1:3]
     factor = module.offset_range_factor
-    if factor >= 0:
-        offset = offset.tanh() * torch.tensor([factor / (grid_h - 1), factor / (grid_w - 1)], dtype=x.dtype)
-    positions = offset + deformable_reference_points(grid_h, grid_w)
+    bound = deformable_offset_bound(grid_h, grid_w, factor, version)
+    if bound is not None:
+        offset = offset.tanh() * bound
+    positions = offset + deformable_reference_points(grid_h, grid_w, version)
     if factor < 0:
-        positions = positions.clamp(-1, 1)
+        positions = positions.tanh() if version == "dat" else positions.clamp(-1, 1)
     positions = positions.reshape(batch, groups, grid_h * grid_w, 2)
     sampled = torch.cat([
         torch.stack([bilinear(x[b, :, :, g * group_channels:(g + 1) * group_channels].permute(2, 0, 1),
@@ -351,8 +379,7 @@ def deformable(module, x: torch.Tensor) -> torch.Tensor:
     ], dim=-1)  # (B, Ns, C)
     k = F.linear(sampled, module.proj_k.weight.flatten(1), module.proj_k.bias)
     v = F.linear(sampled, module.proj_v.weight.flatten(1), module.proj_v.bias)
-    query_points = torch.tensor([[i / (height - 1) * 2 - 1, j / (width - 1) * 2 - 1]
-                                 for i in range(height) for j in range(width)], dtype=x.dtype)
+    query_points = deformable_query_points(height, width, version)
     outputs = []
     for b in range(batch):
         bias = None
