@@ -198,37 +198,51 @@ def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.linear(out, module.proj.weight, module.proj.bias).reshape(x.shape)
 
 
+def _place(x: torch.Tensor, height: int, width: int, top: int, left: int) -> torch.Tensor:
+    """(B, h, w, C) written into a zero (B, height, width, C) grid with its top-left corner at (top, left)."""
+    grid = torch.zeros(x.shape[0], height, width, x.shape[3], dtype=x.dtype)
+    grid[:, top:top + x.shape[1], left:left + x.shape[2]] = x
+    return grid
+
+
 def cswin(module, x: torch.Tensor) -> torch.Tensor:
-    """CSWin with boolean masks (same vertical stripe for branch 0, same horizontal stripe for branch 1)
-    and LePE computed stripe by stripe with F.conv2d on each stripe alone."""
+    """CSWin with boolean masks over each branch's padded grid (same vertical stripe for branch 0, same
+    horizontal stripe for branch 1) and LePE computed stripe by stripe with F.conv2d on each stripe alone.
+    Padding is the official segmentation backbone's: q, k, v of the unpadded map placed into a zero grid
+    padded along the branch's striped axis only, ⌊pad/2⌋ before; padded keys are not masked."""
     batch, height, width, channels = x.shape
     sw = module.split_size
-    hp, wp = (height, width) if module.last_stage else (_ceil_to(height, sw), _ceil_to(width, sw))
-    x = _pad(x, hp, wp)
     q, k, v = F.linear(x, module.qkv.weight, module.qkv.bias).split(channels, dim=-1)
-    rows = torch.arange(hp).repeat_interleave(wp)
-    cols = torch.arange(wp).repeat(hp)
     if module.last_stage:
-        branches = [(slice(0, channels), torch.ones(1, hp * wp, hp * wp, dtype=torch.bool), hp, wp)]
+        branches = [(slice(0, channels), None)]
     else:
         half = channels // 2
-        vertical = (cols[:, None] // sw == cols[None, :] // sw)[None]
-        horizontal = (rows[:, None] // sw == rows[None, :] // sw)[None]
-        branches = [(slice(0, half), vertical, hp, sw), (slice(half, channels), horizontal, sw, wp)]
+        branches = [(slice(0, half), "vertical"), (slice(half, channels), "horizontal")]
     outputs = []
-    for index, (channel_slice, mask, stripe_h, stripe_w) in enumerate(branches):
-        conv = module.attns[index].get_v
+    for index, (channel_slice, stripes) in enumerate(branches):
+        pad_h = _ceil_to(height, sw) - height if stripes == "horizontal" else 0
+        pad_w = _ceil_to(width, sw) - width if stripes == "vertical" else 0
+        top, left = pad_h // 2, pad_w // 2
+        hp, wp = height + pad_h, width + pad_w
+        qb, kb, vb = (_place(t[..., channel_slice], hp, wp, top, left) for t in (q, k, v))
+        rows = torch.arange(hp).repeat_interleave(wp)
+        cols = torch.arange(wp).repeat(hp)
+        if stripes is None:
+            mask, stripe_h, stripe_w = torch.ones(1, hp * wp, hp * wp, dtype=torch.bool), hp, wp
+        elif stripes == "vertical":
+            mask, stripe_h, stripe_w = (cols[:, None] // sw == cols[None, :] // sw)[None], hp, sw
+        else:
+            mask, stripe_h, stripe_w = (rows[:, None] // sw == rows[None, :] // sw)[None], sw, wp
         heads = module.num_heads // len(branches)
-        qb, kb, vb = (t[..., channel_slice] for t in (q, k, v))
         out = masked_attention(qb.flatten(1, 2), kb.flatten(1, 2), vb.flatten(1, 2), mask, module.scale, heads)
         out = out.reshape(batch, hp, wp, -1)
-        for top in range(0, hp, stripe_h):
-            for left in range(0, wp, stripe_w):
-                stripe = vb[:, top:top + stripe_h, left:left + stripe_w]
-                out[:, top:top + stripe_h, left:left + stripe_w] += depthwise(conv, stripe)
-        outputs.append(out)
-    out = F.linear(torch.cat(outputs, -1), module.proj.weight, module.proj.bias)
-    return out[:, :height, :width]
+        conv = module.attns[index].get_v
+        for stripe_top in range(0, hp, stripe_h):
+            for stripe_left in range(0, wp, stripe_w):
+                stripe = vb[:, stripe_top:stripe_top + stripe_h, stripe_left:stripe_left + stripe_w]
+                out[:, stripe_top:stripe_top + stripe_h, stripe_left:stripe_left + stripe_w] += depthwise(conv, stripe)
+        outputs.append(out[:, top:top + height, left:left + width])
+    return F.linear(torch.cat(outputs, -1), module.proj.weight, module.proj.bias)
 
 
 def _natten_window_start(index: int, length: int, kernel: int, dilation: int) -> int:
