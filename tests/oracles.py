@@ -174,7 +174,8 @@ def swin(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Axial attention with boolean masks: same row (row heads), same column (column heads)."""
+    """Axial attention with boolean masks; parallel: the first half of the heads within their column (as CSWin's
+    split-1 branch 0), the second within their row; sequential: column, then row."""
     batch, height, width, channels = x.shape
     rows = torch.arange(height).repeat_interleave(width)
     cols = torch.arange(width).repeat(height)
@@ -189,8 +190,8 @@ def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
         q, k, v = qkv(module.qkv, tokens)
         half, heads = channels // 2, module.num_heads // 2
         out = torch.cat([
-            masked_attention(q[..., :half], k[..., :half], v[..., :half], same_row, scale, heads),
-            masked_attention(q[..., half:], k[..., half:], v[..., half:], same_col, scale, heads),
+            masked_attention(q[..., :half], k[..., :half], v[..., :half], same_col, scale, heads),
+            masked_attention(q[..., half:], k[..., half:], v[..., half:], same_row, scale, heads),
         ], dim=-1)
     else:
         out = masked_attention(*qkv(module.qkv_column, tokens), same_col, scale, module.num_heads)

@@ -56,6 +56,22 @@ def test_axial_matches_definition(composition, size):
     check(make("axial", composition=composition), oracles.axial, size, scale=(DIM // 4) ** -0.5)
 
 
+@pytest.mark.parametrize("size", [(6, 6), (5, 9), (1, 7)])
+def test_axial_parallel_is_cswin_split_1_without_lepe_with_the_same_weights(size):
+    """CSWin's split-1 branch 0 (the first channel half) attends along columns, branch 1 along rows; axial's
+    parallel head split has the same order, so CSWin's qkv / proj load into it strictly as the same function
+    once CSWin's LePE convs are zero."""
+    cswin = make("cswin", split_size=1)
+    for branch in cswin.attns:
+        torch.nn.init.zeros_(branch.get_v.weight)
+        torch.nn.init.zeros_(branch.get_v.bias)
+    axial = make("axial")
+    shared = {name: tensor for name, tensor in cswin.state_dict().items() if not name.startswith("attns.")}
+    axial.load_state_dict(shared, strict=True)
+    x = torch.randn(2, *size, DIM, dtype=torch.float64)
+    torch.testing.assert_close(axial(x), cswin(x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("split_size,last_stage,size", [
     (2, False, (8, 8)), (2, False, (7, 9)), (1, False, (5, 6)), (3, False, (10, 4)), (7, True, (7, 7)),
     (7, True, (5, 9)), (2, False, (9, 9)), (7, False, (23, 37)), (4, False, (6, 5)), (5, False, (3, 2)),
