@@ -12,7 +12,7 @@ the offset network's depthwise conv); θ_offset is depthwise conv (``ksize``) �
 2 offsets per group, run on the queries of each of the ``n_groups`` channel groups; s bounds the offsets. φ is
 bilinear sampling (``grid_sample``, align_corners=True, zeros outside). B̂ is a learnable table of relative
 position biases of shape (heads, 2T_h-1, 2T_w-1), sampled bilinearly at the query-to-key displacements
-R = (query point - sampled point) / 2 (``use_pe``). The two versions differ in four places (Hk × Wk the
+R = (query point - sampled point) / 2 (``use_pe``). The two versions differ in five places (Hk × Wk the
 reference grid, H × W the query map, f = ``offset_range_factor``):
 
     =====================  ==========================================  ==========================================
@@ -35,10 +35,10 @@ dwc_pe/fixed_pe/log_cpb) is offered; use_pe=False turns it off. DAT does not pad
 fewer than 2·stride rows or columns (where it divides by zero) are zero-padded up to it and cropped (v1
 needs no padding).
 
-Upstream configurations (224² input): DAT-T v1 (configs/dat_tiny.yaml @ 566a593, 4.6 GMACs, Swin-T layout)
+Upstream configurations (224² input): DAT-T v1 (configs/dat_tiny.yaml @ 566a593 lines 12-20, Swin-T layout)
 is deformable only in stages 3-4, alternating with local window attention, heads 12 / 24, n_groups 3 / 6,
 stride 1, offset_range_factor 2, use_pe, ksize 5 / 3 (models/dat_blocks.py picks [9, 7, 5, 3] by stage),
-table = the map (14, 7). DAT++-T (configs/dat_tiny.yaml @ main) is deformable in every stage, heads
+table = the map (14, 7). DAT++-T (configs/dat_tiny.yaml @ 32173fc lines 12-26) is deformable in every stage, heads
 [2, 4, 8, 16], groups [1, 2, 4, 8], strides [8, 4, 2, 1], ksizes [9, 7, 5, 3], offset_range_factor -1.
 
 Cost (MACs, N = H·W, Ns = Hk·Wk sampled points, G groups): qkv N·C² + 2·Ns·C², out_proj N·C²,
