@@ -17,6 +17,7 @@ from tabulate import tabulate
 
 from ..measure import MEASURES
 from ..paper import paper_figures
+from .flags import footnote
 from .plots import make_plots
 from .tables import (
     ablation_table,
@@ -86,7 +87,8 @@ class Models(Section):
             lines += [f"## Models: {title}", "",
                       "Ours: params, GMACs (FlopCounterMode ÷ 2, the paper's convention) and GFLOPs per image, latency "
                       "per batch and throughput. *Paper* columns: the published figures (ImageNet-1K top-1 is the "
-                      "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), ""]
+                      "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), "",
+                      *footnote(group)]
         return lines
 
 
@@ -117,6 +119,7 @@ class Speed(Section):
                              markdown(speedup_table(group, baseline)), ""] if baseline else []),
                           "Achieved FLOP/s as a fraction of the dense GEMM rate measured in the same run (roofline):",
                           "", markdown(roofline_table(group)), ""]
+            lines += footnote(group)
             if group["peak_mib"].notna().any():
                 lines += ["Peak memory, MiB (activations and workspace beyond module and inputs):", "",
                           markdown(memory_table(group)), ""]

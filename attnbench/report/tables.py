@@ -15,6 +15,7 @@ import attentions
 
 from ..paper import bra_paper_macs, paper_figures
 from ..status import Status
+from .flags import MARK
 
 GROUP = ["device", "dtype", "mode", "batch"]
 
@@ -31,15 +32,21 @@ def _row_labels(frame: pd.DataFrame, columns: str) -> pd.Series:
     return frame["label"].where(~shared, frame["label"] + " " + frame["options"])
 
 
-def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape") -> pd.DataFrame:
-    """Rows: labels in suite order; columns: ``columns`` values in suite order; cells from ``cell(row)``."""
+def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape",
+           timing: bool = False) -> pd.DataFrame:
+    """Rows: labels in suite order; columns: ``columns`` values in suite order; cells from ``cell(row)``;
+    ``timing``: a cell whose case is flagged (flags.py) carries the mark."""
     labels = _row_labels(frame, columns)
     rows = list(dict.fromkeys(labels))
     cols = list(dict.fromkeys(frame[columns]))
     table = pd.DataFrame("", index=pd.Index(rows, name="mechanism"), columns=cols)
     for (_, row), label in zip(frame.iterrows(), labels, strict=True):
-        table.loc[label, row[columns]] = failed_cell(row["status"]) or cell(row)
+        table.loc[label, row[columns]] = failed_cell(row["status"]) or (cell(row) + _mark(row, timing))
     return table
+
+
+def _mark(row: pd.Series, timing: bool) -> str:
+    return f" {MARK}" if timing and isinstance(row.get("flags"), str) and row.get("flags") else ""
 
 
 def _shape_header(frame: pd.DataFrame) -> dict[str, str]:
@@ -58,12 +65,12 @@ def groups(frame: pd.DataFrame):
 def latency_table(frame: pd.DataFrame) -> pd.DataFrame:
     def cell(row):
         return _number(row.median_ms, "{:.2f}") + _number(_scaled(row.iqr_ms, 0.5), " (±{:.2f})")
-    table = _pivot(frame, cell)
+    table = _pivot(frame, cell, timing=True)
     return table.rename(columns=_shape_header(frame))
 
 
 def throughput_table(frame: pd.DataFrame) -> pd.DataFrame:
-    table = _pivot(frame, lambda row: _number(row.images_per_s, "{:,.1f}"))
+    table = _pivot(frame, lambda row: _number(row.images_per_s, "{:,.1f}"), timing=True)
     return table.rename(columns=_shape_header(frame))
 
 
@@ -75,13 +82,13 @@ def speedup_table(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
         if row["shape"] not in base.index or pd.isna(row.median_ms):
             return "no baseline" if row["shape"] not in base.index else ""
         return f"{base[row['shape']] / row.median_ms:.2f}×"
-    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+    return _pivot(frame, cell, timing=True).rename(columns=_shape_header(frame))
 
 
 def roofline_table(frame: pd.DataFrame) -> pd.DataFrame:
     def cell(row):
-        return "" if pd.isna(row.fraction_of_gemm) else f"{100 * row.fraction_of_gemm:.1f}%"
-    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+        return _number(_scaled(row.fraction_of_gemm, 100), "{:.1f}%")
+    return _pivot(frame, cell, timing=True).rename(columns=_shape_header(frame))
 
 
 def memory_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -172,8 +179,9 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
         ours = {
             "params (M)": _number(params, "{:.2f}"), "GMACs": _number(gmacs, "{:.3f}"),
             "GFLOPs": _number(row["counted_gflops_per_image"], "{:.3f}"),
-            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(_scaled(row["iqr_ms"], 0.5), " (±{:.1f})"),
-            "images/s": _number(row["images_per_s"], "{:,.1f}"),
+            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(_scaled(row["iqr_ms"], 0.5), " (±{:.1f})")
+            + _mark(row, True),
+            "images/s": _number(row["images_per_s"], "{:,.1f}") + _mark(row, True),
         }
         rows.append({
             "model": row["label"], "input": row["shape"], **{key: failed or cell for key, cell in ours.items()},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -55,9 +56,13 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _first_error(path: Path, error: ValidationError, model: type[BaseModel]) -> SuiteError:
+def _first_error(path: Path, error: ValidationError, model: type[BaseModel],
+                 overridden: set[str] = frozenset()) -> SuiteError:
     detail = error.errors()[0]
     loc = tuple(detail["loc"])
+    dotted = ".".join(str(part) for part in loc)
+    if any(dotted == key or dotted.startswith(key + ".") for key in overridden):
+        path = Path(f"{path} (--set {next(key for key in overridden if dotted.startswith(key))})")
     if detail["type"] == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see the suite schema"
@@ -77,6 +82,32 @@ def _apply_data_roots(suite: Suite, data_roots: dict[str, str]) -> None:
         for task in tasks:
             if task.name == name:
                 task.data.root = root
+
+
+def _suites_directory() -> Path:
+    """The shipped suites: ``suites/`` of the checkout attnbench runs from, else the copy installed with the
+    package (``attnbench/suites``, see pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[2] / "suites"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("attnbench") / "suites"))
+
+
+def shipped_suites() -> dict[str, Path]:
+    """Name -> file of every suite shipped with attnbench."""
+    return {path.stem: path for path in sorted(_suites_directory().glob("*.yaml"))}
+
+
+def resolve_suite(name_or_path: str | Path) -> Path:
+    """A suite file: the path as given when it exists (or looks like a path), else a shipped suite's name."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = shipped_suites()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise SuiteError(f"{name_or_path}: no such suite file, and no shipped suite of that name; shipped: "
+                     f"{', '.join(shipped) or 'none'}")
 
 
 def _read_yaml(path: Path) -> Any:
@@ -99,9 +130,49 @@ def _read_yaml(path: Path) -> Any:
         raise SuiteError(f"{path}: invalid YAML{where}: {problem}") from None
 
 
-def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None) -> Suite:
-    """Read, merge the profile, set ``data_roots`` (task name -> path), validate: a ``SuiteError`` with one line
-    on any problem."""
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    """``raw[a][b] = value`` for ``dotted`` = "a.b"; an axis set in the grid leaves the zip groups."""
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part, {}), dict):
+            raise SuiteError(f"--set {dotted}: {part!r} is not a mapping in this suite")
+        node = node.setdefault(part, {})
+    node[last] = value
+    if parents == ["grid"]:
+        for group in raw.get("zip") or []:
+            if isinstance(group, dict):
+                group.pop(last, None)
+        raw["zip"] = [group for group in raw.get("zip") or [] if group]
+
+
+def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
+    """Keep the cases whose field matches one of the given values (name or label for mechanism/model)."""
+    def value_of(case: Any, field: str) -> set[str]:
+        if field in ("mechanism", "model"):
+            return {getattr(case, "mechanism", None) or getattr(case, "model", None), case.label}
+        if field in ("shape", "task", "image_size"):
+            return {case.column}
+        return {str(getattr(case, field, ""))}
+    cases = expand(suite)
+    for field, values in only.items():
+        if field not in ("mechanism", "model", "label", "shape", "task", "image_size", "batch", "dtype", "mode"):
+            raise SuiteError(f"--only {field}=...: unknown field; use mechanism, model, label, shape, task, "
+                             "image_size, batch, dtype or mode")
+        kept = [case for case in cases if value_of(case, field) & set(values)]
+        if not kept:
+            known = sorted({v for case in cases for v in value_of(case, field) if v})
+            raise SuiteError(f"{path}: --only {field}={','.join(values)}: no case matches; "
+                             f"{field}s: {', '.join(known)}")
+        cases = kept
+    suite._cases = cases
+
+
+def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None,
+               overrides: dict[str, Any] | None = None, only: dict[str, list[str]] | None = None) -> Suite:
+    """Read, merge the profile, then the ``overrides`` (dotted field -> value, as ``--set`` gives them), set
+    ``data_roots`` (task name -> path), validate, and keep the cases that match ``only`` (field -> values): a
+    ``SuiteError`` with one line on any problem."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
@@ -114,13 +185,18 @@ def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[st
         if profile not in base.profiles:
             known = ", ".join(base.profiles) or "none"
             raise SuiteError(f"{path}: profiles: no profile {profile!r}; profiles: {known}")
-        merged = _merge(raw, raw["profiles"][profile] or {})
+        raw = _merge(raw, raw["profiles"][profile] or {})
+    if profile is not None or overrides:
+        for dotted, value in (overrides or {}).items():
+            _set(raw, dotted, value)
         try:
-            base = Suite.model_validate(merged)
+            base = Suite.model_validate(raw)
         except ValidationError as error:
-            raise _first_error(path, error, Suite) from None
+            raise _first_error(path, error, Suite, overridden=set(overrides or {})) from None
     _apply_data_roots(base, data_roots or {})
     _check_semantics(path, base)
+    if only:
+        _only(path, base, only)
     _check_distinct(path, base)
     _check_baseline(path, base)
     return base
@@ -163,6 +239,9 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         lengths = {axis: len(values) for axis, values in group.given().items()}
         if len(set(lengths.values())) > 1:
             raise SuiteError(f"{path}: zip[{index}]: tied axes need equal lengths, got {lengths}")
+    runtime = [name for name in ("amp", "channels_last", "compile") if getattr(suite, name)]
+    if runtime and (tasks or not models):
+        raise SuiteError(f"{path}: {runtime[0]}: applies to suites of whole models (model and image_size axes)")
     if tasks:
         _check_tasks(path, suite)
         return

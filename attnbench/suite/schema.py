@@ -35,6 +35,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RepeatsSpec(Repeats):
+    """A suite's timing repeats (attnbench/cases.py ``Repeats``), held to what a trustworthy figure needs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    min_samples: int = Field(10, ge=5)  # a median and an IQR of fewer samples say little
+    max_samples: int = Field(100, ge=5)
+    max_time_s: float = Field(5.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RepeatsSpec:
+        if self.min_samples > self.max_samples:
+            raise ValueError(f"min_samples={self.min_samples} is above max_samples={self.max_samples}")
+        return self
+
+
 class MechanismSpec(Strict):
     name: str
     label: str | None = None
@@ -176,12 +192,16 @@ class SuiteSettings(Strict):
     imports: list[str] = []  # modules imported before building mechanisms (third-party registrations)
     device: Device = "auto"
     measures: list[str] = ["params", "flops", "memory", "latency"]
-    repeats: Repeats = Repeats()
+    repeats: RepeatsSpec = RepeatsSpec()
     timeout_s: float = Field(600.0, gt=0)
     threads: int | None = Field(None, ge=1)
     seed: int = 0
     check_correctness: bool = True
     baseline: str | None = None  # a row label: the report adds a speed-up table (baseline latency ÷ row latency)
+    # model suites: autocast (bfloat16 on CPU, float16 on CUDA), channels-last tensors, torch.compile of the model
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     @field_validator("measures")
     @classmethod
@@ -200,6 +220,9 @@ class Profile(Strict):
     threads: int | None = Field(None, ge=1)
     check_correctness: bool | None = None
     baseline: str | None = None
+    amp: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
     grid: Axes | None = None
     zip: list[Axes] | None = None
 
