@@ -79,19 +79,22 @@ def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_it
     threads = torch.get_num_threads()
     timer = Timer(stmt="step()", globals={"step": fn}, num_threads=threads)
     iterations, warm_start = 0, time.perf_counter()
-    while iterations < max(warmup_iters, 1) or time.perf_counter() - warm_start < warmup_time_s:  # ≥ 1 call sizes
-        started = time.perf_counter()
+    while iterations < max(warmup_iters, 1) or time.perf_counter() - warm_start < warmup_time_s:
         fn()
         _synchronize(device)
-        single = time.perf_counter() - started
         iterations += 1
-    number = max(1, int(MIN_SAMPLE_S / max(single, 1e-9)))
+    number = 1  # calls per sample, grown until a sample lasts MIN_SAMPLE_S (as blocked_autorange sizes blocks)
+    while True:
+        single = min(timer.timeit(number).raw_times[0] for _ in range(3)) / number  # min: robust to preemption
+        if single * number >= MIN_SAMPLE_S or number >= 1_000_000:
+            break
+        number = min(1_000_000, max(number * 2, int(MIN_SAMPLE_S / max(single, 1e-9))))
     samples: list[float] = []
     converged, start = False, time.perf_counter()
     while len(samples) < max_samples:
         samples.append(timer.timeit(number).raw_times[0] / number)
-        spent = time.perf_counter() - start
-        if len(samples) >= min_samples and spent >= min_run_time_s:
+        spent, measured = time.perf_counter() - start, sum(samples) * number  # measured: as blocked_autorange counts
+        if len(samples) >= min_samples and measured >= min_run_time_s:
             measurement = _measurement(samples, number, threads)
             if measurement.iqr / measurement.median < target_iqr:
                 converged = True

@@ -22,7 +22,7 @@ from .plots import make_plots
 from .tables import (
     ablation_table,
     bra_formula_table,
-    complexity_table,
+    complexity_tables,
     failures_table,
     groups,
     latency_table,
@@ -121,7 +121,9 @@ class Speed(Section):
                           "", markdown(roofline_table(group)), ""]
             lines += footnote(group)
             if group["peak_mib"].notna().any():
-                lines += ["Peak memory, MiB (activations and workspace beyond module and inputs):", "",
+                lines += ["Memory, MiB: each cell is the step's **peak** (everything alive at its highest point), "
+                          "then in brackets the **activations** (the part beyond the module's weights and its "
+                          "input: activations, gradients, workspace):", "",
                           markdown(memory_table(group)), ""]
             for path in make_plots(group, title, run.directory / "plots"):
                 lines += [f"![{path.stem}](plots/{path.name})", ""]
@@ -135,10 +137,10 @@ class Complexity(Section):
         return super().applies(frame, run) and self.rows(frame)["analytic_gmacs_per_image"].notna().any()
 
     def render(self, frame, run):
-        return ["## Complexity (per image, forward)", "",
-                "analytic GMACs (paper convention) / FlopCounterMode GFLOPs (2 per MAC; blind to grid_sample, "
-                "top-k, gather) / keys attended per query (density = keys ÷ H·W):", "",
-                markdown(complexity_table(self.rows(frame))), ""]
+        lines = ["## Complexity (per image, forward)", ""]
+        for title, table in complexity_tables(self.rows(frame)):
+            lines += [title, "", markdown(table), ""]
+        return lines
 
 
 class BraFormula(Section):

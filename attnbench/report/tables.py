@@ -92,6 +92,7 @@ def roofline_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each cell: the step's total peak, then in brackets the part above the module and its input."""
     def cell(row):
         return "not measured" if pd.isna(row.peak_mib) else f"{row.peak_mib:,.1f} ({row.activation_mib:,.1f})"
     return _pivot(frame, cell).rename(columns=_shape_header(frame))
@@ -103,15 +104,28 @@ def _forward(frame: pd.DataFrame) -> pd.DataFrame:
     return forward.drop_duplicates(["label", "shape"])
 
 
-def complexity_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per image: analytic GMACs (the paper's convention) / FlopCounterMode GFLOPs (2 per MAC) / keys per query."""
-    forward = _forward(frame)
+def complexity_tables(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per image, one table per quantity, each at one precision: analytic GMACs (the paper's convention),
+    FlopCounterMode GFLOPs (2 per MAC) and keys attended per query (with the density keys ÷ H·W). One row per
+    (mechanism, shape) from its forward cases; a case that failed shows its status."""
+    forward = frame[frame["mode"] == "forward"]
+    measured = forward[forward["analytic_gmacs_per_image"].notna()].drop_duplicates(["label", "shape"])
+    failed = forward[(forward["status"] != "ok")].drop_duplicates(["label", "shape"])
+    rows = pd.concat([measured, failed[~failed.set_index(["label", "shape"]).index.isin(
+        measured.set_index(["label", "shape"]).index)]]).sort_index()
+    if rows.empty:
+        return []
+    header = _shape_header(rows)
 
-    def cell(row):
-        density = f"{100 * row.density:.1f}%" if not pd.isna(row.density) else "?"
-        return (f"{row.analytic_gmacs_per_image:.4g} / {row.counted_gflops_per_image:.4g} / "
-                f"{row.keys_per_query:.4g} ({density})")
-    return _pivot(forward, cell).rename(columns=_shape_header(forward)) if len(forward) else pd.DataFrame()
+    def keys(row):
+        return _number(row.keys_per_query, "{:.1f}") + _number(_scaled(row.density, 100), " ({:.1f}%)")
+    return [
+        ("Analytic GMACs per image (multiply-adds, the paper's convention):",
+         _pivot(rows, lambda row: _number(row.analytic_gmacs_per_image, "{:.4f}")).rename(columns=header)),
+        ("FlopCounterMode GFLOPs per image (2 per multiply-add; blind to grid_sample, top-k, gather):",
+         _pivot(rows, lambda row: _number(row.counted_gflops_per_image, "{:.4f}")).rename(columns=header)),
+        ("Keys attended per query (density: keys ÷ H·W):", _pivot(rows, keys).rename(columns=header)),
+    ]
 
 
 def bra_formula_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -233,7 +247,9 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
         if row["status"] != "ok":
             score = failed_cell(row["status"])
         elif row["task"] == "classification":
-            score = f"top-1 {_number(row['top1'], '{:.1f}')} / top-5 {_number(row['top5'], '{:.1f}')}"
+            score = f"top-1 {_number(row['top1'], '{:.1f}')}"
+            if pd.isna(row.get("num_classes")) or row["num_classes"] > 5:  # top-5 of ≤ 5 classes is always 100%
+                score += f" / top-5 {_number(row['top5'], '{:.1f}')}"
         else:
             score = f"mIoU {_number(row['miou'], '{:.1f}')} / pixel acc. {_number(row['pixel_accuracy'], '{:.1f}')}"
         rows.append({"mechanism": row["label"], "task": _task_title(row),
