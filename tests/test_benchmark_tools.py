@@ -277,3 +277,28 @@ def test_nox_reuses_session_environments():
     namespace: dict = {}
     exec(compile(text, "noxfile.py", "exec"), namespace)
     assert nox.options.reuse_venv == "yes"
+
+
+def test_shipped_speed_and_model_suites_name_a_source_for_every_row():
+    from attnbench.report.tables import NO_SOURCE
+
+    for suite in ("speed", "models", "scaling"):
+        cases = expand(load_suite(resolve_suite(suite)))
+        assert all(case.source for case in cases), [case.label for case in cases if not case.source]
+    assert NO_SOURCE == "**no source given**"
+
+
+def test_configurations_table_shows_options_backend_cost_and_source(tmp_path):
+    run_dir = copy_run(tmp_path, "run")
+
+    def with_backend(record: Record) -> Record:
+        if record.case.label == "bra" and record.status == "ok":
+            record.metrics["backend"] = {"used": ["dense" if record.case.column == "large" else "gather"]}
+        return record
+    rewrite(run_dir, with_backend)
+    text = build_report(run_dir).read_text()
+    section = text.split("## Configurations")[1].split("\n## ")[0]
+    bra = [line for line in section.splitlines() if line.startswith("| bra ")]
+    assert any("auto→gather" in line and "| small " in line for line in bra)
+    assert any("auto→dense" in line and "| large " in line for line in bra)
+    assert all("**no source given**" in line for line in bra)  # the fixture suite names none: said, not blank

@@ -23,6 +23,7 @@ from .tables import (
     ablation_table,
     bra_formula_table,
     complexity_tables,
+    configurations_table,
     failures_table,
     groups,
     latency_table,
@@ -90,6 +91,31 @@ class Models(Section):
                       "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), "",
                       *footnote(group)]
         return lines
+
+
+class Configurations(Section):
+    """Every mechanism's options per shape, the backend that ran, its cost and keys per query, and the upstream
+    configuration the options follow: what a reader checks before trusting a row."""
+
+    kind = "attention"
+
+    def render(self, frame, run):
+        return ["## Configurations", "",
+                "Each mechanism as its own paper configures it at these shapes (options from the upstream file "
+                "named in *source*); *backend*: the implementation that ran (`impl=auto` resolved per shape). "
+                "Every mechanism here is unfused PyTorch on this device unless its backend says otherwise.", "",
+                markdown(configurations_table(self.rows(frame)), index=False), ""]
+
+
+class ModelConfigurations(Section):
+    """Each model's options, the backends its mechanisms ran on, and the upstream configuration it follows."""
+
+    kind = "model"
+
+    def render(self, frame, run):
+        table = configurations_table(self.rows(frame))[["mechanism", "shape", "options", "backend", "source"]]
+        return ["## Model configurations", "", markdown(table.rename(columns={"mechanism": "model"}), index=False),
+                ""]
 
 
 class Speed(Section):
@@ -202,5 +228,6 @@ class Failures(Section):
         return ["## Cases that did not finish", "", markdown(failures_table(frame), index=False), ""]
 
 
-SECTIONS: list[Section] = [Ablation(), Models(), Speed(), Complexity(), BraFormula(), QuadtreeClaim(),
+SECTIONS: list[Section] = [Ablation(), Models(), ModelConfigurations(), Configurations(), Speed(),
+                           Complexity(), BraFormula(), QuadtreeClaim(),
                            MeasureTables(), Failures()]
