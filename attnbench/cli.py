@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
 
     args.suite = resolve_suite(args.suite)
     suite = load_suite(args.suite, args.profile, _data_roots(args.data_root), _overrides(args),
-                       _only_filter(args.only))
+                       _only_filter(args.only), args.allow_large)
     cases = expand(suite)
     if args.dry_run:
         for case in cases:
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", action="store_true", help="model suites: autocast (bfloat16 on CPU, float16 on CUDA)")
     run.add_argument("--channels-last", action="store_true", help="model suites: channels-last tensors")
     run.add_argument("--compile", action="store_true", help="model suites: torch.compile the model")
+    run.add_argument("--allow-large", action="store_true", help="allow a suite of more than 10,000 cases")
     run.add_argument("--retry-failed", action="store_true",
                      help="when resuming, run the cases whose last record is a failure again")
     run.add_argument("--allow-failures", action="store_true",

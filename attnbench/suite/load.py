@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -70,7 +71,7 @@ def _first_error(path: Path, error: ValidationError, model: type[BaseModel],
     if detail["type"] == "missing":
         return SuiteError(f"{path}: {_location(loc)}: required field is missing")
     message = detail["msg"].removeprefix("Value error, ")
-    return SuiteError(f"{path}: {_location(loc)}: {message} (got {detail.get('input')!r})")
+    return SuiteError(f"{path}: {_location(loc)}: {shorten(message)} (got {shorten(repr(detail.get('input')))})")
 
 
 def _apply_data_roots(suite: Suite, data_roots: dict[str, str]) -> None:
@@ -110,6 +111,46 @@ def resolve_suite(name_or_path: str | Path) -> Path:
                      f"{', '.join(shipped) or 'none'}")
 
 
+MAX_VALUES = 100_000  # values in a suite once its YAML aliases are expanded
+MAX_CASES = 10_000  # cases a suite may expand to without --allow-large
+MAX_MESSAGE = 300  # characters of a user's value quoted in an error
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as the safe loader reads it, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in keys:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {mark.line + 1})", mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _bounded(path: Path, data: Any) -> None:
+    """Refuse a suite whose aliases expand it beyond ``MAX_VALUES`` values (a 'billion laughs' file), before
+    anything walks it as a tree."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise SuiteError(f"{path}: expands to more than {MAX_VALUES:,} values (nested YAML aliases?)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -122,12 +163,14 @@ def _read_yaml(path: Path) -> Any:
     except OSError as error:
         raise SuiteError(f"{path}: cannot read: {error.strerror or error}") from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SuiteError(f"{path}: invalid YAML{where}: {problem}") from None
+        raise SuiteError(f"{path}: invalid YAML{where}: {shorten(problem)}") from None
+    _bounded(path, data)
+    return data
 
 
 def _set(raw: dict, dotted: str, value: Any) -> None:
@@ -168,8 +211,19 @@ def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
     suite._cases = cases
 
 
+def count_cases(suite: Suite) -> int:
+    """How many cases the suite expands to, counted without building them."""
+    count = 1
+    for values in suite.grid.given().values():
+        count *= len(values)
+    for group in suite.zip:
+        count *= len(next(iter(group.given().values()), [None]))
+    return count
+
+
 def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None,
-               overrides: dict[str, Any] | None = None, only: dict[str, list[str]] | None = None) -> Suite:
+               overrides: dict[str, Any] | None = None, only: dict[str, list[str]] | None = None,
+               allow_large: bool = False) -> Suite:
     """Read, merge the profile, then the ``overrides`` (dotted field -> value, as ``--set`` gives them), set
     ``data_roots`` (task name -> path), validate, and keep the cases that match ``only`` (field -> values): a
     ``SuiteError`` with one line on any problem."""
@@ -193,6 +247,9 @@ def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[st
             base = Suite.model_validate(raw)
         except ValidationError as error:
             raise _first_error(path, error, Suite, overridden=set(overrides or {})) from None
+    if count_cases(base) > MAX_CASES and not allow_large:
+        raise SuiteError(f"{path}: grid: expands to {count_cases(base):,} cases, more than {MAX_CASES:,}; "
+                         "narrow it (--only) or pass --allow-large")
     _apply_data_roots(base, data_roots or {})
     _check_semantics(path, base)
     if only:
@@ -263,6 +320,8 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             if unknown:
                 raise SuiteError(f"{where}.{key}: unknown option(s) {', '.join(unknown)} for attention "
                                  f"{spec.name!r}; valid options: {', '.join(valid)}")
+            for option, value in options.items():
+                _check_option_type(f"{where}.{key}.{option}", spec.name, option, value)
         for name in spec.options_by_shape:
             if name not in shape_names:
                 raise SuiteError(f"{where}.options_by_shape: no shape named {name!r}; shapes: {', '.join(shape_names)}")
@@ -275,6 +334,22 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             except (ValueError, TypeError) as error:
                 raise SuiteError(f"{where}: at shape {shape.name} ({shape.height}x{shape.width}, dim {shape.dim}, "
                                  f"heads {shape.heads}): {error}") from None
+
+
+def _check_option_type(where: str, mechanism: str, option: str, value: Any) -> None:
+    """An option the mechanism annotates as a plain int, float, bool or str takes a value of that kind
+    (``n_win: two`` is refused here, with the option's name, not deep inside the mechanism)."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    try:
+        expected = typing.get_type_hints(attentions.get(mechanism).__init__).get(option)
+    except Exception:  # an annotation that cannot be resolved is not ours to check
+        return
+    if expected not in kinds:
+        return
+    fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    fits = fits or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+    if not fits:
+        raise SuiteError(f"{where}: {mechanism}'s {option} is {kinds[expected]}, got {shorten(repr(value))}")
 
 
 def _check_tasks(path: Path, suite: Suite) -> None:

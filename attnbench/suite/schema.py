@@ -32,7 +32,9 @@ class SuiteError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown keys, no coercion (``true`` is no batch size, "8" no number), no infinities."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class RepeatsSpec(Repeats):
@@ -181,6 +183,13 @@ class Axes(Strict):
     def _positive(cls, value: list[int] | None) -> list[int] | None:
         if value is not None and any(item < 1 for item in value):
             raise ValueError("every entry must be >= 1")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _not_empty(cls, value: list | None) -> list | None:
+        if value is not None and not value:
+            raise ValueError("an axis needs at least one value (an empty list would make no cases)")
         return value
 
     def given(self) -> dict[str, list]:
