@@ -122,6 +122,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         keys = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor merges; its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in keys:
                 mark = key_node.start_mark
@@ -419,7 +421,7 @@ def _check_distinct(path: Path, suite: Suite) -> None:
             first = by_id[case.id]
             raise SuiteError(f"{path}: grid: cases '{first.label} @ {first.column}' and '{case.label} @ {case.column}' "
                              "measure the same thing (same mechanism, options, shape, batch, dtype and mode)")
-        cell = (case.kind, case.label, case.column, case.group)
+        cell = (case.kind, case.label, case.column, case.group, case.seed)
         if cell in by_cell:
             raise SuiteError(f"{path}: grid: two cases would share the report cell '{case.label} @ {case.column}' "
                              f"(options {_options_text(by_cell[cell])} and {_options_text(case)}); give them distinct "

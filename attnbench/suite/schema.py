@@ -17,7 +17,7 @@ from ..presets import PRESETS
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 Mode = Literal["forward", "forward_backward"]
-AXES = ("mechanism", "shape", "task", "model", "image_size", "batch", "dtype", "mode")  # outer to inner
+AXES = ("mechanism", "shape", "task", "model", "image_size", "seed", "batch", "dtype", "mode")  # outer to inner
 
 
 def _registered_measures(names: list[str]) -> list[str]:
@@ -167,6 +167,7 @@ class Axes(Strict):
     model: list[ModelSpec] | None = None
     image_size: list[int] | None = None
     task: list[TaskSpec] | None = None
+    seed: list[int] | None = None  # repeat every case with each seed (accuracy: seeds of a mean and its CI)
     batch: list[int] | None = None
     dtype: list[DType] | None = None
     mode: list[Mode] | None = None
