@@ -97,7 +97,7 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
         "created": previous.get("created", _now()), "resumed": previous.get("resumed", []),
         "environment": previous.get("environment") or environment(device),
         "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),
-        "cases": len(cases),
+        "cases": len(cases), **suite.run_info(),
     }
     if previous:
         run["resumed"] = [*run["resumed"], _now()]

@@ -248,5 +248,11 @@ class Suite(SuiteSettings):
     zip: list[Axes] = []
     profiles: dict[str, Profile] = {}
     _cases: list | None = PrivateAttr(None)  # the expansion, computed once (attnbench/suite/expand.py)
+    _selection: dict = PrivateAttr(default_factory=dict)  # how --only / --shard narrowed it (for run.json)
+
+    def run_info(self) -> dict[str, Any]:
+        """What run.json records of how this suite was narrowed: the shard, and every case id of the whole
+        suite (so ``attnbench merge`` can tell which cases no shard ran)."""
+        return dict(self._selection)
 
 
