@@ -90,6 +90,25 @@ def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
             + f", from earlier runs in {results_dir / suite_name}")
 
 
+def _executor(args: argparse.Namespace, suite, run_dir: Path):
+    """None for the local spawn-per-case runner; else a submitit executor with the suite's and the command
+    line's Slurm options (jobs' logs under RUN_DIR/jobs/)."""
+    if getattr(args, "executor", "local") == "local":
+        return None
+    from .executors import SlurmOptions, SubmititExecutor
+
+    fields = {**suite.slurm, **_option_values(args.slurm, flag="--slurm")}
+    try:
+        options = SlurmOptions(**fields)
+    except TypeError as error:
+        raise SuiteError(f"slurm options: {error}; allowed: {', '.join(SlurmOptions.__dataclass_fields__)}") from None
+    cluster = "local" if args.executor == "submitit-local" else "slurm"
+    try:
+        return SubmititExecutor(run_dir / "jobs", cluster, options)
+    except RuntimeError as error:  # no submitit, or no Slurm here
+        raise SuiteError(f"--executor {args.executor}: {error}") from None
+
+
 def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     from .report import build_report
     from .runner import run_suite
@@ -112,7 +131,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
     summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command, in_process,
-                        args.retry_failed)
+                        args.retry_failed, _executor(args, suite, Path(args.results_dir) / suite.name / run_name))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     report = build_report(summary.run_dir)
@@ -264,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", metavar="I/N",
                      help="run shard I of N (0-based): a deterministic share of the cases, balanced by their time in "
                           "earlier runs; give each shard its own --run and join them with 'attnbench merge'")
+    run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                     help="local: a process per case (default); slurm: a submitit job per case on a Slurm cluster; "
+                          "submitit-local: the same job path on this machine (submitit's LocalExecutor)")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="a Slurm option over the suite's slurm: mapping, e.g. --slurm partition=gpu --slurm "
+                          "gpus_per_node=8 --slurm time_min=4320")
     run.add_argument("--retry-failed", action="store_true",
                      help="when resuming, run the cases whose last record is a failure again")
     run.add_argument("--allow-failures", action="store_true",

@@ -208,6 +208,9 @@ class SuiteSettings(Strict):
     seed: int = 0
     check_correctness: bool = True
     baseline: str | None = None  # a row label: the report adds a speed-up table (baseline latency ÷ row latency)
+    # --executor slurm: the jobs' resources (attnbench/executors.py SlurmOptions: partition, time_min, nodes,
+    # gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, account, qos, constraint, additional)
+    slurm: dict[str, Any] = {}
     # model suites: autocast (bfloat16 on CPU, float16 on CUDA), channels-last tensors, torch.compile of the model
     amp: bool = False
     channels_last: bool = False
@@ -230,6 +233,7 @@ class Profile(Strict):
     threads: int | None = Field(None, ge=1)
     check_correctness: bool | None = None
     baseline: str | None = None
+    slurm: dict[str, Any] | None = None
     amp: bool | None = None
     channels_last: bool | None = None
     compile: bool | None = None
