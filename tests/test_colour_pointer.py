@@ -204,6 +204,9 @@ def test_evaluation_records_accuracy_against_distance_only_where_there_is_a_side
     bins = final["per_distance"]["bins"]
     assert sum(bins[b] * counts["bins"][b] for b in bins) / 60 == pytest.approx(final["top1"])
     other = write_imagenet_like(tmp_path / "imagenet", num_classes=2, train_per_class=2, val_per_class=2, size=32)
+    with pytest.raises(ValueError, match="hflip"):  # a flip would swap the notch classes
+        ClassificationTask("cp", "attnbench_isotropic_proxy", {}, {"root": str(dataset)}, 32, 16, 0,
+                           {**recipe, "hflip": 0.5})
     plain = ClassificationTask("in", "attnbench_isotropic_proxy", {"attention": "full"}, {"root": str(other)}, 32, 4,
                                0, recipe)
     assert plain.val_distances is None

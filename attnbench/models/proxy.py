@@ -55,7 +55,8 @@ PROXY_ATTENTION: dict[str, dict[str, Any]] = {
     # CSWin: stripes 2 wide (CSWin-T's stage-2 width, its map 28² nearest 16²): 32 keys per branch; two
     # blocks of crossing stripes reach any token
     "cswin": {"options": {"split_size": 2}},
-    # NAT: kernel 5 (25 keys, near Swin's 16; NAT's 7 would reach 6); reach 4 in two blocks, purely local
+    # NAT: kernel 5 (25 keys, near Swin's 16; NAT's 7 would reach 6 inside the map, 9 at its border); reach 4
+    # in two blocks, 6 at the border (windows shift inwards there): purely local
     "neighborhood": {"options": {"kernel_size": 5}},
     # PVT: reduction 2 gives 8×8 = 64 keys, PVT-S's stage-3 map (7×7 at its 14² queries); global but coarse
     "spatial_reduction": {"options": {"sr_ratio": 2}},

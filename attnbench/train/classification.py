@@ -29,6 +29,12 @@ RECIPE = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "mixup": 0.8,
           "crop_pct": 0.875, "interpolation": "bicubic"}
 
 
+# Augmentations that change what a colour-pointer image means: flips swap notch classes, crops and RandAugment
+# move the 2×2 cells off the token grid, erasing removes objects, mixing pastes a second query in.
+POSITION_EXACT_RECIPE = {"hflip": 0.0, "auto_augment": None, "scale": (1.0, 1.0), "re_prob": 0.0, "mixup": 0.0,
+                         "cutmix": 0.0}
+
+
 class ClassificationTask(Task):
     """A timm model (any registered name; BiFormer's and the STL ablation backbone included) on a subset."""
 
@@ -47,6 +53,12 @@ class ClassificationTask(Task):
         self.val = ImageNetSubset(data["root"], "val", self.train.classes, None, data.get("val_images_per_class"),
                                   seed, eval_transform)
         self.val_distances = sample_distances(data["root"], [path for path, _ in self.val.samples])
+        if self.val_distances is not None:
+            wrong = {key: self.recipe[key] for key, value in POSITION_EXACT_RECIPE.items()
+                     if (tuple(self.recipe[key]) if key == "scale" else self.recipe[key]) != value}
+            if wrong:
+                raise ValueError(f"{name}: a data set with a distance sidecar (colour pointer) needs the recipe "
+                                 f"{POSITION_EXACT_RECIPE}; got {wrong}")
         self.num_classes = len(self.train.classes)
         mixing = self.recipe["mixup"] > 0 or self.recipe["cutmix"] > 0
         self.mixup = Mixup(mixup_alpha=self.recipe["mixup"], cutmix_alpha=self.recipe["cutmix"],

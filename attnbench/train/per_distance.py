@@ -1,12 +1,13 @@
 """Accuracy against distance for the colour-pointer task (attnbench/data/colour_pointer.py).
 
 Each validation image's distance d (Chebyshev, in tokens, between the query and the objects) comes from the
-data set's sidecar index. The bins follow the proxy backbone's reach (attnbench/models/proxy.py): in two
-blocks shifted windows of 4 reach 5 tokens and a 5×5 neighbourhood reaches 4, so
+data set's sidecar index. The bins follow the proxy backbone's reach (attnbench/models/proxy.py, measured in
+tests/test_proxy_model.py): in two blocks shifted windows of 4 reach 5 tokens, 5×5 neighbourhoods 4 (6 at
+the border of the map, where NAT shifts the window inwards), so
 
-* near (d 1-5): a purely local mechanism can reach the partner;
-* mid (d 6-10): beyond every local mechanism of the proxy, within half the map;
-* far (d 11-15): beyond every local mechanism with a margin of 6 tokens; only what reaches across the map
+* near (d 1-5): a purely local mechanism can reach the partner (for some alignments);
+* mid (d 6-10): at or beyond the local mechanisms' reach, within ~half the map;
+* far (d 11-15): at least 5 tokens beyond every local mechanism's reach; only what reaches across the map
   (global, routed, strided or deformed attention) can be above chance here.
 """
 
