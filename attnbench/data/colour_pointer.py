@@ -111,7 +111,7 @@ def design(count: int) -> list[tuple[int, int]]:
     return [(1 + i % MAX_DISTANCE, (i // MAX_DISTANCE) % len(CLASSES)) for i in range(count)]
 
 
-def write_colour_pointer(root: str | Path, train_images: int = 6000, val_images: int = 1200, seed: int = 0) -> Path:
+def write_colour_pointer(root: str | Path, train_images: int = 6000, val_images: int = 2400, seed: int = 0) -> Path:
     """``root/{train,val}/<notch class>/*.png`` and ``root/index.json``; see the module docstring."""
     root = Path(root)
     spec = {"kind": "colour_pointer", "train": train_images, "val": val_images, "size": SIZE, "seed": seed}
