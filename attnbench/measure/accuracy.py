@@ -3,6 +3,7 @@ the report like every other measure."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from . import Measure, Subject, register_measure
@@ -19,7 +20,10 @@ class Accuracy(Measure):
 
     def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
         final, data = metrics.get("final", {}), metrics.get("data", {})
-        return {"top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
+        by_distance = final.get("per_distance") or {}
+        return {**{f"bin_{name}": value for name, value in (by_distance.get("bins") or {}).items()},
+                "per_distance": json.dumps(by_distance.get("per_distance")) if by_distance else None,
+                "top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
                 "pixel_accuracy": final.get("pixel_accuracy"),
                 "epochs": len(metrics["history"]) if "history" in metrics else None,
                 "train_images": data.get("train", {}).get("images"), "val_images": data.get("val", {}).get("images"),

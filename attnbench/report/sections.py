@@ -79,6 +79,48 @@ class Ablation(Section):
                 "What each score rests on:", "", markdown(training_table(trained), index=False), ""]
 
 
+class SeedStatistics(Section):
+    """Per task: chance, mean over seeds with 95% CIs (overall and per distance bin), the suite's gates, pairwise
+    differences with their verdicts, and accuracy against distance and against GMACs (accuracy.py)."""
+
+    kind = "accuracy"
+
+    def render(self, frame, run):
+        from . import accuracy
+
+        lines = []
+        for task, group in self.rows(frame).groupby("shape", sort=False):
+            level = accuracy.chance(group)
+            seeds = group[group["status"] == "ok"].groupby("label")["seed"].nunique()
+            lines += [f"## Accuracy over seeds: {task}", "",
+                      f"Chance level: **{level:.1f}%** ({100 / level:.0f} classes)." if level else "",
+                      f"Seeds per mechanism: {seeds.min() if len(seeds) else 0}–{seeds.max() if len(seeds) else 0}."
+                      " Intervals: 95% percentile bootstrap over seeds (10,000 resamples); a pair whose interval of "
+                      "the difference contains 0 is *not separated*: the run does not rank it.", ""]
+            results = accuracy.gate_results(group, run.info.get("gates", []))
+            if results:
+                held = all(ok for _, ok, _ in results)
+                lines += ["Gates (written in the suite before the measurement):", "",
+                          *[f"- {'PASS' if ok else 'FAIL'}: {gate['label']} {gate['metric']}: {measured}"
+                            + (f" — {gate['why']}" if gate.get("why") else "") for gate, ok, measured in results],
+                          "", ("All gates hold: the task discriminates, and the separated pairs below are a ranking."
+                               if held else "**A gate failed: this task did not discriminate between mechanisms as "
+                               "designed, so the figures below are not a ranking.**"), ""]
+            lines += [markdown(accuracy.seed_table(group), index=False), ""]
+            pairs = accuracy.pairwise_table(group)
+            if not pairs.empty:
+                lines += ["Pairwise differences of seed means (first − second), 95% CI:", "",
+                          markdown(pairs, index=False), ""]
+            slug = "".join(char if char.isalnum() else "_" for char in str(task))
+            for plot in (accuracy.distance_plot(group, f"{task}: accuracy against distance",
+                                                run.directory / "plots" / f"distance_{slug}.png"),
+                         accuracy.cost_plot(group, f"{task}: accuracy against cost",
+                                            run.directory / "plots" / f"cost_{slug}.png")):
+                if plot is not None:
+                    lines += [f"![{plot.stem}](plots/{plot.name})", ""]
+        return lines
+
+
 class Models(Section):
     kind = "model"
 
@@ -228,6 +270,6 @@ class Failures(Section):
         return ["## Cases that did not finish", "", markdown(failures_table(frame), index=False), ""]
 
 
-SECTIONS: list[Section] = [Ablation(), Models(), ModelConfigurations(), Configurations(), Speed(),
+SECTIONS: list[Section] = [Ablation(), SeedStatistics(), Models(), ModelConfigurations(), Configurations(), Speed(),
                            Complexity(), BraFormula(), QuadtreeClaim(),
                            MeasureTables(), Failures()]

@@ -278,6 +278,7 @@ def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[st
         _only(path, base, only)
     _check_distinct(path, base)
     _check_baseline(path, base)
+    _check_gates(path, base)
     return base
 
 
@@ -451,6 +452,14 @@ def _check_distinct(path: Path, suite: Suite) -> None:
 
 def _options_text(case: Any) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in sorted(case.options.items())) or "none"
+
+
+def _check_gates(path: Path, suite: Suite) -> None:
+    labels = list(dict.fromkeys(case.label for case in expand(suite)))
+    for index, gate in enumerate(suite.gates):
+        if gate.label not in labels:
+            raise SuiteError(f"{path}: gates[{index}].label: no row labelled {gate.label!r}; "
+                             f"labels: {', '.join(labels)}")
 
 
 def _check_baseline(path: Path, suite: Suite) -> None:

@@ -101,7 +101,7 @@ class ShapeSpec(Strict):
 class DataSpec(Strict):
     """Where a task's images are and which subset of them it uses (attnbench/data/)."""
 
-    dataset: Literal["imagenet", "ade20k", "relation_proxy"]
+    dataset: Literal["imagenet", "ade20k", "relation_proxy", "colour_pointer"]
     root: str | None = None  # or --data-root NAME=PATH on the command line (NAME: the task's name)
     generate: dict[str, Any] | None = None  # write a generated data set of this size at root first (demo, tests)
     classes: list[str] | None = None  # classification: class folders to use
@@ -130,7 +130,7 @@ class TrainSpec(Strict):
     workers: int = Field(0, ge=0)
 
 
-TASK_DATASETS = {"classification": ("imagenet", "relation_proxy"), "segmentation": ("ade20k",)}
+TASK_DATASETS = {"classification": ("imagenet", "relation_proxy", "colour_pointer"), "segmentation": ("ade20k",)}
 RECIPE_KEYS = {
     "classification": ("auto_augment", "re_prob", "mixup", "cutmix", "label_smoothing", "scale", "color_jitter",
                        "hflip", "drop_path_rate", "crop_pct", "interpolation"),
@@ -197,6 +197,24 @@ class Axes(Strict):
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
 
 
+class Gate(Strict):
+    """A check the report makes before it presents an accuracy sweep as a ranking (written in the suite, so
+    before the measurement): the mean over seeds of ``label``'s ``metric`` (``top1``, ``miou``, or a distance
+    bin such as ``far``) is ``at_least`` a value, or within ``within_chance`` points of chance."""
+
+    label: str
+    metric: str = "top1"
+    at_least: float | None = None
+    within_chance: float | None = Field(None, ge=0)
+    why: str = ""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Gate:
+        if (self.at_least is None) == (self.within_chance is None):
+            raise ValueError("a gate needs exactly one of at_least, within_chance")
+        return self
+
+
 class SuiteSettings(Strict):
     description: str = ""
     imports: list[str] = []  # modules imported before building mechanisms (third-party registrations)
@@ -211,6 +229,7 @@ class SuiteSettings(Strict):
     # --executor slurm: the jobs' resources (attnbench/executors.py SlurmOptions: partition, time_min, nodes,
     # gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, account, qos, constraint, additional)
     slurm: dict[str, Any] = {}
+    gates: list[Gate] = []  # accuracy suites: what must hold before the results are a ranking
     # model suites: autocast (bfloat16 on CPU, float16 on CUDA), channels-last tensors, torch.compile of the model
     amp: bool = False
     channels_last: bool = False
@@ -234,6 +253,7 @@ class Profile(Strict):
     check_correctness: bool | None = None
     baseline: str | None = None
     slurm: dict[str, Any] | None = None
+    gates: list[Gate] | None = None
     amp: bool | None = None
     channels_last: bool | None = None
     compile: bool | None = None
@@ -257,6 +277,6 @@ class Suite(SuiteSettings):
     def run_info(self) -> dict[str, Any]:
         """What run.json records of how this suite was narrowed: the shard, and every case id of the whole
         suite (so ``attnbench merge`` can tell which cases no shard ran)."""
-        return dict(self._selection)
+        return {**self._selection, **({"gates": [gate.model_dump() for gate in self.gates]} if self.gates else {})}
 
 

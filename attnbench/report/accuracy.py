@@ -1,0 +1,173 @@
+"""The accuracy section over seeds: what an accuracy sweep can and cannot claim.
+
+Per task: the chance level (100 / classes); per mechanism, the mean over its seeds of the task's score (top-1
+or mIoU) and of each distance bin (the colour pointer), with a 95% percentile-bootstrap interval over seeds
+(stats.py); the suite's gates, checked before anything is called a ranking; every pair of mechanisms'
+difference (overall and in the farthest bin) with its interval, "not separated" where it contains 0; and
+the figures: accuracy against distance (one line per mechanism, interval bands, chance line) and accuracy
+against GMACs. One seed gives no interval: the table says so and ranks nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .stats import bootstrap_mean, compare_means, wilson  # noqa: E402
+
+
+def _metric(group: pd.DataFrame) -> str:
+    return "top1" if group["task"].iloc[0] == "classification" else "miou"
+
+
+def _bins(group: pd.DataFrame) -> list[str]:
+    return [column for column in group.columns if column.startswith("bin_") and group[column].notna().any()]
+
+
+def chance(group: pd.DataFrame) -> float | None:
+    classes = group["num_classes"].dropna()
+    return 100.0 / classes.iloc[0] if len(classes) and group["task"].iloc[0] == "classification" else None
+
+
+def _interval_text(values: list[float], images: float | None = None) -> str:
+    """Mean [95% bootstrap CI over seeds]; for one seed, the Wilson interval of its ``images`` evaluations
+    (the uncertainty of the evaluation alone, not of the training), said as such."""
+    if not values:
+        return ""
+    interval = bootstrap_mean(values)
+    if interval.n >= 2:
+        return f"{interval.estimate:.1f} [{interval.low:.1f}, {interval.high:.1f}]"
+    if images:
+        one = wilson(round(values[0] / 100 * images), int(images))
+        return f"{values[0]:.1f} [{100 * one.low:.1f}, {100 * one.high:.1f}] (1 seed; Wilson over {images:.0f} images)"
+    return f"{interval.estimate:.1f} (1 seed: no CI)"
+
+
+def seed_table(group: pd.DataFrame) -> pd.DataFrame:
+    """One row per mechanism: seeds, the score's mean [95% CI], each bin's mean [95% CI]."""
+    ok = group[group["status"] == "ok"]
+    metric, bins = _metric(group), _bins(group)
+    rows = []
+    for label, runs in group.groupby("label", sort=False):
+        done = ok[ok["label"] == label]
+        images = done["val_images"].iloc[0] if metric == "top1" and len(done) else None
+        row = {"mechanism": label, "seeds": f"{len(done)} of {len(runs)}",
+               f"{metric} % mean [95% CI]": _interval_text(done[metric].dropna().tolist(), images)}
+        for column in bins:
+            row[f"{column[4:]} bin % [95% CI]"] = _interval_text(done[column].dropna().tolist())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pairwise_table(group: pd.DataFrame) -> pd.DataFrame:
+    """Every pair's difference of seed means (overall, and in the last bin) with its interval and verdict."""
+    ok = group[group["status"] == "ok"]
+    metric, bins = _metric(group), _bins(group)
+    columns = [metric, *bins[-1:]]
+    rows = []
+    for first, second in itertools.combinations(list(dict.fromkeys(ok["label"])), 2):
+        row = {"pair": f"{first} − {second}"}
+        for column in columns:
+            a = ok[ok["label"] == first][column].dropna().tolist()
+            b = ok[ok["label"] == second][column].dropna().tolist()
+            if not a or not b:
+                row[column] = ""
+                continue
+            comparison = compare_means(a, b)
+            interval = comparison.difference
+            ci = "no CI (1 seed)" if np.isnan(interval.low) else f"[{interval.low:+.1f}, {interval.high:+.1f}]"
+            row[f"{'overall' if column == metric else column[4:] + ' bin'} difference"] = (
+                f"{interval.estimate:+.1f} {ci}: {comparison.verdict}")
+        rows.append({key: value for key, value in row.items() if key not in columns})
+    return pd.DataFrame(rows)
+
+
+def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, bool, str]]:
+    """(gate, held, what was measured) for each gate of the suite."""
+    ok, level = group[group["status"] == "ok"], chance(group)
+    results = []
+    for gate in gates:
+        column = gate["metric"] if gate["metric"] in ("top1", "miou") else f"bin_{gate['metric']}"
+        values = ok[ok["label"] == gate["label"]][column].dropna().tolist() if column in ok else []
+        if not values:
+            results.append((gate, False, "not measured"))
+            continue
+        mean = float(np.mean(values))
+        if gate.get("at_least") is not None:
+            held = mean >= gate["at_least"]
+            results.append((gate, held, f"{mean:.1f} (needs ≥ {gate['at_least']:g})"))
+        else:
+            held = level is not None and abs(mean - level) <= gate["within_chance"]
+            results.append((gate, held, f"{mean:.1f} (needs chance {level:.1f} ± {gate['within_chance']:g})"))
+    return results
+
+
+def distance_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """Accuracy against distance d: one line per mechanism (mean over seeds), a band of its 95% CI, chance."""
+    ok = group[(group["status"] == "ok") & group["per_distance"].notna()]
+    if ok.empty:
+        return None
+    figure, axes = plt.subplots(figsize=(7.6, 4.2))
+    for label, runs in ok.groupby("label", sort=False):
+        per_seed = [json.loads(text) for text in runs["per_distance"]]
+        distances = sorted({int(d) for table in per_seed for d in table}, key=int)
+        means, lows, highs = [], [], []
+        for d in distances:
+            values = [table[str(d)] for table in per_seed if str(d) in table]
+            interval = bootstrap_mean(values)
+            means.append(interval.estimate)
+            lows.append(interval.low if interval.n > 1 else interval.estimate)
+            highs.append(interval.high if interval.n > 1 else interval.estimate)
+        line, = axes.plot(distances, means, marker="o", label=f"{label} ({len(per_seed)} seeds)")
+        axes.fill_between(distances, lows, highs, color=line.get_color(), alpha=0.2)
+    level = chance(group)
+    if level is not None:
+        axes.axhline(level, color="grey", linestyle="--", label=f"chance ({level:.0f}%)")
+    axes.set_xlabel("distance d of the partner from the query (tokens, Chebyshev)")
+    axes.set_ylabel("top-1 %")
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def cost_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """Accuracy (overall and farthest bin, mean over seeds) against GMACs per image: the cost–reach trade-off."""
+    ok = group[(group["status"] == "ok") & group["counted_gflops_per_image"].notna()]
+    if ok.empty:
+        return None
+    metric, bins = _metric(group), _bins(group)
+    figure, axes = plt.subplots(figsize=(7.6, 4.2))
+    for label, runs in ok.groupby("label", sort=False):
+        gmacs = runs["counted_gflops_per_image"].mean() / 2
+        for column, marker in [(metric, "o"), *((bins[-1], "^") for _ in bins[:1])]:
+            values = runs[column].dropna().tolist()
+            if values:
+                interval = bootstrap_mean(values)
+                error = None if interval.n < 2 else [[interval.estimate - interval.low],
+                                                     [interval.high - interval.estimate]]
+                axes.errorbar([gmacs], [interval.estimate], yerr=error, marker=marker, capsize=2,
+                              label=f"{label}, {'overall' if column == metric else column[4:] + ' bin'}")
+    axes.set_xscale("log")
+    axes.set_xlabel("GMACs per image (FlopCounterMode ÷ 2)")
+    axes.set_ylabel(f"{metric} %")
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,52 @@
+"""The accuracy section over seeds: means with bootstrap intervals, chance, gates, pairwise verdicts, plots."""
+
+import json
+
+import pandas as pd
+
+from attnbench.report import accuracy
+
+
+def sweep(far: dict[str, list[float]], overall: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for label in far:
+        for seed, (far_value, top1) in enumerate(zip(far[label], overall[label], strict=True)):
+            rows.append({"label": label, "seed": seed, "status": "ok", "task": "classification", "num_classes": 4,
+                         "top1": top1, "bin_near": 60.0, "bin_far": far_value, "val_images": 2400,
+                         "per_distance": json.dumps({"1": 60.0, "15": far_value}),
+                         "counted_gflops_per_image": {"full": 0.2, "bra": 0.1, "swin": 0.08}[label],
+                         "shape": "colour_pointer"})
+    return pd.DataFrame(rows)
+
+
+FAR = {"full": [95.0, 96.0, 94.0, 95.5, 96.5], "bra": [70.0, 72.0, 69.0, 71.0, 73.0],
+       "swin": [25.0, 26.0, 24.5, 25.5, 24.0]}
+OVERALL = {"full": [90.0, 91.0, 89.0, 90.0, 92.0], "bra": [75.0, 76.0, 74.0, 75.0, 77.0],
+           "swin": [45.0, 46.0, 44.0, 45.0, 46.0]}
+
+
+def test_seed_table_pairs_gates_and_plots(tmp_path):
+    frame = sweep(FAR, OVERALL)
+    assert accuracy.chance(frame) == 25.0
+    table = accuracy.seed_table(frame).set_index("mechanism")
+    assert table.loc["full", "seeds"] == "5 of 5"
+    assert table.loc["full", "far bin % [95% CI]"].startswith("95.4 [")
+    pairs = accuracy.pairwise_table(frame).set_index("pair")
+    assert pairs.loc["full − swin", "far bin difference"].endswith(": separated")
+    gates = [{"label": "full", "metric": "far", "at_least": 90.0, "within_chance": None, "why": ""},
+             {"label": "swin", "metric": "far", "at_least": None, "within_chance": 5.0, "why": ""},
+             {"label": "bra", "metric": "far", "at_least": 90.0, "within_chance": None, "why": ""}]
+    held = [ok for _, ok, _ in accuracy.gate_results(frame, gates)]
+    assert held == [True, True, False]
+    assert accuracy.distance_plot(frame, "t", tmp_path / "d.png").exists()
+    assert accuracy.cost_plot(frame, "t", tmp_path / "c.png").exists()
+
+
+def test_overlapping_seeds_are_not_separated_and_one_seed_gets_wilson():
+    frame = sweep({"full": [50.0, 60.0, 55.0], "bra": [52.0, 58.0, 54.0]},
+                  {"full": [50.0, 60.0, 55.0], "bra": [52.0, 58.0, 54.0]})
+    pairs = accuracy.pairwise_table(frame)
+    assert pairs["overall difference"].iloc[0].endswith(": not separated")
+    single = sweep({"full": [50.0]}, {"full": [50.0]})
+    assert accuracy.seed_table(single)["top1 % mean [95% CI]"].iloc[0] == \
+        "50.0 [48.0, 52.0] (1 seed; Wilson over 2400 images)"
