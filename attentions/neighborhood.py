@@ -19,7 +19,7 @@ than k·δ along an axis is zero-padded up to it (bottom/right) and the output c
 kernel 7, dilation 1, heads [2, 4, 8, 16], dims 64·2^i, rel_pos_bias on; DiNAT-T dilations
 [[1, 8], [1, 4], [1, 2, …], [1, 1]] at 224².
 
-This is pure PyTorch (index tensors and gathers). ``backend="natten"`` runs the same module through the
+This is pure PyTorch (index tensors and gathers). ``impl="natten"`` runs the same module through the
 ``natten`` package when it is installed (CPU forward, no rpb there): an optional extra, tested against
 this path where present.
 
@@ -63,7 +63,8 @@ class NeighborhoodAttention(AttentionMechanism):
         kernel_size: neighbourhood side k, odd (NAT: 7). dilation: δ (NAT: 1; DiNAT: up to map size / k).
         rel_pos_bias: learnable (heads, 2k-1, 2k-1) bias ``rpb`` (NAT: True).
         qkv_bias: bias in qkv (NAT: True). qk_scale: softmax temperature (None: head_dim ** -0.5).
-        backend: ``"torch"`` (pure PyTorch) or ``"natten"`` (the natten package, if installed).
+        impl: the backend, ``"torch"`` (pure PyTorch) or ``"natten"`` (the natten package, if installed); the
+            same option name as ``bra``'s backends.
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class NeighborhoodAttention(AttentionMechanism):
         rel_pos_bias: bool = True,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
-        backend: str = "torch",
+        impl: str = "torch",
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -85,13 +86,13 @@ class NeighborhoodAttention(AttentionMechanism):
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
         if dilation < 1:
             raise ValueError(f"dilation must be >= 1, got {dilation}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "natten" and rel_pos_bias:
-            raise ValueError("backend='natten' supports no relative position bias: set rel_pos_bias=False")
+        if impl not in BACKENDS:
+            raise ValueError(f"impl must be one of {', '.join(BACKENDS)}, got {impl!r}")
+        if impl == "natten" and rel_pos_bias:
+            raise ValueError("impl='natten' supports no relative position bias: set rel_pos_bias=False")
         self.kernel_size = kernel_size
         self.dilation = dilation
-        self.backend = backend
+        self.impl = impl
         self.scale = qk_scale or self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         if rel_pos_bias:
@@ -102,14 +103,14 @@ class NeighborhoodAttention(AttentionMechanism):
         self.proj = nn.Linear(dim, dim)
 
     def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
-        if self.backend == "natten" and importlib.util.find_spec("natten") is None:
-            return ["backend='natten' needs the natten package, which is not installed"]
+        if self.impl == "natten" and importlib.util.find_spec("natten") is None:
+            return ["impl='natten' needs the natten package, which is not installed"]
         return []
 
     def plain(self) -> NeighborhoodAttention:
         """The same module on the pure PyTorch path (the reference for the natten backend)."""
         plain = copy.deepcopy(self)
-        plain.backend = "torch"
+        plain.impl = "torch"
         return plain
 
     def keys_per_query(self, height: int, width: int) -> float:
@@ -151,7 +152,7 @@ class NeighborhoodAttention(AttentionMechanism):
         x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, H, W, 3, heads, d)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
-        attend = self._attend_natten if self.backend == "natten" else self._attend_torch
+        attend = self._attend_natten if self.impl == "natten" else self._attend_torch
         out = attend(q, k, v).permute(0, 2, 3, 1, 4).flatten(3)
         return self.proj(out)[:, :height, :width].contiguous()
 

@@ -133,7 +133,7 @@ def test_neighborhood_sees_k_squared_distinct_keys_including_itself():
 @pytest.mark.skipif(importlib.util.find_spec("natten") is None, reason="the optional natten package is not installed")
 def test_neighborhood_natten_backend_equals_pure_torch():
     pure = make("neighborhood", kernel_size=5, dilation=2, rel_pos_bias=False).float()
-    fast = make("neighborhood", kernel_size=5, dilation=2, rel_pos_bias=False, backend="natten").float()
+    fast = make("neighborhood", kernel_size=5, dilation=2, rel_pos_bias=False, impl="natten").float()
     fast.load_state_dict(pure.state_dict())
     x = torch.randn(2, 14, 18, DIM)
     torch.testing.assert_close(fast(x), pure(x), rtol=1e-4, atol=1e-5)
@@ -166,7 +166,7 @@ def test_default_scale_is_head_dim_inverse_sqrt(name):
     ("axial", dict(num_heads=1), "num_heads=1 must be even"),
     ("cswin", dict(num_heads=1, split_size=2), "num_heads=1 must be even"),
     ("neighborhood", dict(kernel_size=4), "kernel_size must be odd"),
-    ("neighborhood", dict(backend="cuda"), "backend must be one of torch, natten"),
+    ("neighborhood", dict(impl="cuda"), "impl must be one of torch, natten"),
     ("spatial_reduction", dict(sr_ratio=0), "sr_ratio must be >= 1"),
 ])
 def test_bad_options(name, options, message):
