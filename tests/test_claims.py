@@ -187,3 +187,12 @@ def test_the_suites_load_in_every_profile(suite):
         labels = {case.label for case in cases}
         assert labels == {"bra (reference)", "bra (auto)", "quadtree"}
         assert {case.mode for case in cases} == {"forward", "forward_backward"}
+
+
+def test_a_claims_run_without_records_still_renders_a_verdict_in_every_row(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(claims, "model_size", lambda name: README_SIZES[name])
+    from attnbench.report.frame import records_frame
+
+    section = next(item for item in SECTIONS if isinstance(item, claims.Claims))
+    text = "\n".join(section.render(records_frame([]), Run(tmp_path / "claims" / "run", {"suite": "claims"})))
+    assert "Verdicts: 8 PASS, 6 NOT TESTABLE HERE." in text

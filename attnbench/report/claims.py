@@ -50,6 +50,8 @@ ABLATION_NEEDS = ("ImageNet-1K and ADE20K, and the GPU time to train the STL bac
                   "(300 ImageNet epochs; 80k Semantic FPN iterations)")
 RANKING_RULE = ("PASS when, trained by the paper's recipe, BRA > deformable > shifted window in both ImageNet top-1 "
                 "and ADE20K mIoU; else FAIL")
+FAMILY_COLUMNS = ("id", "mechanism", "shape", "tokens", "batch", "device", "dtype", "dim", "heads", "median_ms",
+                  "peak_mib")
 ABLATION_RULE = "PASS when each trained row is within 0.3 of the paper's top-1 and mIoU; else FAIL"
 
 
@@ -134,6 +136,8 @@ def size_rows(sizes: dict[str, tuple[int, int] | str]) -> list[ClaimRow]:
 def exact_family(frame: pd.DataFrame) -> pd.DataFrame:
     """The ok forward attention cases at square shapes H = m³ whose BRA row has S = m² (S³ = H²): the exact
     S ∝ N^{1/3} family; every mechanism's rows at those shapes."""
+    if frame.empty:
+        return pd.DataFrame(columns=[*FAMILY_COLUMNS])
     ok = frame[(frame["kind"] == "attention") & (frame["status"] == "ok") & (frame["mode"] == "forward")
                & (frame["height"] == frame["width"])]
     bra = ok[ok["mechanism"] == "bra"]
