@@ -3,10 +3,12 @@
 Two compositions are in use, and both are offered (``composition``):
 
 * ``"parallel"`` (default): the heads are split in two halves over one qkv projection; the first half
-  attends along the row (the W axis), the second along the column (the H axis), and their outputs are
-  concatenated before the output projection. This is the "axial stripe" row of the BiFormer ablation:
-  cross-shaped window attention with stripes one token wide and no LePE (CSWin, Dong et al. CVPR 2022,
-  microsoft/CSWin-Transformer models/cswin.py, with split_size 1).
+  (the first C/2 channels) attends along the column (the H axis), the second along the row (the W axis),
+  and their outputs are concatenated before the output projection. This is the "axial stripe" row of the
+  BiFormer ablation: cross-shaped window attention with stripes one token wide and no LePE (CSWin, Dong et
+  al. CVPR 2022, microsoft/CSWin-Transformer models/cswin.py with split_size 1, whose branch 0 takes the
+  first channel half in vertical stripes). The head order is CSWin's, and so are the parameter names qkv
+  and proj: CSWin split-1 weights load here as the same function, less LePE.
 * ``"sequential"``: height-axis attention followed by width-axis attention, each with its own qkv projection
   and all heads, then one output projection, as the axial-attention block of Axial-DeepLab (Wang et al.,
   ECCV 2020) and the axial layers of Ho et al. 2019. Axial-DeepLab's position-sensitive terms are left out:
@@ -87,8 +89,8 @@ class AxialAttention(AttentionMechanism):
             q, k, v = self._qkv(self.qkv, x)
             half = self.num_heads // 2
             out = torch.cat([
-                attend_along(q[:, :half], k[:, :half], v[:, :half], "row", self.scale),
-                attend_along(q[:, half:], k[:, half:], v[:, half:], "column", self.scale),
+                attend_along(q[:, :half], k[:, :half], v[:, :half], "column", self.scale),  # CSWin's branch 0
+                attend_along(q[:, half:], k[:, half:], v[:, half:], "row", self.scale),
             ], dim=1)
         else:
             out = attend_along(*self._qkv(self.qkv_column, x), "column", self.scale)
@@ -97,13 +99,13 @@ class AxialAttention(AttentionMechanism):
         return self.proj(out.permute(0, 2, 3, 1, 4).flatten(3))
 
     def keys_per_query(self, height: int, width: int) -> float:
-        # parallel: half the heads see a row (W keys), half a column (H); sequential: every head sees both
+        # parallel: half the heads see a column (H keys), half a row (W); sequential: every head sees both
         return float(width + height) / (2 if self.composition == "parallel" else 1)
 
     def macs(self, height: int, width: int) -> MacCount:
         tokens, c = height * width, self.dim
         passes = 1 if self.composition == "parallel" else 2  # sequential: both axes with every head
-        # parallel: half the channels see W keys, half see H keys
+        # parallel: half the channels see H keys, half see W keys
         attended_channels = tokens * (width + height) * c * passes // 2
         return MacCount({
             "qkv": 3 * tokens * c * c * passes,

@@ -20,14 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 class Repeats(BaseModel):
-    """How long and how often a case is timed."""
+    """How long and how often a case is timed (attnbench/measure/latency.py): at least ``min_samples`` samples
+    and ``min_run_time_s`` seconds, then until IQR / median < ``target_iqr`` or ``max_time_s`` is spent."""
 
     model_config = ConfigDict(extra="forbid")
 
     warmup_iters: int = Field(3, ge=0)
     warmup_time_s: float = Field(0.2, ge=0)
-    min_samples: int = Field(5, ge=1)
+    min_samples: int = Field(10, ge=1)
     max_samples: int = Field(100, ge=1)
+    min_run_time_s: float = Field(0.2, ge=0)
     max_time_s: float = Field(5.0, gt=0)
     target_iqr: float = Field(0.10, gt=0)  # stop once IQR / median is below this
 
@@ -74,6 +76,14 @@ class CaseBase(BaseModel):
                 **self._legacy()}
         return json.loads(json.dumps(flat, sort_keys=True, default=str))
 
+    @property
+    def key(self) -> str:
+        """What two runs must share for their figures of this case to be compared (``attnbench compare``):
+        the identity less how it was measured (repeats, measures, correctness check, imports)."""
+        measured = {k: v for k, v in self.identity().items()
+                    if k not in ("repeats", "measures", "check_correctness", "imports")}
+        return hashlib.sha1(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:16]
+
     def with_id(self) -> Case:
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
         return self.model_copy(update={"id": digest})
@@ -115,14 +125,18 @@ class ModelCase(CaseBase):
     image_size: int
     in_chans: int = 3
     paper: str | None = None  # the model's row in attnbench/paper_figures.yaml
+    amp: bool = False  # autocast: bfloat16 on CPU, float16 on CUDA
+    channels_last: bool = False
+    compile: bool = False  # torch.compile of the whole model
 
     @property
     def column(self) -> str:
         return f"{self.image_size}px"
 
     def _legacy(self) -> dict[str, Any]:
+        runtime = {name: True for name in ("amp", "channels_last", "compile") if getattr(self, name)}
         return {"kind": "model", "mechanism": self.model, "options": self.options, "height": self.image_size,
-                "width": self.image_size, "dim": self.in_chans, "heads": 0, "task": None}
+                "width": self.image_size, "dim": self.in_chans, "heads": 0, "task": None, **runtime}
 
 
 class AccuracyCase(CaseBase):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m attnbench list | run | train | report | data | env``.
+"""Command line: ``python -m attnbench list | suites | run | train | report | compare | data | env``.
 
 Exit codes: 0 done, 2 bad input (suite file, profile, run directory), 1 anything else.
 """
@@ -18,7 +18,7 @@ import attentions
 
 from .data.errors import DataError
 from .records import RecordStore
-from .suite import SuiteError, expand, load_suite
+from .suite import SuiteError, expand, load_suite, resolve_suite, shipped_suites
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -42,16 +42,61 @@ def _data_roots(pairs: list[str]) -> dict[str, str]:
     return roots
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """--set KEY=VALUE pairs and the shorthand options, as dotted suite fields."""
+    overrides = {f"{key}": value for key, value in _option_values(args.set, flag="--set").items()}
+    for axis in ("batch", "dtype", "mode"):
+        values = getattr(args, axis)
+        if values:
+            overrides[f"grid.{axis}"] = [yaml.safe_load(value) for value in values.split(",")]
+    if args.device:
+        overrides["device"] = args.device
+    for flag in ("amp", "channels_last", "compile"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    return overrides
+
+
+def _only_filter(pairs: list[str]) -> dict[str, list[str]]:
+    only: dict[str, list[str]] = {}
+    for pair in pairs:
+        field, separator, values = pair.partition("=")
+        if not separator or not field or not values:
+            raise SuiteError(f"--only {pair}: expected FIELD=VALUE[,VALUE...], e.g. --only mechanism=bra,swin")
+        only.setdefault(field, []).extend(value for value in values.split(",") if value)
+    return only
+
+
+def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
+    """Seconds the cases took in earlier runs of this suite (matched by what they measure), where known."""
+    seconds: dict[str, float] = {}
+    for records in sorted((results_dir / suite_name).glob("*/records.jsonl")):
+        for record in RecordStore(records).latest():
+            duration = record.worker.get("duration_s")
+            if duration is not None:
+                seconds[record.case.key] = duration
+    known = [seconds[case.key] for case in cases if case.key in seconds]
+    if not known:
+        return "no earlier run of these cases to estimate the time from"
+    unknown = len(cases) - len(known)
+    return (f"about {sum(known) / 60:.1f} min for the {len(known)} cases measured before"
+            + (f" (+ {unknown} never measured)" if unknown else "")
+            + f", from earlier runs in {results_dir / suite_name}")
+
+
 def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     from .report import build_report
     from .runner import run_suite
 
-    suite = load_suite(args.suite, args.profile, _data_roots(args.data_root))
+    args.suite = resolve_suite(args.suite)
+    suite = load_suite(args.suite, args.profile, _data_roots(args.data_root), _overrides(args),
+                       _only_filter(args.only), args.allow_large)
     cases = expand(suite)
     if args.dry_run:
         for case in cases:
             print(f"{case.id}  {case.describe()}")
-        print(f"{len(cases)} cases")
+        print(f"{len(cases)} cases of suite {suite.name!r} ({args.suite}), profile {args.profile or '(none)'}; "
+              f"{_estimate(Path(args.results_dir), suite.name, cases)}")
         return 0
     run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
@@ -78,17 +123,18 @@ def _train(args: argparse.Namespace) -> int:
     return _run(args, in_process=True)
 
 
-def _option_values(pairs: list[str]) -> dict[str, object]:
+def _option_values(pairs: list[str], flag: str = "--option") -> dict[str, object]:
     """``KEY=VALUE`` pairs with each value read as YAML reads it (numbers, booleans, lists, strings)."""
     options = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key or not value.strip():
-            raise SuiteError(f"--option {pair}: expected KEY=VALUE, e.g. --option train_per_class=64")
+            raise SuiteError(f"{flag} {pair}: expected KEY=VALUE, e.g. {flag} "
+                             f"{'train_per_class=64' if flag == '--option' else 'repeats.max_time_s=1'}")
         try:
             options[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise SuiteError(f"--option {pair}: the value is not valid YAML") from None
+            raise SuiteError(f"{flag} {pair}: the value is not valid YAML") from None
     return options
 
 
@@ -104,13 +150,45 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from .report import build_report
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "run.json").exists():
+def _run_directory(path: str) -> Path:
+    run_dir = Path(path)
+    if not (run_dir / "run.json").is_file():
         raise SuiteError(f"{run_dir}: not a run directory (no run.json); expected <results-dir>/<suite>/<run>")
-    print(build_report(run_dir))
+    return run_dir
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report, export
+
+    run_dir = _run_directory(args.run_dir)
+    print(build_report(run_dir) if args.format == "markdown" else export(run_dir, args.format))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, render
+
+    run_a, run_b = _run_directory(args.run_a), _run_directory(args.run_b)
+    threshold = None
+    if args.fail_above is not None:
+        try:
+            threshold = float(args.fail_above.rstrip("%")) / (100 if args.fail_above.endswith("%") else 1)
+        except ValueError:
+            raise SuiteError(f"--fail-above {args.fail_above}: expected a fraction or a percentage, e.g. 10%") from None
+    comparison = compare(run_a, run_b, threshold)
+    text = render(comparison, run_a, run_b, threshold)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(args.output)
+    else:
+        print(text, end="")
+    return 1 if comparison.regressions else 0
+
+
+def _suites(args: argparse.Namespace) -> int:
+    for name, path in shipped_suites().items():
+        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        print(f"{name:<18} {' '.join(str(description).split())[:100]}")
     return 0
 
 
@@ -139,12 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every case of SUITE, each in its own process, appending one record per case to "
                     "RESULTS_DIR/<suite>/<run>/records.jsonl, then write report.md beside it. Running again "
                     "with the same --run resumes: recorded cases are skipped.")
-    run.add_argument("suite", type=Path, help="suite YAML file, e.g. suites/speed.yaml")
+    run.add_argument("suite", help="a suite YAML file (suites/speed.yaml) or a shipped suite's name (speed); "
+                                   "'attnbench suites' lists them")
     run.add_argument("--profile", help="a named profile of the suite (e.g. quick, full)")
     run.add_argument("--results-dir", default="results", help="where runs are stored (default: results)")
     run.add_argument("--run", "--run-name", dest="run",
                      help="run name (default: a timestamp); reuse one to resume it (--run-name under torchrun)")
     run.add_argument("--dry-run", action="store_true", help="list the cases without running them")
+    run.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
+                     help="keep the cases whose FIELD (mechanism, model, label, shape, task, batch, dtype, mode) is "
+                          "one of the values, e.g. --only mechanism=bra,swin (repeatable)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any suite field, validated like the file: --set repeats.max_time_s=1, "
+                          "--set timeout_s=60, --set grid.batch=[4,8] (repeatable)")
+    run.add_argument("--batch", help="batch sizes, comma-separated (replaces the suite's)")
+    run.add_argument("--dtype", help="dtypes, comma-separated: float32, float64, bfloat16, float16")
+    run.add_argument("--mode", help="modes, comma-separated: forward, forward_backward")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (replaces the suite's)")
+    run.add_argument("--amp", action="store_true", help="model suites: autocast (bfloat16 on CPU, float16 on CUDA)")
+    run.add_argument("--channels-last", action="store_true", help="model suites: channels-last tensors")
+    run.add_argument("--compile", action="store_true", help="model suites: torch.compile the model")
+    run.add_argument("--allow-large", action="store_true", help="allow a suite of more than 10,000 cases")
     run.add_argument("--retry-failed", action="store_true",
                      help="when resuming, run the cases whose last record is a failure again")
     run.add_argument("--allow-failures", action="store_true",
@@ -175,10 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a generator argument, e.g. train_per_class=64 (see attnbench/data/generate.py)")
     generate.set_defaults(handler=_generate)
 
-    report = commands.add_parser("report", help="(re)build report.md of a run directory",
-                                 description="Render RUN_DIR/report.md and RUN_DIR/plots/ from RUN_DIR/records.jsonl.")
+    report = commands.add_parser("report", help="(re)build report.md (or records.csv / records.json) of a run",
+                                 description="Render RUN_DIR/report.md and RUN_DIR/plots/ from RUN_DIR/records.jsonl, "
+                                             "or write the report's frame as RUN_DIR/records.csv or records.json.")
     report.add_argument("run_dir", help="a run directory, RESULTS_DIR/<suite>/<run>")
+    report.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
     report.set_defaults(handler=_report)
+
+    comparison = commands.add_parser(
+        "compare", help="compare two runs case by case (ratios B ÷ A, noise-aware)",
+        description="Match the cases of RUN_A and RUN_B by what they measure and print a markdown table of ratios "
+                    "B ÷ A (latency, throughput, memory, FLOPs, accuracy), 'same' within the runs' own noise, the "
+                    "geometric mean per mechanism, and the cases found in one run only.")
+    comparison.add_argument("run_a", help="the reference run directory")
+    comparison.add_argument("run_b", help="the run compared with it")
+    comparison.add_argument("--fail-above", metavar="PCT",
+                            help="exit 1 when a matched case is slower than A by more than this and beyond noise")
+    comparison.add_argument("--output", help="write the markdown here instead of printing it")
+    comparison.set_defaults(handler=_compare)
+
+    suites = commands.add_parser("suites", help="list the suites shipped with attnbench (run them by name)")
+    suites.set_defaults(handler=_suites)
 
     env = commands.add_parser("env", help="print the environment that records are stamped with")
     env.set_defaults(handler=_env)

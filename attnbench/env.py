@@ -7,21 +7,50 @@ import os
 import platform
 import socket
 import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import attnbench
+from attentions.registry import ENTRY_POINT_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _git(*args: str) -> str | None:
+    """A git command's output in the checkout attnbench runs from; None outside a checkout (an installed copy)."""
+    if not (REPO_ROOT / ".git").exists():
+        return None
     try:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def plugin_versions() -> dict[str, str | None]:
+    """Every distribution that registers mechanisms through the entry-point group, with its version."""
+    found: dict[str, str | None] = {}
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        distribution = entry_point.dist
+        if distribution is not None:
+            found[distribution.metadata["Name"]] = distribution.version
+    return found
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
         return None
 
 
@@ -38,11 +67,16 @@ def cpu_model() -> str:
 def environment(device: str = "cpu") -> dict[str, Any]:
     """Versions, device, threads and numerics flags; git sha and whether the tree had uncommitted changes."""
     cuda = device == "cuda" and torch.cuda.is_available()
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if sha else None
     return {
         "attnbench": attnbench.__version__,
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_sha": sha or "unknown",  # "unknown": not run from a git checkout (e.g. a pip-installed copy)
+        "git_dirty": "unknown" if status is None else bool(status),
         "torch": torch.__version__,
+        "torchvision": _version("torchvision"), "timm": _version("timm"), "xformers": _version("xformers"),
+        "natten": _version("natten"), "plugins": plugin_versions(),
+        "load_average": load_average(),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),

@@ -63,6 +63,16 @@ def build_step(module: torch.nn.Module, x: torch.Tensor, mode: str):
     return forward_backward
 
 
+def _autocast(step, device: torch.device):
+    """``step`` under automatic mixed precision: bfloat16 on CPU, float16 on CUDA."""
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+
+    def mixed():
+        with torch.autocast(device.type, dtype=dtype):
+            return step()
+    return mixed
+
+
 def build_subject(case: AttentionCase | ModelCase) -> tuple[torch.nn.Module, torch.Tensor]:
     """The module a case measures and its random input: a mechanism on (B, H, W, C), or a model on
     (B, 3, H, W)."""
@@ -93,7 +103,12 @@ def measure_module(case: AttentionCase | ModelCase) -> dict[str, Any]:
         raise CaseFailure(Status.UNSUPPORTED, "; ".join(reasons))
     module = module.to(device=device, dtype=dtype)
     x = x.to(device=device, dtype=dtype)
-    step = build_step(module, x, case.mode)
+    if isinstance(case, ModelCase) and case.channels_last:
+        module, x = module.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    timed = torch.compile(module) if isinstance(case, ModelCase) and case.compile else module
+    step = build_step(timed, x, case.mode)
+    if isinstance(case, ModelCase) and case.amp:
+        step = _autocast(step, device)
     spatial = (case.height, case.width) if isinstance(case, AttentionCase) else (case.image_size, case.image_size)
     subject = Subject(module, x, step, device, case.kind, case.mode, spatial, case.repeats.model_dump())
     if isinstance(case, ModelCase):

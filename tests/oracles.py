@@ -174,7 +174,8 @@ def swin(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Axial attention with boolean masks: same row (row heads), same column (column heads)."""
+    """Axial attention with boolean masks; parallel: the first half of the heads within their column (as CSWin's
+    split-1 branch 0), the second within their row; sequential: column, then row."""
     batch, height, width, channels = x.shape
     rows = torch.arange(height).repeat_interleave(width)
     cols = torch.arange(width).repeat(height)
@@ -189,8 +190,8 @@ def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
         q, k, v = qkv(module.qkv, tokens)
         half, heads = channels // 2, module.num_heads // 2
         out = torch.cat([
-            masked_attention(q[..., :half], k[..., :half], v[..., :half], same_row, scale, heads),
-            masked_attention(q[..., half:], k[..., half:], v[..., half:], same_col, scale, heads),
+            masked_attention(q[..., :half], k[..., :half], v[..., :half], same_col, scale, heads),
+            masked_attention(q[..., half:], k[..., half:], v[..., half:], same_row, scale, heads),
         ], dim=-1)
     else:
         out = masked_attention(*qkv(module.qkv_column, tokens), same_col, scale, module.num_heads)
@@ -198,37 +199,51 @@ def axial(module, x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.linear(out, module.proj.weight, module.proj.bias).reshape(x.shape)
 
 
+def _place(x: torch.Tensor, height: int, width: int, top: int, left: int) -> torch.Tensor:
+    """(B, h, w, C) written into a zero (B, height, width, C) grid with its top-left corner at (top, left)."""
+    grid = torch.zeros(x.shape[0], height, width, x.shape[3], dtype=x.dtype)
+    grid[:, top:top + x.shape[1], left:left + x.shape[2]] = x
+    return grid
+
+
 def cswin(module, x: torch.Tensor) -> torch.Tensor:
-    """CSWin with boolean masks (same vertical stripe for branch 0, same horizontal stripe for branch 1)
-    and LePE computed stripe by stripe with F.conv2d on each stripe alone."""
+    """CSWin with boolean masks over each branch's padded grid (same vertical stripe for branch 0, same
+    horizontal stripe for branch 1) and LePE computed stripe by stripe with F.conv2d on each stripe alone.
+    Padding is the official segmentation backbone's: q, k, v of the unpadded map placed into a zero grid
+    padded along the branch's striped axis only, ⌊pad/2⌋ before; padded keys are not masked."""
     batch, height, width, channels = x.shape
     sw = module.split_size
-    hp, wp = (height, width) if module.last_stage else (_ceil_to(height, sw), _ceil_to(width, sw))
-    x = _pad(x, hp, wp)
     q, k, v = F.linear(x, module.qkv.weight, module.qkv.bias).split(channels, dim=-1)
-    rows = torch.arange(hp).repeat_interleave(wp)
-    cols = torch.arange(wp).repeat(hp)
     if module.last_stage:
-        branches = [(slice(0, channels), torch.ones(1, hp * wp, hp * wp, dtype=torch.bool), hp, wp)]
+        branches = [(slice(0, channels), None)]
     else:
         half = channels // 2
-        vertical = (cols[:, None] // sw == cols[None, :] // sw)[None]
-        horizontal = (rows[:, None] // sw == rows[None, :] // sw)[None]
-        branches = [(slice(0, half), vertical, hp, sw), (slice(half, channels), horizontal, sw, wp)]
+        branches = [(slice(0, half), "vertical"), (slice(half, channels), "horizontal")]
     outputs = []
-    for index, (channel_slice, mask, stripe_h, stripe_w) in enumerate(branches):
-        conv = module.attns[index].get_v
+    for index, (channel_slice, stripes) in enumerate(branches):
+        pad_h = _ceil_to(height, sw) - height if stripes == "horizontal" else 0
+        pad_w = _ceil_to(width, sw) - width if stripes == "vertical" else 0
+        top, left = pad_h // 2, pad_w // 2
+        hp, wp = height + pad_h, width + pad_w
+        qb, kb, vb = (_place(t[..., channel_slice], hp, wp, top, left) for t in (q, k, v))
+        rows = torch.arange(hp).repeat_interleave(wp)
+        cols = torch.arange(wp).repeat(hp)
+        if stripes is None:
+            mask, stripe_h, stripe_w = torch.ones(1, hp * wp, hp * wp, dtype=torch.bool), hp, wp
+        elif stripes == "vertical":
+            mask, stripe_h, stripe_w = (cols[:, None] // sw == cols[None, :] // sw)[None], hp, sw
+        else:
+            mask, stripe_h, stripe_w = (rows[:, None] // sw == rows[None, :] // sw)[None], sw, wp
         heads = module.num_heads // len(branches)
-        qb, kb, vb = (t[..., channel_slice] for t in (q, k, v))
         out = masked_attention(qb.flatten(1, 2), kb.flatten(1, 2), vb.flatten(1, 2), mask, module.scale, heads)
         out = out.reshape(batch, hp, wp, -1)
-        for top in range(0, hp, stripe_h):
-            for left in range(0, wp, stripe_w):
-                stripe = vb[:, top:top + stripe_h, left:left + stripe_w]
-                out[:, top:top + stripe_h, left:left + stripe_w] += depthwise(conv, stripe)
-        outputs.append(out)
-    out = F.linear(torch.cat(outputs, -1), module.proj.weight, module.proj.bias)
-    return out[:, :height, :width]
+        conv = module.attns[index].get_v
+        for stripe_top in range(0, hp, stripe_h):
+            for stripe_left in range(0, wp, stripe_w):
+                stripe = vb[:, stripe_top:stripe_top + stripe_h, stripe_left:stripe_left + stripe_w]
+                out[:, stripe_top:stripe_top + stripe_h, stripe_left:stripe_left + stripe_w] += depthwise(conv, stripe)
+        outputs.append(out[:, top:top + height, left:left + width])
+    return F.linear(torch.cat(outputs, -1), module.proj.weight, module.proj.bias)
 
 
 def _natten_window_start(index: int, length: int, kernel: int, dilation: int) -> int:
@@ -307,11 +322,33 @@ def bilinear(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def deformable_reference_points(grid_h: int, grid_w: int) -> torch.Tensor:
-    """DAT's reference points: cell centres (i + 0.5) mapped by p / (n - 1) · 2 - 1, as (grid_h, grid_w, 2)."""
-    ys = [(i + 0.5) / (grid_h - 1) * 2 - 1 for i in range(grid_h)]
-    xs = [(j + 0.5) / (grid_w - 1) * 2 - 1 for j in range(grid_w)]
-    return torch.tensor([[[y, x] for x in xs] for y in ys], dtype=torch.float64)
+def deformable_reference_points(grid_h: int, grid_w: int, version: str = "dat++") -> torch.Tensor:
+    """DAT's reference points, cell centres i + 0.5 mapped by p / n · 2 - 1 (DAT v1) or p / (n - 1) · 2 - 1
+    (DAT++), as (grid_h, grid_w, 2)."""
+    def axis(n: int) -> list[float]:
+        cells = n if version == "dat" else n - 1
+        return [(i + 0.5) / cells * 2 - 1 for i in range(n)]
+
+    return torch.tensor([[[y, x] for x in axis(grid_w)] for y in axis(grid_h)], dtype=torch.float64)
+
+
+def deformable_query_points(height: int, width: int, version: str) -> torch.Tensor:
+    """(H·W, 2) query positions of DAT's bias displacements: the H × W reference points (DAT v1), or
+    i / (n - 1) · 2 - 1 (DAT++)."""
+    if version == "dat":
+        return deformable_reference_points(height, width, "dat").reshape(-1, 2)
+    return torch.tensor([[i / (height - 1) * 2 - 1, j / (width - 1) * 2 - 1]
+                         for i in range(height) for j in range(width)], dtype=torch.float64)
+
+
+def deformable_offset_bound(grid_h: int, grid_w: int, factor: float, version: str) -> torch.Tensor | None:
+    """f / Hk, f / Wk (DAT v1, f > 0) or f / (Hk - 1), f / (Wk - 1) (DAT++, f >= 0); None: unbounded. DAT
+    computes 1 / cells in float32 (torch's default dtype) whatever the input's dtype, and so does this."""
+    if (version == "dat" and factor <= 0) or (version != "dat" and factor < 0):
+        return None
+    cells = (grid_h, grid_w) if version == "dat" else (grid_h - 1, grid_w - 1)
+    inverse = [float(torch.tensor(1.0 / n, dtype=torch.float32)) for n in cells]
+    return torch.tensor([inverse[0] * factor, inverse[1] * factor], dtype=torch.float64)
 
 
 def deformable_offsets(module, q: torch.Tensor) -> torch.Tensor:
@@ -320,17 +357,22 @@ def deformable_offsets(module, q: torch.Tensor) -> torch.Tensor:
     groups = module.n_groups
     grouped = q.permute(0, 3, 1, 2).reshape(batch * groups, channels // groups, height, width)
     dw, norm, _, point = module.conv_offset
-    out = F.conv2d(grouped, dw.weight, dw.bias, stride=dw.stride, padding=dw.padding, groups=dw.groups)
+    ksize, stride = module.ksize, module.stride
+    padding = ksize // 2 if module.version == "dat" or ksize != stride else 0  # DAT++: none when ksize == stride
+    out = F.conv2d(grouped, dw.weight, dw.bias, stride=stride, padding=padding, groups=dw.groups)
     out = F.layer_norm(out.permute(0, 2, 3, 1), (out.shape[1],), norm.norm.weight, norm.norm.bias)
     out = F.conv2d(F.gelu(out).permute(0, 3, 1, 2), point.weight)
     return out.permute(0, 2, 3, 1)
 
 
 def deformable(module, x: torch.Tensor) -> torch.Tensor:
-    """DAT deformable attention: offsets bounded by tanh (or positions clamped), keys/values sampled with the
-    written-out bilinear interpolation, the bias table sampled the same way at (query - key) / 2."""
+    """DAT (v1) / DAT++ deformable attention: offsets bounded by tanh (or positions squashed / clamped), keys
+    and values sampled with the written-out bilinear interpolation, the bias table sampled the same way at
+    (query - key) / 2; reference and query points as ``module.version`` defines them."""
     batch, height_in, width_in, channels = x.shape
-    height, width = max(height_in, 2 * module.stride), max(width_in, 2 * module.stride)
+    version = module.version
+    least = 1 if version == "dat" else 2 * module.stride  # DAT++ divides by n - 1: padded up to 2 · stride
+    height, width = max(height_in, least), max(width_in, least)
     x = _pad(x, height, width)
     groups, heads = module.n_groups, module.num_heads
     group_channels, group_heads = channels // groups, heads // groups
@@ -338,11 +380,12 @@ def deformable(module, x: torch.Tensor) -> torch.Tensor:
     offset = deformable_offsets(module, q)
     grid_h, grid_w = offset.shape[1:3]
     factor = module.offset_range_factor
-    if factor >= 0:
-        offset = offset.tanh() * torch.tensor([factor / (grid_h - 1), factor / (grid_w - 1)], dtype=x.dtype)
-    positions = offset + deformable_reference_points(grid_h, grid_w)
+    bound = deformable_offset_bound(grid_h, grid_w, factor, version)
+    if bound is not None:
+        offset = offset.tanh() * bound
+    positions = offset + deformable_reference_points(grid_h, grid_w, version)
     if factor < 0:
-        positions = positions.clamp(-1, 1)
+        positions = positions.tanh() if version == "dat" else positions.clamp(-1, 1)
     positions = positions.reshape(batch, groups, grid_h * grid_w, 2)
     sampled = torch.cat([
         torch.stack([bilinear(x[b, :, :, g * group_channels:(g + 1) * group_channels].permute(2, 0, 1),
@@ -351,8 +394,7 @@ def deformable(module, x: torch.Tensor) -> torch.Tensor:
     ], dim=-1)  # (B, Ns, C)
     k = F.linear(sampled, module.proj_k.weight.flatten(1), module.proj_k.bias)
     v = F.linear(sampled, module.proj_v.weight.flatten(1), module.proj_v.bias)
-    query_points = torch.tensor([[i / (height - 1) * 2 - 1, j / (width - 1) * 2 - 1]
-                                 for i in range(height) for j in range(width)], dtype=x.dtype)
+    query_points = deformable_query_points(height, width, version)
     outputs = []
     for b in range(batch):
         bias = None

@@ -161,7 +161,7 @@ SUITE = """
 name: tiny_ablation
 device: cpu
 measures: [accuracy, params, flops, latency]
-repeats: {{warmup_iters: 1, warmup_time_s: 0.0, min_samples: 2, max_samples: 2, max_time_s: 0.1}}
+repeats: {{warmup_iters: 1, warmup_time_s: 0.0, min_samples: 5, max_samples: 5, min_run_time_s: 0, max_time_s: 0.1}}
 grid:
   model:
     - {{name: biformer_stl, label: bra, paper: bra, options: {{attention: bra}}}}

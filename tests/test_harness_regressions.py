@@ -25,7 +25,7 @@ name: reg
 device: cpu
 imports: [tests.faulty_mechanisms]
 measures: {measures}
-repeats: {{warmup_iters: 1, warmup_time_s: 0, min_samples: 2, max_samples: 3, max_time_s: 0.1}}
+repeats: {{warmup_iters: 1, warmup_time_s: 0, min_samples: 5, max_samples: 5, min_run_time_s: 0, max_time_s: 0.1}}
 grid:
   mechanism: {mechanisms}
   shape: [{{name: s, height: 4, width: 4, dim: 8, heads: 2}}]

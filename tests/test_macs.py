@@ -28,6 +28,7 @@ CASES = [
     ("axial", dict(), {"_safe_softmax"}),
     ("axial", dict(composition="sequential"), {"_safe_softmax"}),
     ("cswin", dict(split_size=2), set()),
+    ("cswin", dict(split_size=4), set()),  # 14 and 21 and 35 and 49 are not multiples of 4: padded per branch
     ("cswin", dict(split_size=7, last_stage=True), set()),
     ("neighborhood", dict(kernel_size=7), {"_softmax", "index", "floor_divide"}),  # the k² gather
     ("neighborhood", dict(kernel_size=5, dilation=2, rel_pos_bias=False), {"_softmax", "index", "floor_divide"}),
@@ -35,6 +36,11 @@ CASES = [
     ("spatial_reduction", dict(sr_ratio=1), set()),
     ("deformable", dict(n_groups=2), {"grid_sampler_2d", "native_layer_norm"}),
     ("deformable", dict(n_groups=4, stride=2, ksize=3, use_pe=False), {"grid_sampler_2d", "native_layer_norm"}),
+    ("deformable", dict(n_groups=2, stride=4, ksize=4, offset_range_factor=-1.0, version="dat++"),
+     {"grid_sampler_2d", "native_layer_norm"}),  # ksize == stride: no padding in DAT++
+    ("deformable", dict(n_groups=2, version="dat"), {"grid_sampler_2d", "native_layer_norm"}),
+    ("deformable", dict(n_groups=4, stride=2, ksize=2, version="dat", use_pe=False),
+     {"grid_sampler_2d", "native_layer_norm"}),  # DAT v1 pads by ksize // 2 even when ksize == stride
     ("quadtree", dict(levels=3), QUADTREE_UNCOUNTED),
     ("quadtree", dict(levels=4, topks=(2, 4, 8), lepe=False), QUADTREE_UNCOUNTED),
 ]

@@ -24,7 +24,7 @@ device: cpu
 imports: [tests.faulty_mechanisms]
 timeout_s: {timeout}
 measures: [params, flops, latency]
-repeats: {{warmup_iters: 1, warmup_time_s: 0, min_samples: 2, max_samples: 3, max_time_s: 0.1}}
+repeats: {{warmup_iters: 1, warmup_time_s: 0, min_samples: 5, max_samples: 5, min_run_time_s: 0, max_time_s: 0.1}}
 grid:
   mechanism: [{mechanisms}]
   shape: [{{name: s, height: 4, width: 4, dim: 8, heads: 1}}]
@@ -117,7 +117,7 @@ def test_a_model_suite_measures_whole_models_and_renders_the_model_table(tmp_pat
         name: models
         device: cpu
         measures: [params, flops, latency]
-        repeats: {warmup_iters: 1, warmup_time_s: 0, min_samples: 2, max_samples: 2, max_time_s: 0.1}
+        repeats: {warmup_iters: 1, warmup_time_s: 0, min_samples: 5, max_samples: 5, min_run_time_s: 0, max_time_s: 0.1}
         grid:
           model: [{name: biformer_tiny, label: BiFormer-T, paper: biformer_tiny}]
           image_size: [112]

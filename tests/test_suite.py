@@ -53,7 +53,7 @@ def test_zip_ties_axes(tmp_path):
 def test_profile_merges_over_the_base(tmp_path):
     suite = load_suite(write(tmp_path, BASE), profile="quick")
     assert suite.grid.mode == ["forward"] and suite.repeats.max_time_s == 0.5
-    assert suite.repeats.min_samples == 5  # untouched fields keep the base's values
+    assert suite.repeats.min_samples == 10  # untouched fields keep the base's values
     assert len(expand(suite)) == 4
 
 
@@ -76,7 +76,9 @@ def test_presets_fill_in_sizes(tmp_path):
 def test_dry_run_lists_the_cases(tmp_path, capsys):
     assert main(["run", "--dry-run", str(write(tmp_path, BASE))]) == 0
     out = capsys.readouterr().out
-    assert out.strip().endswith("8 cases") and out.count(" bra @ ") == 4
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("8 cases of suite 't' (") and "profile (none)" in last and out.count(" bra @ ") == 4
+    assert last.endswith("no earlier run of these cases to estimate the time from")
 
 
 MALFORMED = {

@@ -56,12 +56,45 @@ def test_axial_matches_definition(composition, size):
     check(make("axial", composition=composition), oracles.axial, size, scale=(DIM // 4) ** -0.5)
 
 
+@pytest.mark.parametrize("size", [(6, 6), (5, 9), (1, 7)])
+def test_axial_parallel_is_cswin_split_1_without_lepe_with_the_same_weights(size):
+    """CSWin's split-1 branch 0 (the first channel half) attends along columns, branch 1 along rows; axial's
+    parallel head split has the same order, so CSWin's qkv / proj load into it strictly as the same function
+    once CSWin's LePE convs are zero."""
+    cswin = make("cswin", split_size=1)
+    for branch in cswin.attns:
+        torch.nn.init.zeros_(branch.get_v.weight)
+        torch.nn.init.zeros_(branch.get_v.bias)
+    axial = make("axial")
+    shared = {name: tensor for name, tensor in cswin.state_dict().items() if not name.startswith("attns.")}
+    axial.load_state_dict(shared, strict=True)
+    x = torch.randn(2, *size, DIM, dtype=torch.float64)
+    torch.testing.assert_close(axial(x), cswin(x), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("split_size,last_stage,size", [
     (2, False, (8, 8)), (2, False, (7, 9)), (1, False, (5, 6)), (3, False, (10, 4)), (7, True, (7, 7)),
-    (7, True, (5, 9)),
+    (7, True, (5, 9)), (2, False, (9, 9)), (7, False, (23, 37)), (4, False, (6, 5)), (5, False, (3, 2)),
 ])
 def test_cswin_matches_definition(split_size, last_stage, size):
+    """Sizes that are not stripe multiples included: padded per branch, centred, after the projection."""
     check(make("cswin", split_size=split_size, last_stage=last_stage), oracles.cswin, size)
+
+
+def test_cswin_pads_each_branch_with_exact_zeros_along_its_own_axis_only():
+    """A 9 × 9 map, split 2: branch 0 sees 9 × 10 (a zero column on the right, none on the left: ⌊1/2⌋ = 0),
+    branch 1 10 × 9 (a zero row at the bottom); the padded tokens carry no qkv bias."""
+    from attentions.cswin import pad_centred
+
+    module = make("cswin", split_size=2)
+    x = torch.randn(1, 9, 9, DIM, dtype=torch.float64)
+    q = module.qkv(x)[..., :DIM]
+    padded_w, before_w = pad_centred(q, 2, 2)
+    padded_h, before_h = pad_centred(q, 1, 2)
+    assert padded_w.shape[1:3] == (9, 10) and padded_h.shape[1:3] == (10, 9) and before_w == before_h == 0
+    assert padded_w[:, :, 9].abs().max() == 0 and padded_h[:, 9].abs().max() == 0
+    wide, before = pad_centred(torch.ones(1, 2, 9, 1), 2, 7)  # 9 -> 14: 2 before, 3 after
+    assert before == 2 and wide[0, 0, :, 0].tolist() == [0, 0] + [1] * 9 + [0, 0, 0]
 
 
 @pytest.mark.parametrize("kernel,dilation,size,rpb", [

@@ -8,8 +8,10 @@ final BatchNorm. With BRA (n_win 7, topks 1/4/16, full attention + LePE in stage
 
 ``attention`` replaces BRA by any registered mechanism, stage by stage, with everything else fixed: this is
 the model the attention ablation compares. ``ABLATION_ATTENTION`` gives each built-in mechanism the
-per-stage options of its own paper's Swin-T-sized model. The architecture-ablation path from STL toward
-BiFormer-S (``ARCHITECTURE_PATH``) changes the macro design with BRA fixed.
+per-stage options (and, for DAT, the block layout) of its own paper's Swin-T-sized model;
+``ABLATION_VARIANTS`` holds further layouts (DAT++'s all-stage deformable attention). The
+architecture-ablation path from STL toward BiFormer-S (``ARCHITECTURE_PATH``) changes the macro design with
+BRA fixed.
 """
 
 from __future__ import annotations
@@ -26,15 +28,53 @@ import attentions
 
 from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
-StageAttention = Mapping[str, Any]  # {"name": ..., "options": {...}, "odd_block_options": {...}}
+# One stage's attention: {"name": ..., "options": {...}} for every block, plus either "odd_block_options"
+# (merged into the options of blocks 1, 3, ...: Swin's shifted windows) or "odd_block" (a whole other
+# {"name", "options"} for blocks 1, 3, ...: DAT's local / deformable alternation; a stage of one block, as in
+# scaled-down demos, runs the odd block, so that the row's own mechanism is still there).
+StageAttention = Mapping[str, Any]
+
+DAT_V1 = "LeapLabTHU/DAT configs/dat_tiny.yaml @ 566a593"  # DAT-T, the BiFormer paper's ablation row
+DAT_PP = "LeapLabTHU/DAT configs/dat_tiny.yaml @ 32173fc"  # DAT++-T (main)
 
 
 def _swin_stage(shift: bool) -> dict[str, Any]:
     return {"name": "swin", "options": {"window_size": 7}, "odd_block_options": {"shift_size": 3} if shift else {}}
 
 
+def _dat_v1_stage(stage: int) -> dict[str, Any]:
+    """DAT-T v1's stage (configs/dat_tiny.yaml @ 566a593, lines 12-20): stage_spec [[L, S], [L, S],
+    [L, D, L, D, L, D], [L, D]], window 7. L is window attention without a shift; S shifts by
+    ceil(7 / 2) = 4 (models/dat.py line 61); D is DAttention v1 with groups [-, -, 3, 6], stride 1,
+    offset_range_factor 2, use_pe, the offset kernel ksizes[stage] of [9, 7, 5, 3] (models/dat_blocks.py
+    lines 153-154) and the bias table of the stage's map (models/dat.py line 55: fmap_size; 14, 7 at 224²)."""
+    local = {"name": "swin", "options": {"window_size": 7}}
+    if stage < 2:
+        return {**local, "odd_block_options": {"shift_size": 4}}
+    deformable = {"n_groups": (3, 6)[stage - 2], "stride": 1, "ksize": (9, 7, 5, 3)[stage],
+                  "offset_range_factor": 2.0, "use_pe": True, "rpe_table_size": (56, 28, 14, 7)[stage],
+                  "version": "dat"}
+    return {**local, "odd_block": {"name": "deformable", "options": deformable}}
+
+
+def _dat_pp_stage(stage: int) -> dict[str, Any]:
+    """DAT++-T's stage (configs/dat_tiny.yaml @ 32173fc, lines 12-26): stage_spec N, D alternating in stages
+    1-3 and D, D in stage 4; N is 7×7 neighborhood attention (nat_ksizes 7); D is DAttention (DAT++) with
+    groups [1, 2, 4, 8], strides [8, 4, 2, 1], ksizes [9, 7, 5, 3], offset_range_factor -1, use_pe, and the
+    bias table of the stage's map (56, 28, 14, 7 at 224²). DAT++-T's other changes (conv stem, LPU, conv MLP,
+    depths 2-4-18-2) are architecture, not attention, and are not applied: STL stays fixed."""
+    deformable = {"name": "deformable", "options": {
+        "n_groups": (1, 2, 4, 8)[stage], "stride": (8, 4, 2, 1)[stage], "ksize": (9, 7, 5, 3)[stage],
+        "offset_range_factor": -1.0, "use_pe": True, "rpe_table_size": (56, 28, 14, 7)[stage],
+        "version": "dat++"}}
+    if stage == 3:
+        return deformable
+    return {"name": "neighborhood", "options": {"kernel_size": 7}, "odd_block": deformable}
+
+
 # Per-stage attention of each mechanism in the STL backbone (224² input: maps 56, 28, 14, 7), from the
-# mechanism's own ~4.5 GMAC model; None is BiFormer's BRA.
+# mechanism's own ~4.5 GMAC model; None is BiFormer's BRA. "deformable" is DAT-T v1 (the BiFormer paper's
+# deformable row, 82.0): local window attention in stages 1-2, local and deformable blocks alternating in 3-4.
 ABLATION_ATTENTION: dict[str, list[StageAttention] | None] = {
     "bra": None,
     "full": [{"name": "full"}] * 4,
@@ -46,9 +86,12 @@ ABLATION_ATTENTION: dict[str, list[StageAttention] | None] = {
              + [{"name": "cswin", "options": {"split_size": 7, "last_stage": True}}],
     "neighborhood": [{"name": "neighborhood", "options": {"kernel_size": 7}}] * 4,
     "spatial_reduction": [{"name": "spatial_reduction", "options": {"sr_ratio": r}} for r in (8, 4, 2, 1)],
-    "deformable": [{"name": "deformable", "options": {"n_groups": g, "ksize": k, "rpe_table_size": t}}
-                   for g, k, t in ((1, 9, 56), (2, 7, 28), (3, 5, 14), (6, 3, 7))],
+    "deformable": [_dat_v1_stage(stage) for stage in range(4)],
     "quadtree": [{"name": "quadtree", "options": {"levels": n}} for n in (4, 3, 2, 1)],
+}
+# Further named layouts of a mechanism: DAT++-T's all-stage deformable layout.
+ABLATION_VARIANTS: dict[str, list[StageAttention]] = {
+    "deformable_datpp": [_dat_pp_stage(stage) for stage in range(4)],
 }
 
 
@@ -98,10 +141,12 @@ class BiFormerSTL(PyramidClassifier):
                  num_classes: int = 1000, bra_impl: str = "auto") -> None:
         super().__init__()
         self.bra_impl = bra_impl
+        self.depths = tuple(depths)
         if isinstance(attention, str):
-            if attention not in ABLATION_ATTENTION:
-                raise ValueError(f"attention={attention!r}: named configurations are {', '.join(ABLATION_ATTENTION)}")
-            attention = ABLATION_ATTENTION[attention]
+            named = {**ABLATION_ATTENTION, **ABLATION_VARIANTS}
+            if attention not in named:
+                raise ValueError(f"attention={attention!r}: named configurations are {', '.join(named)}")
+            attention = named[attention]
         if attention is not None and len(attention) != 4:
             raise ValueError(f"attention needs one entry per stage (4), got {len(attention)}")
         self.attention = [dict(stage) for stage in attention] if attention is not None else None
@@ -137,6 +182,8 @@ class BiFormerSTL(PyramidClassifier):
             bra_options = {"impl": self.bra_impl} if topk > 0 else {}
             return biformer_attention(dim, dim // head_dim, topk, n_win, side_dwconv, **bra_options)
         spec = self.attention[stage]
+        if "odd_block" in spec and (block % 2 or self.depths[stage] == 1):
+            spec = spec["odd_block"]  # a one-block stage cannot alternate: it runs the row's own mechanism
         options = {**spec.get("options", {}), **(spec.get("odd_block_options", {}) if block % 2 else {})}
         heads = options.pop("num_heads", dim // head_dim)
         return attentions.create(spec["name"], dim=dim, num_heads=heads, **options)

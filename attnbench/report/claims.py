@@ -205,7 +205,7 @@ def speed_row(quadtree_run: Path | None) -> ClaimRow:
         if len(table):
             parts = []
             for (group, bra), rows in table.groupby(["group", "bra"], sort=False):
-                ratios = [float(text.rstrip("×")) for text in rows["ours: quadtree ms / bra ms"]]
+                ratios = [float(text.split("×")[0]) for text in rows["ours: quadtree ms / bra ms"]]
                 parts.append(f"{bra}, {group}: {min(ratios):.2f}–{max(ratios):.2f}× over {len(ratios)} shapes")
             device = frame["device"].iloc[0]
             ours = "; ".join(parts)

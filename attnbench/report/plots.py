@@ -21,28 +21,64 @@ def _slug(text: str) -> str:
     return "".join(char if char.isalnum() else "_" for char in text).strip("_")
 
 
+def _is_scaling_curve(frame: pd.DataFrame) -> bool:
+    """True when the group's shapes differ only in H·W (same channels and heads): a scaling curve whose points
+    may be joined and compared with O(N), O(N^4/3), O(N²). Stages of a backbone (other C) are not one curve."""
+    return frame[["dim", "heads"]].drop_duplicates().shape[0] == 1
+
+
+def _error(series: pd.DataFrame, column: str):
+    """Half the IQR as the error bar of a latency-derived column; None for the others."""
+    if column != "images_per_s" or series["iqr_ms"].isna().all():
+        return None
+    relative = series["iqr_ms"] / 2 / series["median_ms"]
+    return relative * series[column]
+
+
+def _references(axes, data: pd.DataFrame, column: str) -> None:
+    """O(N), O(N^{4/3}), O(N²) guides through the median of the smallest token count."""
+    first = data[data["tokens"] == data["tokens"].min()][column].median()
+    n0, n1 = data["tokens"].min(), data["tokens"].max()
+    sign = -1 if column == "images_per_s" else 1  # throughput falls as cost rises
+    for exponent, style in ((1.0, ":"), (4 / 3, "-."), (2.0, "--")):
+        label = {1.0: "O(N)", 4 / 3: "O(N^4/3)", 2.0: "O(N²)"}[exponent]
+        axes.plot([n0, n1], [first, first * (n1 / n0) ** (sign * exponent)], style, color="grey", linewidth=0.9,
+                  label=f"{label} reference")
+
+
 def make_plots(frame: pd.DataFrame, title: str, directory: Path) -> list[Path]:
-    """PNGs for one group of cases; none when the group has a single token count."""
-    ok = frame[frame["status"] == "ok"]
-    if ok["tokens"].nunique() < 2:
+    """PNGs for one group of cases (log–log against tokens); none when the group has a single token count.
+    Error bars: half the IQR; failed cases: a red cross at the bottom of the axis; a scaling curve (shapes that
+    differ only in H·W) is joined and shown beside O(N), O(N^4/3) and O(N²) guides, stages of a backbone are
+    points only."""
+    if frame["tokens"].nunique() < 2:
         return []
+    ok, failed = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    curve = _is_scaling_curve(frame)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for column, ylabel, name in PLOTS:
         data = ok[pd.to_numeric(ok[column], errors="coerce") > 0]  # log axes: no zero (no measurable rise), no gap
         if data.empty:
             continue
-        figure, axes = plt.subplots(figsize=(6.4, 4.2))
+        figure, axes = plt.subplots(figsize=(7.6, 4.2))
         for label, series in data.groupby("label", sort=False):
             series = series.sort_values("tokens")
-            axes.plot(series["tokens"], series[column], marker="o", label=label)
+            axes.errorbar(series["tokens"], series[column].astype(float), yerr=_error(series, column), marker="o",
+                          linestyle="-" if curve else "none", capsize=2, label=label)
+        if curve and data["tokens"].nunique() >= 2:
+            _references(axes, data, column)
+        if len(failed):
+            bottom = data[column].astype(float).min()
+            axes.scatter(failed["tokens"], [bottom] * len(failed), marker="x", color="red", zorder=5,
+                         label="failed (" + ", ".join(sorted(set(failed["status"]))) + ")")
         axes.set_xscale("log")
         axes.set_yscale("log")
-        axes.set_xlabel("tokens (H·W)")
+        axes.set_xlabel("tokens (H·W)" + ("" if curve else " — stages differ in C: points, not a curve"))
         axes.set_ylabel(ylabel)
         axes.set_title(title, fontsize=9)
         axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         figure.tight_layout()
         path = directory / f"{name}_{_slug(title)}.png"
         figure.savefig(path, dpi=110)

@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from ..paper import paper_figures
 from ..records import RecordStore
+from .flags import MARK, add_flags
 from .frame import records_frame
 from .sections import SECTIONS, Run
 
@@ -21,7 +22,13 @@ def _environment(run: dict) -> str:
         ("device", f"{env['device']} ({env['device_name']})"), ("threads", env["threads"]),
         ("torch", f"{env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']})"), ("python", env["python"]),
         ("attnbench", f"{env['attnbench']} @ {(env['git_sha'] or 'unknown')[:12]}"
-                      f"{' (uncommitted changes)' if env['git_dirty'] else ''}"),
+                      + {True: " (uncommitted changes)", "unknown": " (not a git checkout)"}.get(env["git_dirty"], "")),
+        *([("timm / xformers / natten", f"{env['timm']} / {env.get('xformers') or '–'} / {env.get('natten') or '–'}")]
+          if "timm" in env else []),
+        *([("plug-ins", ", ".join(f"{name} {version}" for name, version in env["plugins"].items()))]
+          if env.get("plugins") else []),
+        *([("load average at start (1, 5, 15 min)", ", ".join(map(str, env["load_average"])))]
+          if env.get("load_average") else []),
         ("TF32 matmul / cuDNN", f"{env['tf32_matmul']} / {env['tf32_cudnn']}"),
         ("dense GEMM rate (2048³, same run)", rates or "not measured"),
         ("started", env["time"]),
@@ -57,9 +64,14 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run = Run(run_dir, json.loads((run_dir / "run.json").read_text()))
     records = RecordStore(run_dir / "records.jsonl").latest()
-    frame = records_frame(records)
+    frame = add_flags(records_frame(records), run.info["environment"].get("cpu_count"))
     statuses = frame["status"].value_counts().to_dict() if len(frame) else {}
     lines = _header(run_dir, run.info, len(records), statuses)
+    flagged = int((frame["flags"] != "").sum()) if len(frame) else 0
+    if flagged:
+        lines += [f"**{flagged} of {int(frame['median_ms'].notna().sum())} timed cases are flagged {MARK}** (wide "
+                  "spread, no convergence, load changing during the case, or a roofline above 100%): see the notes "
+                  "under their tables; their figures are printed, not trusted.", ""]
     if frame.empty:
         lines.append("_No records yet._")
     for section in SECTIONS:
@@ -67,4 +79,23 @@ def build_report(run_dir: str | Path) -> Path:
             lines += section.render(frame, run)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n")
+    _write_table(frame, run_dir / "records.csv", "csv")
     return path
+
+
+def _write_table(frame, path: Path, fmt: str) -> Path:
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", indent=1)
+    return path
+
+
+def export(run_dir: str | Path, fmt: str) -> Path:
+    """Write the run's report frame (one flat row per case, flags included) as ``records.csv`` or
+    ``records.json`` beside its records; returns the path."""
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    frame = add_flags(records_frame(RecordStore(run_dir / "records.jsonl").latest()),
+                      run["environment"].get("cpu_count"))
+    return _write_table(frame, run_dir / f"records.{'csv' if fmt == 'csv' else 'json'}", fmt)

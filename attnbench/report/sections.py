@@ -17,11 +17,13 @@ from tabulate import tabulate
 
 from ..measure import MEASURES
 from ..paper import figure
+from .flags import footnote
 from .plots import make_plots
 from .tables import (
     ablation_table,
     bra_formula_table,
-    complexity_table,
+    complexity_tables,
+    configurations_table,
     failures_table,
     groups,
     latency_table,
@@ -86,8 +88,34 @@ class Models(Section):
             lines += [f"## Models: {title}", "",
                       "Ours: params, GMACs (FlopCounterMode ÷ 2, the paper's convention) and GFLOPs per image, latency "
                       "per batch and throughput. *Paper* columns: the published figures (ImageNet-1K top-1 is the "
-                      "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), ""]
+                      "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), "",
+                      *footnote(group)]
         return lines
+
+
+class Configurations(Section):
+    """Every mechanism's options per shape, the backend that ran, its cost and keys per query, and the upstream
+    configuration the options follow: what a reader checks before trusting a row."""
+
+    kind = "attention"
+
+    def render(self, frame, run):
+        return ["## Configurations", "",
+                "Each mechanism as its own paper configures it at these shapes (options from the upstream file "
+                "named in *source*); *backend*: the implementation that ran (`impl=auto` resolved per shape). "
+                "Every mechanism here is unfused PyTorch on this device unless its backend says otherwise.", "",
+                markdown(configurations_table(self.rows(frame)), index=False), ""]
+
+
+class ModelConfigurations(Section):
+    """Each model's options, the backends its mechanisms ran on, and the upstream configuration it follows."""
+
+    kind = "model"
+
+    def render(self, frame, run):
+        table = configurations_table(self.rows(frame))[["mechanism", "shape", "options", "backend", "source"]]
+        return ["## Model configurations", "", markdown(table.rename(columns={"mechanism": "model"}), index=False),
+                ""]
 
 
 class Speed(Section):
@@ -117,8 +145,11 @@ class Speed(Section):
                              markdown(speedup_table(group, baseline)), ""] if baseline else []),
                           "Achieved FLOP/s as a fraction of the dense GEMM rate measured in the same run (roofline):",
                           "", markdown(roofline_table(group)), ""]
+            lines += footnote(group)
             if group["peak_mib"].notna().any():
-                lines += ["Peak memory, MiB (activations and workspace beyond module and inputs):", "",
+                lines += ["Memory, MiB: each cell is the step's **peak** (everything alive at its highest point), "
+                          "then in brackets the **activations** (the part beyond the module's weights and its "
+                          "input: activations, gradients, workspace):", "",
                           markdown(memory_table(group)), ""]
             for path in make_plots(group, title, run.directory / "plots"):
                 lines += [f"![{path.stem}](plots/{path.name})", ""]
@@ -132,10 +163,10 @@ class Complexity(Section):
         return super().applies(frame, run) and self.rows(frame)["analytic_gmacs_per_image"].notna().any()
 
     def render(self, frame, run):
-        return ["## Complexity (per image, forward)", "",
-                "analytic GMACs (paper convention) / FlopCounterMode GFLOPs (2 per MAC; blind to grid_sample, "
-                "top-k, gather) / keys attended per query (density = keys ÷ H·W):", "",
-                markdown(complexity_table(self.rows(frame))), ""]
+        lines = ["## Complexity (per image, forward)", ""]
+        for title, table in complexity_tables(self.rows(frame)):
+            lines += [title, "", markdown(table), ""]
+        return lines
 
 
 class BraFormula(Section):
@@ -203,7 +234,8 @@ class Failures(Section):
         return ["## Cases that did not finish", "", markdown(failures_table(frame), index=False), ""]
 
 
-SECTIONS: list[Section] = [Ablation(), Models(), Speed(), Complexity(), BraFormula(), QuadtreeClaim(),
+SECTIONS: list[Section] = [Ablation(), Models(), ModelConfigurations(), Configurations(), Speed(),
+                           Complexity(), BraFormula(), QuadtreeClaim(),
                            MeasureTables(), Failures()]
 
 from . import claims, provenance, scaling  # noqa: E402  (sections of their own files, which import this one)

@@ -15,6 +15,7 @@ import attentions
 
 from ..paper import PaperFigure, bra_paper_macs, figure, paper_figures
 from ..status import Status
+from .flags import MARK
 
 GROUP = ["device", "dtype", "mode", "batch"]
 
@@ -31,15 +32,21 @@ def _row_labels(frame: pd.DataFrame, columns: str) -> pd.Series:
     return frame["label"].where(~shared, frame["label"] + " " + frame["options"])
 
 
-def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape") -> pd.DataFrame:
-    """Rows: labels in suite order; columns: ``columns`` values in suite order; cells from ``cell(row)``."""
+def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape",
+           timing: bool = False) -> pd.DataFrame:
+    """Rows: labels in suite order; columns: ``columns`` values in suite order; cells from ``cell(row)``;
+    ``timing``: a cell whose case is flagged (flags.py) carries the mark."""
     labels = _row_labels(frame, columns)
     rows = list(dict.fromkeys(labels))
     cols = list(dict.fromkeys(frame[columns]))
     table = pd.DataFrame("", index=pd.Index(rows, name="mechanism"), columns=cols)
     for (_, row), label in zip(frame.iterrows(), labels, strict=True):
-        table.loc[label, row[columns]] = failed_cell(row["status"]) or cell(row)
+        table.loc[label, row[columns]] = failed_cell(row["status"]) or (cell(row) + _mark(row, timing))
     return table
+
+
+def _mark(row: pd.Series, timing: bool) -> str:
+    return f" {MARK}" if timing and isinstance(row.get("flags"), str) and row.get("flags") else ""
 
 
 def _shape_header(frame: pd.DataFrame) -> dict[str, str]:
@@ -58,12 +65,12 @@ def groups(frame: pd.DataFrame):
 def latency_table(frame: pd.DataFrame) -> pd.DataFrame:
     def cell(row):
         return _number(row.median_ms, "{:.2f}") + _number(_scaled(row.iqr_ms, 0.5), " (±{:.2f})")
-    table = _pivot(frame, cell)
+    table = _pivot(frame, cell, timing=True)
     return table.rename(columns=_shape_header(frame))
 
 
 def throughput_table(frame: pd.DataFrame) -> pd.DataFrame:
-    table = _pivot(frame, lambda row: _number(row.images_per_s, "{:,.1f}"))
+    table = _pivot(frame, lambda row: _number(row.images_per_s, "{:,.1f}"), timing=True)
     return table.rename(columns=_shape_header(frame))
 
 
@@ -75,16 +82,17 @@ def speedup_table(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
         if row["shape"] not in base.index or pd.isna(row.median_ms):
             return "no baseline" if row["shape"] not in base.index else ""
         return f"{base[row['shape']] / row.median_ms:.2f}×"
-    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+    return _pivot(frame, cell, timing=True).rename(columns=_shape_header(frame))
 
 
 def roofline_table(frame: pd.DataFrame) -> pd.DataFrame:
     def cell(row):
-        return "" if pd.isna(row.fraction_of_gemm) else f"{100 * row.fraction_of_gemm:.1f}%"
-    return _pivot(frame, cell).rename(columns=_shape_header(frame))
+        return _number(_scaled(row.fraction_of_gemm, 100), "{:.1f}%")
+    return _pivot(frame, cell, timing=True).rename(columns=_shape_header(frame))
 
 
 def memory_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each cell: the step's total peak, then in brackets the part above the module and its input."""
     def cell(row):
         return "not measured" if pd.isna(row.peak_mib) else f"{row.peak_mib:,.1f} ({row.activation_mib:,.1f})"
     return _pivot(frame, cell).rename(columns=_shape_header(frame))
@@ -96,15 +104,28 @@ def _forward(frame: pd.DataFrame) -> pd.DataFrame:
     return forward.drop_duplicates(["label", "shape"])
 
 
-def complexity_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per image: analytic GMACs (the paper's convention) / FlopCounterMode GFLOPs (2 per MAC) / keys per query."""
-    forward = _forward(frame)
+def complexity_tables(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per image, one table per quantity, each at one precision: analytic GMACs (the paper's convention),
+    FlopCounterMode GFLOPs (2 per MAC) and keys attended per query (with the density keys ÷ H·W). One row per
+    (mechanism, shape) from its forward cases; a case that failed shows its status."""
+    forward = frame[frame["mode"] == "forward"]
+    measured = forward[forward["analytic_gmacs_per_image"].notna()].drop_duplicates(["label", "shape"])
+    failed = forward[(forward["status"] != "ok")].drop_duplicates(["label", "shape"])
+    rows = pd.concat([measured, failed[~failed.set_index(["label", "shape"]).index.isin(
+        measured.set_index(["label", "shape"]).index)]]).sort_index()
+    if rows.empty:
+        return []
+    header = _shape_header(rows)
 
-    def cell(row):
-        density = f"{100 * row.density:.1f}%" if not pd.isna(row.density) else "?"
-        return (f"{row.analytic_gmacs_per_image:.4g} / {row.counted_gflops_per_image:.4g} / "
-                f"{row.keys_per_query:.4g} ({density})")
-    return _pivot(forward, cell).rename(columns=_shape_header(forward)) if len(forward) else pd.DataFrame()
+    def keys(row):
+        return _number(row.keys_per_query, "{:.1f}") + _number(_scaled(row.density, 100), " ({:.1f}%)")
+    return [
+        ("Analytic GMACs per image (multiply-adds, the paper's convention):",
+         _pivot(rows, lambda row: _number(row.analytic_gmacs_per_image, "{:.4f}")).rename(columns=header)),
+        ("FlopCounterMode GFLOPs per image (2 per multiply-add; blind to grid_sample, top-k, gather):",
+         _pivot(rows, lambda row: _number(row.counted_gflops_per_image, "{:.4f}")).rename(columns=header)),
+        ("Keys attended per query (density: keys ÷ H·W):", _pivot(rows, keys).rename(columns=header)),
+    ]
 
 
 def _published(table: str, row: str | None, field: str | None = None) -> PaperFigure | None:
@@ -159,10 +180,35 @@ def quadtree_claim_table(frame: pd.DataFrame) -> pd.DataFrame:
             if quadtree.empty:
                 continue
             for _, bra in at_shape[at_shape["mechanism"] == "bra"].iterrows():
+                ratio = quadtree.median_ms.iloc[0] / bra.median_ms
+                flagged = _mark(quadtree.iloc[0], True) or _mark(bra, True)  # either timing is untrustworthy
                 rows.append({"group": title, "shape": shape, "bra": bra["label"],
-                             "ours: quadtree ms / bra ms": f"{quadtree.median_ms.iloc[0] / bra.median_ms:.2f}×",
+                             "ours: quadtree ms / bra ms": f"{ratio:.2f}×{flagged}",
                              "setting": quadtree_setting(bra["device"]), "paper (claim)": claim})
     return _shown(pd.DataFrame(rows), [low, high] if rows else [])
+
+
+NO_SOURCE = "**no source given**"
+
+
+def configurations_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """What each row measured, per mechanism and shape: its options, the backend that ran, analytic GMACs per
+    image, keys per query, and the upstream configuration the options come from (a suite's ``source``). A
+    missing source is said, never left blank."""
+    rows = []
+    for _, row in frame.drop_duplicates(["label", "shape"]).iterrows():
+        options = json.loads(row["options"])
+        impl = options.get("impl", "auto") if row["backend"] else None
+        backend = f"{impl}→{row['backend']}" if impl and impl != row["backend"] else (row["backend"] or "")
+        measured = frame[(frame["label"] == row["label"]) & (frame["shape"] == row["shape"])]
+        gmacs = measured["analytic_gmacs_per_image"].dropna()
+        keys = measured["keys_per_query"].dropna()
+        rows.append({"mechanism": row["label"], "shape": row["shape"],
+                     "options": ", ".join(f"{key}={value}" for key, value in sorted(options.items())) or "defaults",
+                     "backend": backend, "GMACs / image": _number(gmacs.iloc[0] if len(gmacs) else None, "{:.4f}"),
+                     "keys / query": _number(keys.iloc[0] if len(keys) else None, "{:.1f}"),
+                     "source": row["source"] if isinstance(row["source"], str) and row["source"] else NO_SOURCE})
+    return pd.DataFrame(rows)
 
 
 def failures_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -201,8 +247,9 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
         ours = {
             "params (M)": _number(params, "{:.2f}"), "GMACs": _number(gmacs, "{:.3f}"),
             "GFLOPs": _number(row["counted_gflops_per_image"], "{:.3f}"),
-            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(_scaled(row["iqr_ms"], 0.5), " (±{:.1f})"),
-            "images/s": _number(row["images_per_s"], "{:,.1f}"),
+            "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(_scaled(row["iqr_ms"], 0.5), " (±{:.1f})")
+            + _mark(row, True),
+            "images/s": _number(row["images_per_s"], "{:,.1f}") + _mark(row, True),
         }
         rows.append({
             "model": row["label"], "input": row["shape"], **{key: failed or cell for key, cell in ours.items()},
@@ -287,7 +334,9 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
         if row["status"] != "ok":
             score = failed_cell(row["status"])
         elif row["task"] == "classification":
-            score = f"top-1 {_number(row['top1'], '{:.1f}')} / top-5 {_number(row['top5'], '{:.1f}')}"
+            score = f"top-1 {_number(row['top1'], '{:.1f}')}"
+            if pd.isna(row.get("num_classes")) or row["num_classes"] > 5:  # top-5 of ≤ 5 classes is always 100%
+                score += f" / top-5 {_number(row['top5'], '{:.1f}')}"
         else:
             score = f"mIoU {_number(row['miou'], '{:.1f}')} / pixel acc. {_number(row['pixel_accuracy'], '{:.1f}')}"
         rows.append({"mechanism": row["label"], "task": _task_title(row),

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..cases import AccuracyCase, AttentionCase, Case, ModelCase
+from ..cases import AccuracyCase, AttentionCase, Case, ModelCase, Repeats
 from .schema import AXES, MechanismSpec, ModelSpec, ShapeSpec, Suite, TaskSpec
 
 DEFAULTS = {"batch": 1, "dtype": "float32", "mode": "forward"}
@@ -40,7 +40,8 @@ def _combinations(suite: Suite) -> list[dict[str, Any]]:
 
 def _case(suite: Suite, combo: dict[str, Any]) -> Case:
     common = dict(batch=combo["batch"], dtype=combo["dtype"], mode=combo["mode"], device=resolve_device(suite.device),
-                  measures=tuple(suite.measures), repeats=suite.repeats, threads=suite.threads, seed=suite.seed,
+                  measures=tuple(suite.measures), repeats=Repeats(**suite.repeats.model_dump()),
+                  threads=suite.threads, seed=suite.seed,
                   check_correctness=suite.check_correctness, timeout_s=suite.timeout_s, imports=tuple(suite.imports),
                   suite=suite.name)
     if "task" in combo:
@@ -53,7 +54,8 @@ def _case(suite: Suite, combo: dict[str, Any]) -> Case:
     if "model" in combo:
         model = combo["model"]
         return ModelCase(model=model.name, label=model.label or model.name, options=dict(model.options),
-                         source=model.source, image_size=combo["image_size"], paper=model.paper, **common)
+                         source=model.source, image_size=combo["image_size"], paper=model.paper, amp=suite.amp,
+                         channels_last=suite.channels_last, compile=suite.compile, **common)
     spec: MechanismSpec = combo["mechanism"]
     shape: ShapeSpec = combo["shape"]
     return AttentionCase(mechanism=spec.name, label=spec.label or spec.name, source=spec.source,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -55,9 +57,13 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def _first_error(path: Path, error: ValidationError, model: type[BaseModel]) -> SuiteError:
+def _first_error(path: Path, error: ValidationError, model: type[BaseModel],
+                 overridden: set[str] = frozenset()) -> SuiteError:
     detail = error.errors()[0]
     loc = tuple(detail["loc"])
+    dotted = ".".join(str(part) for part in loc)
+    if any(dotted == key or dotted.startswith(key + ".") for key in overridden):
+        path = Path(f"{path} (--set {next(key for key in overridden if dotted.startswith(key))})")
     if detail["type"] == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see the suite schema"
@@ -65,7 +71,7 @@ def _first_error(path: Path, error: ValidationError, model: type[BaseModel]) -> 
     if detail["type"] == "missing":
         return SuiteError(f"{path}: {_location(loc)}: required field is missing")
     message = detail["msg"].removeprefix("Value error, ")
-    return SuiteError(f"{path}: {_location(loc)}: {message} (got {detail.get('input')!r})")
+    return SuiteError(f"{path}: {_location(loc)}: {shorten(message)} (got {shorten(repr(detail.get('input')))})")
 
 
 def _apply_data_roots(suite: Suite, data_roots: dict[str, str]) -> None:
@@ -77,6 +83,72 @@ def _apply_data_roots(suite: Suite, data_roots: dict[str, str]) -> None:
         for task in tasks:
             if task.name == name:
                 task.data.root = root
+
+
+def _suites_directory() -> Path:
+    """The shipped suites: ``suites/`` of the checkout attnbench runs from, else the copy installed with the
+    package (``attnbench/suites``, see pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[2] / "suites"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("attnbench") / "suites"))
+
+
+def shipped_suites() -> dict[str, Path]:
+    """Name -> file of every suite shipped with attnbench."""
+    return {path.stem: path for path in sorted(_suites_directory().glob("*.yaml"))}
+
+
+def resolve_suite(name_or_path: str | Path) -> Path:
+    """A suite file: the path as given when it exists (or looks like a path), else a shipped suite's name."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = shipped_suites()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise SuiteError(f"{name_or_path}: no such suite file, and no shipped suite of that name; shipped: "
+                     f"{', '.join(shipped) or 'none'}")
+
+
+MAX_VALUES = 100_000  # values in a suite once its YAML aliases are expanded
+MAX_CASES = 10_000  # cases a suite may expand to without --allow-large
+MAX_MESSAGE = 300  # characters of a user's value quoted in an error
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as the safe loader reads it, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in keys:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {mark.line + 1})", mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _bounded(path: Path, data: Any) -> None:
+    """Refuse a suite whose aliases expand it beyond ``MAX_VALUES`` values (a 'billion laughs' file), before
+    anything walks it as a tree."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise SuiteError(f"{path}: expands to more than {MAX_VALUES:,} values (nested YAML aliases?)")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def _read_yaml(path: Path) -> Any:
@@ -91,17 +163,70 @@ def _read_yaml(path: Path) -> Any:
     except OSError as error:
         raise SuiteError(f"{path}: cannot read: {error.strerror or error}") from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SuiteError(f"{path}: invalid YAML{where}: {problem}") from None
+        raise SuiteError(f"{path}: invalid YAML{where}: {shorten(problem)}") from None
+    _bounded(path, data)
+    return data
 
 
-def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None) -> Suite:
-    """Read, merge the profile, set ``data_roots`` (task name -> path), validate: a ``SuiteError`` with one line
-    on any problem."""
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    """``raw[a][b] = value`` for ``dotted`` = "a.b"; an axis set in the grid leaves the zip groups."""
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part, {}), dict):
+            raise SuiteError(f"--set {dotted}: {part!r} is not a mapping in this suite")
+        node = node.setdefault(part, {})
+    node[last] = value
+    if parents == ["grid"]:
+        for group in raw.get("zip") or []:
+            if isinstance(group, dict):
+                group.pop(last, None)
+        raw["zip"] = [group for group in raw.get("zip") or [] if group]
+
+
+def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
+    """Keep the cases whose field matches one of the given values (name or label for mechanism/model)."""
+    def value_of(case: Any, field: str) -> set[str]:
+        if field in ("mechanism", "model"):
+            return {getattr(case, "mechanism", None) or getattr(case, "model", None), case.label}
+        if field in ("shape", "task", "image_size"):
+            return {case.column}
+        return {str(getattr(case, field, ""))}
+    cases = expand(suite)
+    for field, values in only.items():
+        if field not in ("mechanism", "model", "label", "shape", "task", "image_size", "batch", "dtype", "mode"):
+            raise SuiteError(f"--only {field}=...: unknown field; use mechanism, model, label, shape, task, "
+                             "image_size, batch, dtype or mode")
+        kept = [case for case in cases if value_of(case, field) & set(values)]
+        if not kept:
+            known = sorted({v for case in cases for v in value_of(case, field) if v})
+            raise SuiteError(f"{path}: --only {field}={','.join(values)}: no case matches; "
+                             f"{field}s: {', '.join(known)}")
+        cases = kept
+    suite._cases = cases
+
+
+def count_cases(suite: Suite) -> int:
+    """How many cases the suite expands to, counted without building them."""
+    count = 1
+    for values in suite.grid.given().values():
+        count *= len(values)
+    for group in suite.zip:
+        count *= len(next(iter(group.given().values()), [None]))
+    return count
+
+
+def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None,
+               overrides: dict[str, Any] | None = None, only: dict[str, list[str]] | None = None,
+               allow_large: bool = False) -> Suite:
+    """Read, merge the profile, then the ``overrides`` (dotted field -> value, as ``--set`` gives them), set
+    ``data_roots`` (task name -> path), validate, and keep the cases that match ``only`` (field -> values): a
+    ``SuiteError`` with one line on any problem."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
@@ -114,13 +239,21 @@ def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[st
         if profile not in base.profiles:
             known = ", ".join(base.profiles) or "none"
             raise SuiteError(f"{path}: profiles: no profile {profile!r}; profiles: {known}")
-        merged = _merge(raw, raw["profiles"][profile] or {})
+        raw = _merge(raw, raw["profiles"][profile] or {})
+    if profile is not None or overrides:
+        for dotted, value in (overrides or {}).items():
+            _set(raw, dotted, value)
         try:
-            base = Suite.model_validate(merged)
+            base = Suite.model_validate(raw)
         except ValidationError as error:
-            raise _first_error(path, error, Suite) from None
+            raise _first_error(path, error, Suite, overridden=set(overrides or {})) from None
+    if count_cases(base) > MAX_CASES and not allow_large:
+        raise SuiteError(f"{path}: grid: expands to {count_cases(base):,} cases, more than {MAX_CASES:,}; "
+                         "narrow it (--only) or pass --allow-large")
     _apply_data_roots(base, data_roots or {})
     _check_semantics(path, base)
+    if only:
+        _only(path, base, only)
     _check_distinct(path, base)
     _check_baseline(path, base)
     return base
@@ -163,6 +296,9 @@ def _check_semantics(path: Path, suite: Suite) -> None:
         lengths = {axis: len(values) for axis, values in group.given().items()}
         if len(set(lengths.values())) > 1:
             raise SuiteError(f"{path}: zip[{index}]: tied axes need equal lengths, got {lengths}")
+    runtime = [name for name in ("amp", "channels_last", "compile") if getattr(suite, name)]
+    if runtime and (tasks or not models):
+        raise SuiteError(f"{path}: {runtime[0]}: applies to suites of whole models (model and image_size axes)")
     if tasks:
         _check_tasks(path, suite)
         return
@@ -184,6 +320,8 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             if unknown:
                 raise SuiteError(f"{where}.{key}: unknown option(s) {', '.join(unknown)} for attention "
                                  f"{spec.name!r}; valid options: {', '.join(valid)}")
+            for option, value in options.items():
+                _check_option_type(f"{where}.{key}.{option}", spec.name, option, value)
         for name in spec.options_by_shape:
             if name not in shape_names:
                 raise SuiteError(f"{where}.options_by_shape: no shape named {name!r}; shapes: {', '.join(shape_names)}")
@@ -196,6 +334,22 @@ def _check_semantics(path: Path, suite: Suite) -> None:
             except (ValueError, TypeError) as error:
                 raise SuiteError(f"{where}: at shape {shape.name} ({shape.height}x{shape.width}, dim {shape.dim}, "
                                  f"heads {shape.heads}): {error}") from None
+
+
+def _check_option_type(where: str, mechanism: str, option: str, value: Any) -> None:
+    """An option the mechanism annotates as a plain int, float, bool or str takes a value of that kind
+    (``n_win: two`` is refused here, with the option's name, not deep inside the mechanism)."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    try:
+        expected = typing.get_type_hints(attentions.get(mechanism).__init__).get(option)
+    except Exception:  # an annotation that cannot be resolved is not ours to check
+        return
+    if expected not in kinds:
+        return
+    fits = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+    fits = fits or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+    if not fits:
+        raise SuiteError(f"{where}: {mechanism}'s {option} is {kinds[expected]}, got {shorten(repr(value))}")
 
 
 def _check_tasks(path: Path, suite: Suite) -> None:

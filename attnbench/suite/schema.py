@@ -32,7 +32,25 @@ class SuiteError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown keys, no coercion (``true`` is no batch size, "8" no number), no infinities."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class RepeatsSpec(Repeats):
+    """A suite's timing repeats (attnbench/cases.py ``Repeats``), held to what a trustworthy figure needs."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    min_samples: int = Field(10, ge=5)  # a median and an IQR of fewer samples say little
+    max_samples: int = Field(100, ge=5)
+    max_time_s: float = Field(5.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RepeatsSpec:
+        if self.min_samples > self.max_samples:
+            raise ValueError(f"min_samples={self.min_samples} is above max_samples={self.max_samples}")
+        return self
 
 
 class MechanismSpec(Strict):
@@ -167,6 +185,13 @@ class Axes(Strict):
             raise ValueError("every entry must be >= 1")
         return value
 
+    @field_validator("*")
+    @classmethod
+    def _not_empty(cls, value: list | None) -> list | None:
+        if value is not None and not value:
+            raise ValueError("an axis needs at least one value (an empty list would make no cases)")
+        return value
+
     def given(self) -> dict[str, list]:
         return {axis: getattr(self, axis) for axis in AXES if getattr(self, axis) is not None}
 
@@ -176,12 +201,16 @@ class SuiteSettings(Strict):
     imports: list[str] = []  # modules imported before building mechanisms (third-party registrations)
     device: Device = "auto"
     measures: list[str] = ["params", "flops", "memory", "latency"]
-    repeats: Repeats = Repeats()
+    repeats: RepeatsSpec = RepeatsSpec()
     timeout_s: float = Field(600.0, gt=0)
     threads: int | None = Field(None, ge=1)
     seed: int = 0
     check_correctness: bool = True
     baseline: str | None = None  # a row label: the report adds a speed-up table (baseline latency ÷ row latency)
+    # model suites: autocast (bfloat16 on CPU, float16 on CUDA), channels-last tensors, torch.compile of the model
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
     @field_validator("measures")
     @classmethod
@@ -200,6 +229,9 @@ class Profile(Strict):
     threads: int | None = Field(None, ge=1)
     check_correctness: bool | None = None
     baseline: str | None = None
+    amp: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
     grid: Axes | None = None
     zip: list[Axes] | None = None
 
