@@ -71,7 +71,8 @@ class CaseBase(BaseModel):
     def identity(self) -> dict[str, Any]:
         """What the measurement depends on; its hash is the id."""
         flat = {"batch": self.batch, "dtype": self.dtype, "mode": self.mode, "device": self.device,
-                "measures": list(self.measures), "repeats": self.repeats.model_dump(), "threads": self.threads,
+                "measures": list(self.measures), "repeats": self.repeats.model_dump(exclude_unset=True),
+                "threads": self.threads,
                 "seed": self.seed, "check_correctness": self.check_correctness, "imports": list(self.imports),
                 **self._legacy()}
         return json.loads(json.dumps(flat, sort_keys=True, default=str))

@@ -18,7 +18,7 @@ import attentions
 
 from .data.errors import DataError
 from .records import RecordStore
-from .suite import SuiteError, expand, load_suite, resolve_suite, shipped_suites
+from .suite import SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -67,14 +67,20 @@ def _only_filter(pairs: list[str]) -> dict[str, list[str]]:
     return only
 
 
-def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
-    """Seconds the cases took in earlier runs of this suite (matched by what they measure), where known."""
+def _earlier_durations(results_dir: Path, suite_name: str) -> dict[str, float]:
+    """Seconds each case took in earlier runs of this suite (by case key: what it measures), where recorded."""
     seconds: dict[str, float] = {}
     for records in sorted((results_dir / suite_name).glob("*/records.jsonl")):
         for record in RecordStore(records).latest():
             duration = record.worker.get("duration_s")
             if duration is not None:
                 seconds[record.case.key] = duration
+    return seconds
+
+
+def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
+    """How long the cases took in earlier runs of this suite, where known."""
+    seconds = _earlier_durations(results_dir, suite_name)
     known = [seconds[case.key] for case in cases if case.key in seconds]
     if not known:
         return "no earlier run of these cases to estimate the time from"
@@ -84,6 +90,25 @@ def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
             + f", from earlier runs in {results_dir / suite_name}")
 
 
+def _executor(args: argparse.Namespace, suite, run_dir: Path):
+    """None for the local spawn-per-case runner; else a submitit executor with the suite's and the command
+    line's Slurm options (jobs' logs under RUN_DIR/jobs/)."""
+    if getattr(args, "executor", "local") == "local":
+        return None
+    from .executors import SlurmOptions, SubmititExecutor
+
+    fields = {**suite.slurm, **_option_values(args.slurm, flag="--slurm")}
+    try:
+        options = SlurmOptions(**fields)
+    except TypeError as error:
+        raise SuiteError(f"slurm options: {error}; allowed: {', '.join(SlurmOptions.__dataclass_fields__)}") from None
+    cluster = "local" if args.executor == "submitit-local" else "slurm"
+    try:
+        return SubmititExecutor(run_dir / "jobs", cluster, options)
+    except RuntimeError as error:  # no submitit, or no Slurm here
+        raise SuiteError(f"--executor {args.executor}: {error}") from None
+
+
 def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     from .report import build_report
     from .runner import run_suite
@@ -91,6 +116,11 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     args.suite = resolve_suite(args.suite)
     suite = load_suite(args.suite, args.profile, _data_roots(args.data_root), _overrides(args),
                        _only_filter(args.only), args.allow_large)
+    if args.shard:
+        index, separator, count = args.shard.partition("/")
+        if not (separator and index.isdigit() and count.isdigit() and int(count) > 0):
+            raise SuiteError(f"--shard {args.shard}: expected I/N, e.g. --shard 0/4")
+        shard(suite, int(index), int(count), _earlier_durations(Path(args.results_dir), suite.name))
     cases = expand(suite)
     if args.dry_run:
         for case in cases:
@@ -101,7 +131,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
     summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command, in_process,
-                        args.retry_failed)
+                        args.retry_failed, _executor(args, suite, Path(args.results_dir) / suite.name / run_name))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     report = build_report(summary.run_dir)
@@ -185,6 +215,18 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if comparison.regressions else 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_runs
+    from .report import build_report
+
+    summary = merge_runs([_run_directory(path) for path in args.run_dirs], Path(args.into), args.allow_mixed)
+    for line in summary.notes:
+        print(line)
+    print(f"merged {summary.records} records from {len(args.run_dirs)} runs into {args.into}")
+    print(f"report:  {build_report(Path(args.into))}")
+    return 0
+
+
 def _suites(args: argparse.Namespace) -> int:
     for name, path in shipped_suites().items():
         description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
@@ -238,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--channels-last", action="store_true", help="model suites: channels-last tensors")
     run.add_argument("--compile", action="store_true", help="model suites: torch.compile the model")
     run.add_argument("--allow-large", action="store_true", help="allow a suite of more than 10,000 cases")
+    run.add_argument("--shard", metavar="I/N",
+                     help="run shard I of N (0-based): a deterministic share of the cases, balanced by their time in "
+                          "earlier runs; give each shard its own --run and join them with 'attnbench merge'")
+    run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                     help="local: a process per case (default); slurm: a submitit job per case on a Slurm cluster; "
+                          "submitit-local: the same job path on this machine (submitit's LocalExecutor)")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="a Slurm option over the suite's slurm: mapping, e.g. --slurm partition=gpu --slurm "
+                          "gpus_per_node=8 --slurm time_min=4320")
     run.add_argument("--retry-failed", action="store_true",
                      help="when resuming, run the cases whose last record is a failure again")
     run.add_argument("--allow-failures", action="store_true",
@@ -286,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
                             help="exit 1 when a matched case is slower than A by more than this and beyond noise")
     comparison.add_argument("--output", help="write the markdown here instead of printing it")
     comparison.set_defaults(handler=_compare)
+
+    merging = commands.add_parser(
+        "merge", help="merge the run directories of a suite's shards into one run",
+        description="Merge RUN_DIR... (shards of one suite, from one or several machines) into OUT: one record per "
+                    "case (the newest), each keeping its own environment stamp; refuses runs of different suites, "
+                    "profiles or environments unless --allow-mixed; reports duplicate and missing cases.")
+    merging.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    merging.add_argument("--into", required=True, metavar="OUT", help="the merged run directory (created)")
+    merging.add_argument("--allow-mixed", action="store_true",
+                         help="merge runs measured in different environments (the report says so)")
+    merging.set_defaults(handler=_merge)
 
     suites = commands.add_parser("suites", help="list the suites shipped with attnbench (run them by name)")
     suites.set_defaults(handler=_suites)

@@ -60,7 +60,9 @@ def normalise(data: dict[str, Any]) -> Record:
     """A record of any schema version as a ``Record`` (raises ValidationError/KeyError/TypeError if it is none)."""
     if data.get("schema", 1) < 2:
         data = dict(data)
-        data["case"] = case_from_legacy({**data["case"], "id": data["id"]}).model_dump()
+        case = case_from_legacy({**data["case"], "id": data["id"]})
+        # the repeats as they were given: a field added since (min_run_time_s) is not part of the old id
+        data["case"] = {**case.model_dump(), "repeats": case.repeats.model_dump(exclude_unset=True)}
         metrics = dict(data.get("metrics") or {})
         if isinstance(metrics.get("params"), int):
             metrics["params"] = {"count": metrics["params"]}

@@ -97,7 +97,7 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
         "created": previous.get("created", _now()), "resumed": previous.get("resumed", []),
         "environment": previous.get("environment") or environment(device),
         "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),
-        "cases": len(cases),
+        "cases": len(cases), **suite.run_info(),
     }
     if previous:
         run["resumed"] = [*run["resumed"], _now()]
@@ -147,7 +147,8 @@ class _Progress:
 
 
 def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, profile: str | None = None,
-              command: str = "", in_process: bool = False, retry_failed: bool = False) -> RunSummary:
+              command: str = "", in_process: bool = False, retry_failed: bool = False,
+              executor: Any = None) -> RunSummary:
     """Run the suite's pending cases, one record each (``retry_failed``: the failed ones again too; their new
     record supersedes the old). ``in_process`` runs them in this process instead of a spawned one
     (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes)."""
@@ -172,6 +173,8 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
             checkpoints = run_dir / "checkpoints" / case.id if case.kind == "accuracy" else None
             if in_process:
                 result = run_case_safely(case, str(checkpoints) if checkpoints else None)
+            elif executor is not None:  # a submitit job (attnbench/executors.py)
+                result = executor.execute(case, checkpoints)
             else:
                 result = execute_case(case, checkpoints)
             if not main_rank:

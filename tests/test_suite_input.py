@@ -76,3 +76,13 @@ def test_a_suite_path_that_is_not_utf8_is_one_line(tmp_path, capsys):
     path.write_bytes("name: t\ndescription: caf\xe9\n".encode("latin-1"))
     assert main(["run", str(path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {path}: not UTF-8 text (byte 24)"
+
+
+def test_seeds_are_an_axis_and_each_seed_is_its_own_case(tmp_path):
+    from attnbench.suite import expand, load_suite
+
+    path = tmp_path / "seeds.yaml"
+    path.write_text(BASE.replace("batch: [1]", "batch: [1]\n  seed: [0, 1, 2]"))
+    cases = expand(load_suite(path))
+    assert len(cases) == 6 and len({case.id for case in cases}) == 6
+    assert sorted({case.seed for case in cases}) == [0, 1, 2]

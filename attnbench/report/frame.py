@@ -16,7 +16,7 @@ from ..records import Record
 def _case_columns(record: Record) -> dict[str, Any]:
     case = record.case
     row = {"id": record.id, "key": case.key, "kind": case.kind, "label": case.label, "shape": case.column,
-           "batch": case.batch, "dtype": case.dtype, "mode": case.mode, "device": case.device,
+           "seed": case.seed, "batch": case.batch, "dtype": case.dtype, "mode": case.mode, "device": case.device,
            "status": record.status.value,
            "message": record.message, "options": json.dumps(case.options, sort_keys=True), "source": case.source,
            "paper": None, "task": None, "dataset": None, "backend": ", ".join(

@@ -36,6 +36,17 @@ def _environment(run: dict) -> str:
     return tabulate(rows, headers=["", ""], tablefmt="github")
 
 
+def _mixed(run: dict) -> list[str]:
+    """A warning when a merged run's records come from several machines or environments."""
+    environments = run.get("environments") or []
+    hosts = sorted({f"{env.get('hostname')} ({env.get('device_name')}, {env.get('threads')} threads)"
+                    for env in environments})
+    if len(hosts) < 2:
+        return []
+    return [f"**This run merges records measured on {len(hosts)} machines or settings ({'; '.join(hosts)}): "
+            "timings in one table come from different machines.** Each record keeps its own environment.", ""]
+
+
 def _header(run_dir: Path, run: dict, recorded: int, statuses: dict[str, int]) -> list[str]:
     return [
         f"# {run['suite']}: run `{run_dir.name}`",
@@ -48,6 +59,7 @@ def _header(run_dir: Path, run: dict, recorded: int, statuses: dict[str, int]) -
         "",
         _environment(run),
         "",
+        *_mixed(run),
         "Conventions: **GMACs** are multiply-adds, the unit the BiFormer paper calls FLOPs; **GFLOPs** count 2 per"
         " multiply-add (torch's FlopCounterMode). Latency is the median over the timed samples, ± half the"
         " inter-quartile range, after warm-up, on random (never zero) inputs; each case ran in its own process"

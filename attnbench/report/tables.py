@@ -29,7 +29,9 @@ def _row_labels(frame: pd.DataFrame, columns: str) -> pd.Series:
     """Each case's row: its label, or, where two cases of this table share a label and a column (runs recorded
     before labels had to be distinct), the label with the case's options, so no case hides another."""
     shared = frame.duplicated(["label", columns], keep=False)
-    return frame["label"].where(~shared, frame["label"] + " " + frame["options"])
+    same_options = frame.duplicated(["label", columns, "options"], keep=False)
+    suffix = frame["options"].where(~same_options, "seed " + frame["seed"].astype(str))
+    return frame["label"].where(~shared, frame["label"] + " " + suffix)
 
 
 def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str = "shape",
@@ -203,10 +205,12 @@ def configurations_table(frame: pd.DataFrame) -> pd.DataFrame:
         measured = frame[(frame["label"] == row["label"]) & (frame["shape"] == row["shape"])]
         gmacs = measured["analytic_gmacs_per_image"].dropna()
         keys = measured["keys_per_query"].dropna()
+        failed = "" if (measured["status"] == "ok").any() else failed_cell(measured["status"].iloc[0])
         rows.append({"mechanism": row["label"], "shape": row["shape"],
                      "options": ", ".join(f"{key}={value}" for key, value in sorted(options.items())) or "defaults",
-                     "backend": backend, "GMACs / image": _number(gmacs.iloc[0] if len(gmacs) else None, "{:.4f}"),
-                     "keys / query": _number(keys.iloc[0] if len(keys) else None, "{:.1f}"),
+                     "backend": backend,
+                     "GMACs / image": failed or _number(gmacs.iloc[0] if len(gmacs) else None, "{:.4f}"),
+                     "keys / query": failed or _number(keys.iloc[0] if len(keys) else None, "{:.1f}"),
                      "source": row["source"] if isinstance(row["source"], str) and row["source"] else NO_SOURCE})
     return pd.DataFrame(rows)
 

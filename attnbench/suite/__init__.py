@@ -26,7 +26,8 @@ Every error names the file, the field path and what is allowed, in one line (``S
 """
 
 from .expand import expand, resolve_device
-from .load import load_suite, resolve_suite, shipped_suites
+from .load import load_suite, resolve_suite, shard, shipped_suites
 from .schema import Suite, SuiteError
 
-__all__ = ["Suite", "SuiteError", "expand", "load_suite", "resolve_device", "resolve_suite", "shipped_suites"]
+__all__ = ["Suite", "SuiteError", "expand", "load_suite", "resolve_device", "resolve_suite", "shard",
+           "shipped_suites"]

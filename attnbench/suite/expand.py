@@ -41,7 +41,7 @@ def _combinations(suite: Suite) -> list[dict[str, Any]]:
 def _case(suite: Suite, combo: dict[str, Any]) -> Case:
     common = dict(batch=combo["batch"], dtype=combo["dtype"], mode=combo["mode"], device=resolve_device(suite.device),
                   measures=tuple(suite.measures), repeats=Repeats(**suite.repeats.model_dump()),
-                  threads=suite.threads, seed=suite.seed,
+                  threads=suite.threads, seed=combo.get("seed", suite.seed),
                   check_correctness=suite.check_correctness, timeout_s=suite.timeout_s, imports=tuple(suite.imports),
                   suite=suite.name)
     if "task" in combo:

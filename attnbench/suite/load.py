@@ -122,6 +122,8 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         keys = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor merges; its keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in keys:
                 mark = key_node.start_mark
@@ -208,6 +210,7 @@ def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
             raise SuiteError(f"{path}: --only {field}={','.join(values)}: no case matches; "
                              f"{field}s: {', '.join(known)}")
         cases = kept
+    suite._selection["only"] = {field: list(values) for field, values in only.items()}
     suite._cases = cases
 
 
@@ -219,6 +222,25 @@ def count_cases(suite: Suite) -> int:
     for group in suite.zip:
         count *= len(next(iter(group.given().values()), [None]))
     return count
+
+
+def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = None) -> None:
+    """Keep shard ``index`` of ``count`` (0-based) of the suite's cases: a deterministic split, balanced by
+    ``cost`` (case key -> seconds from earlier runs) where known, else by count. Every case lands in exactly
+    one shard: cases are taken longest first (ties by id) and each goes to the shard with the least load."""
+    if not 0 <= index < count:
+        raise SuiteError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+    cases = expand(suite)
+    known = [seconds for seconds in (cost or {}).values()]
+    default = sorted(known)[len(known) // 2] if known else 1.0  # an unmeasured case costs the median
+    ordered = sorted(cases, key=lambda case: (-(cost or {}).get(case.key, default), case.id))
+    loads, assigned = [0.0] * count, {}
+    for case in ordered:
+        target = min(range(count), key=lambda shard_index: (loads[shard_index], shard_index))
+        loads[target] += (cost or {}).get(case.key, default)
+        assigned[case.id] = target
+    suite._selection.update(shard=f"{index}/{count}", suite_cases=[case.id for case in cases])
+    suite._cases = [case for case in cases if assigned[case.id] == index]
 
 
 def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None,
@@ -419,7 +441,7 @@ def _check_distinct(path: Path, suite: Suite) -> None:
             first = by_id[case.id]
             raise SuiteError(f"{path}: grid: cases '{first.label} @ {first.column}' and '{case.label} @ {case.column}' "
                              "measure the same thing (same mechanism, options, shape, batch, dtype and mode)")
-        cell = (case.kind, case.label, case.column, case.group)
+        cell = (case.kind, case.label, case.column, case.group, case.seed)
         if cell in by_cell:
             raise SuiteError(f"{path}: grid: two cases would share the report cell '{case.label} @ {case.column}' "
                              f"(options {_options_text(by_cell[cell])} and {_options_text(case)}); give them distinct "

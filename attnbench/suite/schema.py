@@ -17,7 +17,7 @@ from ..presets import PRESETS
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 Mode = Literal["forward", "forward_backward"]
-AXES = ("mechanism", "shape", "task", "model", "image_size", "batch", "dtype", "mode")  # outer to inner
+AXES = ("mechanism", "shape", "task", "model", "image_size", "seed", "batch", "dtype", "mode")  # outer to inner
 
 
 def _registered_measures(names: list[str]) -> list[str]:
@@ -167,6 +167,7 @@ class Axes(Strict):
     model: list[ModelSpec] | None = None
     image_size: list[int] | None = None
     task: list[TaskSpec] | None = None
+    seed: list[int] | None = None  # repeat every case with each seed (accuracy: seeds of a mean and its CI)
     batch: list[int] | None = None
     dtype: list[DType] | None = None
     mode: list[Mode] | None = None
@@ -207,6 +208,9 @@ class SuiteSettings(Strict):
     seed: int = 0
     check_correctness: bool = True
     baseline: str | None = None  # a row label: the report adds a speed-up table (baseline latency ÷ row latency)
+    # --executor slurm: the jobs' resources (attnbench/executors.py SlurmOptions: partition, time_min, nodes,
+    # gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, account, qos, constraint, additional)
+    slurm: dict[str, Any] = {}
     # model suites: autocast (bfloat16 on CPU, float16 on CUDA), channels-last tensors, torch.compile of the model
     amp: bool = False
     channels_last: bool = False
@@ -229,6 +233,7 @@ class Profile(Strict):
     threads: int | None = Field(None, ge=1)
     check_correctness: bool | None = None
     baseline: str | None = None
+    slurm: dict[str, Any] | None = None
     amp: bool | None = None
     channels_last: bool | None = None
     compile: bool | None = None
@@ -247,5 +252,11 @@ class Suite(SuiteSettings):
     zip: list[Axes] = []
     profiles: dict[str, Profile] = {}
     _cases: list | None = PrivateAttr(None)  # the expansion, computed once (attnbench/suite/expand.py)
+    _selection: dict = PrivateAttr(default_factory=dict)  # how --only / --shard narrowed it (for run.json)
+
+    def run_info(self) -> dict[str, Any]:
+        """What run.json records of how this suite was narrowed: the shard, and every case id of the whole
+        suite (so ``attnbench merge`` can tell which cases no shard ran)."""
+        return dict(self._selection)
 
 

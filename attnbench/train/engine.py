@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,16 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)
+
+
+def _loggable(entry: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """(name, number) pairs of an epoch's entry for the log line: its numbers and the bins of a nested
+    per-distance accuracy (the rest of a nested figure goes to the record only)."""
+    for key, value in entry.items():
+        if isinstance(value, int | float) and key != "epoch":
+            yield key, value
+        elif isinstance(value, dict) and isinstance(value.get("bins"), dict):
+            yield from value["bins"].items()
 
 
 def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkpoint_dir: Path | None,
@@ -148,7 +159,7 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
                  "lr": optimizer.param_groups[0]["lr"], **metrics}
         history.append(entry)
         log(f"{task.name}: epoch {epoch + 1}/{settings.epochs} "
-            + " ".join(f"{key} {value:.4g}" for key, value in entry.items() if key != "epoch")
+            + " ".join(f"{key} {value:.4g}" for key, value in _loggable(entry))
             + f" ({time.time() - started:.0f} s)")
         if path is not None and world.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,74 @@
+"""``attnbench merge RUN_DIR... --into OUT``: the shards of one suite (``run --shard I/N``), run one after the
+other, side by side or on several machines, joined into one run directory that reports as one run.
+
+Refused unless ``--allow-mixed``: runs of different suites or profiles, and runs measured in different
+environments (device, threads, torch, attnbench commit). Every record keeps the environment it was measured
+in (``environment`` on the record), so a merged report can say when a table mixes machines. A case recorded
+by two shards is kept once (its newest record) and reported; cases of the whole suite that no shard recorded
+are listed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import RecordStore
+from .suite import SuiteError
+
+# what two environments must share for their timings to sit in one table
+ENVIRONMENT_KEYS = ("device", "device_name", "threads", "torch", "git_sha", "hostname")
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    records: int
+    notes: list[str]
+
+
+def _environment_key(environment: dict) -> tuple:
+    return tuple(environment.get(key) for key in ENVIRONMENT_KEYS)
+
+
+def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> MergeSummary:
+    """Write ``into``/run.json and records.jsonl from the runs; a ``SuiteError`` (exit 2) when they do not
+    belong together."""
+    if into.exists() and any(into.iterdir()):
+        raise SuiteError(f"{into}: exists and is not empty; merge into a new directory")
+    runs = [json.loads((run_dir / "run.json").read_text()) for run_dir in run_dirs]
+    first = runs[0]
+    for run_dir, run in zip(run_dirs, runs, strict=True):
+        for key in ("suite", "profile", "suite_digest"):
+            if run.get(key) != first.get(key):
+                raise SuiteError(f"{run_dir}: {key} {run.get(key)!r} differs from {run_dirs[0]}'s "
+                                 f"{first.get(key)!r}: not shards of one suite")
+    environments = {_environment_key(run["environment"]) for run in runs}
+    if len(environments) > 1 and not allow_mixed:
+        differing = [key for key in ENVIRONMENT_KEYS if len({run["environment"].get(key) for run in runs}) > 1]
+        raise SuiteError(f"{run_dirs[0]} and the others were measured in different environments "
+                         f"({', '.join(differing)} differ); pass --allow-mixed to merge them anyway")
+    notes, newest, seen_in = [], {}, {}
+    for run_dir, run in zip(run_dirs, runs, strict=True):
+        for record in RecordStore(run_dir / "records.jsonl").latest():
+            if record.id in seen_in:
+                notes.append(f"duplicate: {record.case.describe()} recorded by {seen_in[record.id]} and {run_dir}; "
+                             "keeping the newer record")
+                if (record.finished or "") < (newest[record.id].finished or ""):
+                    continue
+            record.environment = run["environment"]  # every record keeps the machine it was measured on
+            newest[record.id], seen_in[record.id] = record, run_dir
+    expected = list(dict.fromkeys(case for run in runs for case in run.get("suite_cases", [])))
+    missing = [case for case in expected if case not in newest]
+    if missing:
+        notes.append(f"missing: {len(missing)} of the suite's {len(expected)} cases were recorded by no shard "
+                     f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
+    into.mkdir(parents=True, exist_ok=True)
+    store = RecordStore(into / "records.jsonl")
+    for record in newest.values():
+        store.append(record)
+    merged = {**first, "cases": len(expected) or len(newest), "merged_from": [str(path) for path in run_dirs],
+              "environments": [run["environment"] for run in runs], "shard": None,
+              "gemm_flops_per_s": {key: rate for run in runs for key, rate in run.get("gemm_flops_per_s", {}).items()}}
+    (into / "run.json").write_text(json.dumps(merged, indent=2, sort_keys=True))
+    return MergeSummary(len(newest), notes)

@@ -1,0 +1,84 @@
+"""Sharding without a scheduler: ``run --shard I/N`` splits a suite deterministically, shards run as
+concurrent processes, ``merge`` joins them into one run equal to a single-process run apart from timings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnbench.cli import main
+from attnbench.records import RecordStore
+from attnbench.suite import SuiteError, expand, load_suite, shard
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shards_partition_the_cases_deterministically_and_balance_known_costs():
+    ids = [case.id for case in expand(load_suite("suites/smoke.yaml"))]
+    parts = []
+    for index in range(3):
+        suite = load_suite("suites/smoke.yaml")
+        shard(suite, index, 3)
+        parts.append([case.id for case in expand(suite)])
+        assert suite.run_info()["shard"] == f"{index}/3" and suite.run_info()["suite_cases"] == ids
+    assert sorted(sum(parts, [])) == sorted(ids) and all(len(part) == 4 for part in parts)
+    suite = load_suite("suites/smoke.yaml")
+    keys = [case.key for case in expand(suite)]
+    cost = {key: (100.0 if position == 0 else 1.0) for position, key in enumerate(keys)}
+    shard(suite, 0, 2, cost)
+    assert [case.key for case in expand(suite)] == [keys[0]]  # the long case alone balances the rest
+    with pytest.raises(SuiteError, match="--shard 2/2: expected I/N with 0 <= I < N"):
+        shard(load_suite("suites/smoke.yaml"), 2, 2)
+
+
+def _metrics_without_timing(record):
+    flops = {key: value for key, value in record.metrics.get("flops", {}).items() if key != "images"}
+    return record.status, record.metrics.get("params"), flops.get("counted_flops"), flops.get("analytic_macs")
+
+
+@pytest.mark.slow
+def test_two_concurrent_shards_merge_into_the_single_process_run(tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shards = [subprocess.Popen([sys.executable, "-m", "attnbench", "run", "suites/smoke.yaml", "--results-dir",
+                                str(results), "--run", f"shard{index}", "--shard", f"{index}/2"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    for process in shards:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    assert main(["run", "suites/smoke.yaml", "--results-dir", str(results), "--run", "single"]) == 0
+    assert main(["merge", str(results / "smoke/shard0"), str(results / "smoke/shard1"), "--into",
+                 str(results / "smoke/merged")]) == 0
+    merged = {record.id: record for record in RecordStore(results / "smoke/merged/records.jsonl").load()}
+    single = {record.id: record for record in RecordStore(results / "smoke/single/records.jsonl").load()}
+    assert merged.keys() == single.keys() and len(merged) == 12
+    for case_id, record in single.items():
+        assert _metrics_without_timing(merged[case_id]) == _metrics_without_timing(record)
+        assert merged[case_id].environment["hostname"]
+    run = json.loads((results / "smoke/merged/run.json").read_text())
+    assert run["cases"] == 12 and len(run["merged_from"]) == 2
+    report = (results / "smoke/merged/report.md").read_text()
+    assert "12 of 12 cases recorded" in report
+
+
+def test_merge_refuses_other_suites_and_environments_and_reports_duplicates_and_missing(tmp_path, capsys):
+    fixture = REPO / "tests/fixtures/results/fixture/run"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run_dir in (a, b):
+        run_dir.mkdir()
+        (run_dir / "records.jsonl").write_bytes((fixture / "records.jsonl").read_bytes())
+    run = json.loads((fixture / "run.json").read_text())
+    (a / "run.json").write_text(json.dumps({**run, "suite_cases": ["x1", "x2"]}))
+    (b / "run.json").write_text(json.dumps({**run, "suite": "other"}))
+    assert main(["merge", str(a), str(b), "--into", str(tmp_path / "m")]) == 2
+    assert "suite 'other' differs from" in capsys.readouterr().err
+    (b / "run.json").write_text(json.dumps({**run, "environment": {**run["environment"], "threads": 1}}))
+    assert main(["merge", str(a), str(b), "--into", str(tmp_path / "m")]) == 2
+    assert "different environments (threads differ); pass --allow-mixed" in capsys.readouterr().err
+    assert main(["merge", str(a), str(b), "--into", str(tmp_path / "m"), "--allow-mixed"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("duplicate: ") == 8 and "missing: " in out
+    assert "merges records measured on 2 machines or settings" in (tmp_path / "m/report.md").read_text()
