@@ -10,6 +10,7 @@ Two views of the same file:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -22,8 +23,9 @@ PAPER_FIGURES = Path(__file__).resolve().parent / "paper_figures.yaml"
 Status = Literal["confirmed", "seed-only", "not-found"]
 STATUSES: tuple[str, ...] = get_args(Status)
 SEED_ONLY_MARK = "†"
-SEED_ONLY_FOOTNOTE = (f"{SEED_ONLY_MARK} from the seed summary only (shared/seeds/): the paper's own text could not be "
-                      "read here, and no README or config confirms the figure.")
+SEED_ONLY_FOOTNOTE = (f"{SEED_ONLY_MARK} seed-only: the figure rests on the seed summary (shared/seeds/) or the team's "
+                      "hand-off (shared/PAPER.md) alone; the paper's own text could not be read here, and no README or "
+                      "config confirms it.")
 _ENTRY_KEYS = {"value", "source", "status", "where", "note", "searched", "also"}
 
 
@@ -68,7 +70,9 @@ class PaperFigure:
         """The value as a table cell: seed-only values carry ``SEED_ONLY_MARK``; a missing one is empty."""
         if self.value is None:
             return ""
-        return f"{self.value:g}{self.mark}" if isinstance(self.value, float | int) else f"{self.value}{self.mark}"
+        if isinstance(self.value, float) and len(str(self.value)) > 6:
+            return f"{self.value:.4g}{self.mark}"  # a derived figure (4/3): four digits
+        return f"{self.value}{self.mark}"  # as published: 82.0, 28
 
     @property
     def mark(self) -> str:
@@ -154,6 +158,31 @@ def figure(table: str, row: str | None = None, field: str | None = None) -> Pape
 def seed_only_figures() -> dict[tuple[str, ...], PaperFigure]:
     """The figures no primary source we read confirms (printed with ``SEED_ONLY_MARK``)."""
     return {path: found for path, found in figures().items() if found.status == "seed-only"}
+
+
+def provenance_lines(shown: Iterable[PaperFigure]) -> list[str]:
+    """Markdown bullets naming where the figures in ``shown`` come from: one per source location and status
+    (figures read at the same place share it), with the other published values of the same quantity, then the
+    seed-only footnote when one of them carries ``SEED_ONLY_MARK``."""
+    by_place: dict[tuple[str, str], list[PaperFigure]] = {}
+    for found in shown:
+        same = by_place.setdefault((found.source, found.status), [])
+        if found not in same:
+            same.append(found)
+    lines, marked = [], False
+    for (source, status), found in by_place.items():
+        marked = marked or status == "seed-only"
+        if status == "not-found":
+            lines.append(f"- not found ({len(found)} figure{'s' * (len(found) > 1)}): the paper's table ({source}) "
+                         f"has the row, but no source reachable here gives the figure; where we looked: "
+                         f"{found[0].searched}")
+            continue
+        line = f"- {', '.join(item.cell() for item in found)}: {status}, {source}"
+        for other in dict.fromkeys(other for item in found for other in item.also):
+            marked = marked or bool(other.mark)
+            line += f"; also published: {other.cell()} ({other.status}, {other.source})"
+        lines.append(line)
+    return [*lines, *(["", SEED_ONLY_FOOTNOTE] if marked else [])]
 
 
 def _values(node: Any) -> Any:

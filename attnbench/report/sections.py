@@ -16,7 +16,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from ..measure import MEASURES
-from ..paper import paper_figures
+from ..paper import figure
 from .flags import footnote
 from .plots import make_plots
 from .tables import (
@@ -219,9 +219,11 @@ class BraFormula(Section):
 
     def render(self, frame, run):
         return ["## BRA cost: ours beside the paper's formula", "",
-                f"The paper's formula is {paper_figures()['bra_cost_formula']} (projections q, k, v; routing;"
+                f"The paper's formula is {figure('bra_cost_formula').cell()} (projections q, k, v; routing;"
                 " attention). Ours adds the output projection and the LCE conv and counts routing once, "
-                "as the official code spends it.", "", markdown(bra_formula_table(self.rows(frame)), index=False), ""]
+                "as the official code spends it. (Paper figures marked † rest on the seed summary only; their "
+                "sources are listed at the end of the report.)", "",
+                markdown(bra_formula_table(self.rows(frame)), index=False), ""]
 
 
 class QuadtreeClaim(Section):
@@ -231,8 +233,12 @@ class QuadtreeClaim(Section):
         return super().applies(frame, run) and not quadtree_claim_table(self.rows(frame)).empty
 
     def render(self, frame, run):
-        return ["## BRA against QuadTree attention", "", markdown(quadtree_claim_table(self.rows(frame)),
-                                                                   index=False), ""]
+        return ["## BRA against QuadTree attention", "",
+                "Latency of quadtree ÷ latency of each BRA row, same run, same group and shape. The paper's claim "
+                "was measured on a GPU with the official QuadTree kernels: a ratio measured on a CPU, or with "
+                "attnbench's PyTorch QuadTree on any device, is indicative and never scored against it. (Paper "
+                "figures marked † rest on the seed summary only; their sources are listed at the end of the "
+                "report.)", "", markdown(quadtree_claim_table(self.rows(frame)), index=False), ""]
 
 
 class MeasureTables(Section):
@@ -273,3 +279,7 @@ class Failures(Section):
 SECTIONS: list[Section] = [Ablation(), SeedStatistics(), Models(), ModelConfigurations(), Configurations(), Speed(),
                            Complexity(), BraFormula(), QuadtreeClaim(),
                            MeasureTables(), Failures()]
+
+from . import claims, provenance, scaling  # noqa: E402  (sections of their own files, which import this one)
+
+SECTIONS += [scaling.Scaling(), claims.Claims(), provenance.PaperSources()]

@@ -13,7 +13,7 @@ import pandas as pd
 
 import attentions
 
-from ..paper import bra_paper_macs, paper_figures
+from ..paper import PaperFigure, bra_paper_macs, figure, paper_figures
 from ..status import Status
 from .flags import MARK
 
@@ -130,33 +130,64 @@ def complexity_tables(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     ]
 
 
+def _published(table: str, row: str | None, field: str | None = None) -> PaperFigure | None:
+    """The paper figure at ``table`` / ``row`` / ``field``, or None where the file has none."""
+    if not isinstance(row, str):
+        return None
+    try:
+        return figure(table, row, field)
+    except KeyError:
+        return None
+
+
+def _shown(table: pd.DataFrame, shown: list[PaperFigure]) -> pd.DataFrame:
+    """``table`` with the paper figures its paper columns print in ``attrs["paper_figures"]`` (their sources are
+    listed by the report's last section, attnbench/report/provenance.py)."""
+    table.attrs["paper_figures"] = shown
+    return table
+
+
 def bra_formula_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Our analytic BRA cost beside the paper's formula evaluated at the same sizes (both in GMACs)."""
+    formula = figure("bra_cost_formula")
     rows = []
     for _, row in _forward(frame[frame["mechanism"] == "bra"]).iterrows():
         options = {**attentions.options("bra"), **json.loads(row.options)}
         n_win, topk = options["n_win"], options["topk"]
         paper = bra_paper_macs(row.height, row.width, row.dim, n_win, topk) / 1e9
         rows.append({"mechanism": row["label"], "shape": row["shape"], "S": n_win, "k": topk,
-                     "paper formula (GMACs)": f"{paper:.4g}",
+                     f"paper formula{formula.mark} (GMACs)": f"{paper:.4g}",
                      "ours, all parts (GMACs)": f"{row.analytic_gmacs_per_image:.4g}"})
-    return pd.DataFrame(rows)
+    return _shown(pd.DataFrame(rows), [formula] if rows else [])
+
+
+def quadtree_setting(device: str) -> str:
+    """Why a measured quadtree ÷ bra ratio is never scored against the paper's claim (a GPU, the official
+    QuadTree CUDA kernels): on a CPU, and with attnbench's PyTorch QuadTree anywhere, it is indicative."""
+    if device == "cpu":
+        return "indicative: CPU, PyTorch QuadTree (the claim: a GPU, the official QuadTree kernels)"
+    return f"indicative: {device}, PyTorch QuadTree, not the official QuadTree kernels"
 
 
 def quadtree_claim_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Measured latency of quadtree ÷ bra per shape, beside the paper's claim of a 3–6× speed-up."""
-    claim = paper_figures()["claims"]["bra_vs_quadtree_speedup"]
+    """Measured latency of quadtree ÷ each BRA row (e.g. the official computation ``impl: reference`` and the
+    fastest backend ``impl: auto``) per group and shape, beside the paper's claim of a 3–6× speed-up."""
+    low, high = figure("claims", "bra_vs_quadtree_speedup", "low"), figure("claims", "bra_vs_quadtree_speedup", "high")
+    claim = f"{low.value:g}–{high.value:g}×{low.mark or high.mark}"
     rows = []
     ok = frame[frame["status"] == "ok"]
     for title, sub in groups(ok):
         for shape, at_shape in sub.groupby("shape", sort=False):
-            bra = at_shape[at_shape["mechanism"] == "bra"]
             quadtree = at_shape[at_shape["mechanism"] == "quadtree"]
-            if len(bra) and len(quadtree):
-                rows.append({"group": title, "shape": shape,
-                             "ours: quadtree ms / bra ms": f"{quadtree.median_ms.iloc[0] / bra.median_ms.iloc[0]:.2f}×",
-                             "paper (claim)": f"{claim['low']:g}–{claim['high']:g}×"})
-    return pd.DataFrame(rows)
+            if quadtree.empty:
+                continue
+            for _, bra in at_shape[at_shape["mechanism"] == "bra"].iterrows():
+                ratio = quadtree.median_ms.iloc[0] / bra.median_ms
+                flagged = _mark(quadtree.iloc[0], True) or _mark(bra, True)  # either timing is untrustworthy
+                rows.append({"group": title, "shape": shape, "bra": bra["label"],
+                             "ours: quadtree ms / bra ms": f"{ratio:.2f}×{flagged}",
+                             "setting": quadtree_setting(bra["device"]), "paper (claim)": claim})
+    return _shown(pd.DataFrame(rows), [low, high] if rows else [])
 
 
 NO_SOURCE = "**no source given**"
@@ -209,11 +240,11 @@ def _gap(ours, theirs) -> str:
 
 def model_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Whole models: ours (params, GMACs and GFLOPs per image by FlopCounterMode, latency, throughput) beside
-    the paper's params, GMACs and ImageNet top-1, with our gap to the paper's size figures."""
-    papers = paper_figures()["models"]
-    rows = []
+    the paper's params, GMACs and ImageNet top-1 (seed-only figures marked), with our gap to its size figures."""
+    rows, shown = [], []
     for _, row in frame.iterrows():
-        paper = papers.get(row["paper"], {}) if isinstance(row["paper"], str) else {}
+        paper = {field: _published("models", row["paper"], field) for field in ("params_m", "gmacs", "top1")}
+        shown += [found for found in paper.values() if found is not None]
         failed = failed_cell(row["status"])
         params = _scaled(row["params"], 1e-6)
         gmacs = _scaled(row["counted_gflops_per_image"], 0.5)
@@ -226,11 +257,23 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
         }
         rows.append({
             "model": row["label"], "input": row["shape"], **{key: failed or cell for key, cell in ours.items()},
-            "paper params (M)": paper.get("params_m", ""), "paper GMACs": paper.get("gmacs", ""),
-            "paper top-1": paper.get("top1", ""),
-            "params vs paper": _gap(params, paper.get("params_m")), "GMACs vs paper": _gap(gmacs, paper.get("gmacs")),
+            "paper params (M)": _cell(paper["params_m"]), "paper GMACs": _cell(paper["gmacs"]),
+            "paper top-1": _cell(paper["top1"]),
+            "params vs paper": _gap(params, _value(paper["params_m"])),
+            "GMACs vs paper": _gap(gmacs, _value(paper["gmacs"])),
         })
-    return pd.DataFrame(rows)
+    return _shown(pd.DataFrame(rows), shown)
+
+
+def _cell(found: PaperFigure | None) -> str:
+    """A paper figure's cell (seed-only ones marked); 'not found' where the paper's row has no sourced figure."""
+    if found is None:
+        return ""
+    return "not found" if found.status == "not-found" else found.cell()
+
+
+def _value(found: PaperFigure | None) -> float | None:
+    return found.value if found is not None and isinstance(found.value, int | float) else None
 
 
 def _task_title(row: pd.Series) -> str:
@@ -240,11 +283,25 @@ def _task_title(row: pd.Series) -> str:
     return f"{row['shape']} ({row['dataset']}{', generated data' if generated else ''})"
 
 
+def paper_ablation_row(row: pd.Series) -> str | None:
+    """The paper's attention-ablation row of a trained model: the one its ``paper`` key names, or, for the STL
+    backbone with one mechanism everywhere, the row whose ``mechanism`` (our mapping) is that mechanism."""
+    ablation = paper_figures()["attention_ablation"]
+    if isinstance(row["paper"], str):
+        return row["paper"] if row["paper"] in ablation else None
+    if not str(row["mechanism"]).startswith("biformer_stl"):
+        return None
+    attention = json.loads(row["options"]).get("attention")
+    return next((key for key, entry in ablation.items() if entry.get("mechanism") == attention), None)
+
+
 def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per model: each task's score, then size and speed of the first task's trained model, then the
-    paper's ImageNet top-1 / ADE20K mIoU for the rows it reports (attention ablation on the same backbone)."""
-    papers = {**paper_figures()["models"], **paper_figures()["attention_ablation"]}
+    paper's row and its ImageNet top-1 / ADE20K mIoU (Semantic FPN) where the paper reports the row: the
+    attention ablation on the same backbone, or a released model's figures."""
+    ablation = paper_figures()["attention_ablation"]
     rows: dict[str, dict[str, str]] = {}
+    shown: list[PaperFigure] = []
     first_task = frame["shape"].iloc[0]
     for _, row in frame.iterrows():
         cells = rows.setdefault(row["label"], {"mechanism": row["label"]})
@@ -259,12 +316,19 @@ def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
             cells["params (M)"] = _number(_scaled(row["params"], 1e-6), "{:.2f}")
             cells[f"GMACs @{row['height']}²"] = _number(gmacs, "{:.3f}")
             cells["images/s"] = _number(row["images_per_s"], "{:,.1f}")
-        paper = papers.get(row["paper"], {}) if isinstance(row["paper"], str) else {}
-        cells["paper ImageNet top-1"] = str(paper.get("top1", ""))
-        cells["paper ADE20K mIoU"] = str(paper.get("miou", ""))
+        paper_row = paper_ablation_row(row)
+        if paper_row is not None:
+            top1, miou = (_published("attention_ablation", paper_row, field) for field in ("top1", "miou"))
+            cells["paper row"] = ablation[paper_row]["row"]
+        else:
+            top1, miou = _published("models", row["paper"], "top1"), _published("ade20k_sfpn_miou", row["paper"])
+            cells["paper row"] = row["paper"] if top1 or miou else ""
+        shown += [found for found in (top1, miou) if found is not None]
+        cells["paper ImageNet top-1"] = _cell(top1)
+        cells["paper ADE20K mIoU"] = _cell(miou)
     table = pd.DataFrame(list(rows.values()))
-    paper_columns = ["paper ImageNet top-1", "paper ADE20K mIoU"]
-    return table[[c for c in table.columns if c not in paper_columns] + paper_columns]
+    paper_columns = ["paper row", "paper ImageNet top-1", "paper ADE20K mIoU"]
+    return _shown(table[[c for c in table.columns if c not in paper_columns] + paper_columns], shown)
 
 
 def training_table(frame: pd.DataFrame) -> pd.DataFrame:
