@@ -122,6 +122,10 @@ class BiLevelRoutingAttention(AttentionMechanism):
         side_dwconv: LCE kernel size (0 = off). auto_pad: pad H, W up to multiples of n_win.
         impl: backend of the token attention, one of ``bra_kernels.IMPLS`` (default 'auto'; 'reference' is
             the official computation). Not a parameter: the state_dict is the same for every impl.
+
+    Attributes:
+        last_backend: the name of the backend the last forward ran on (what ``impl='auto'`` chose for that
+            input; the impl itself otherwise), or None before the first forward.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
         if impl not in bra_kernels.IMPLS:
             raise ValueError(f"impl must be one of {', '.join(bra_kernels.IMPLS)}, got {impl!r}")
         self.impl = impl
+        self.last_backend: str | None = None
         self.n_win = n_win
         self.topk = topk
         self.scale = qk_scale or self.qk_dim**-0.5
@@ -236,7 +241,9 @@ class BiLevelRoutingAttention(AttentionMechanism):
         inputs = bra_kernels.RoutedAttention(
             q=q.reshape(batch, s * s, region_h * region_w, self.num_heads, qk // self.num_heads), kv=kv_tokens,
             index=routing_index, weight=routing_weight if self.soft_routing else None, scale=self.scale)
-        out = bra_kernels.choose(self.impl, inputs).run(inputs)  # (B, S², h·w, heads, C/heads)
+        backend = bra_kernels.choose(self.impl, inputs)
+        self.last_backend = backend.name
+        out = backend.run(inputs)  # (B, S², h·w, heads, C/heads)
 
         out = out.reshape(batch, s, s, region_h, region_w, c).permute(0, 1, 3, 2, 4, 5)  # (B, S, h, S, w, C) view
         if self.side_dwconv > 0:
@@ -251,6 +258,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
         """A copy of this module on the reference backend (the official computation)."""
         plain = copy.deepcopy(self)
         plain.impl = "reference"
+        plain.last_backend = None
         return plain
 
     def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
