@@ -51,6 +51,8 @@ from .registry import register
 
 KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
 PARAM_ATTENTION_MODES = ("qkvo", "qkv")
+# bytes of qkv activations one group of images may take in forward (see BiLevelRoutingAttention.forward)
+BATCH_CHUNK_BYTES = 8 * 2**20
 
 
 class FusedQKV(nn.Module):
@@ -219,8 +221,21 @@ class BiLevelRoutingAttention(AttentionMechanism):
         return region_h * region_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
+        """(B, H, W, C) -> (B, H, W, C).
+
+        Images are independent, so the batch runs in groups whose qkv activations fit in ``BATCH_CHUNK_BYTES``
+        (with ``impl='reference'``, the official computation, in one piece): every intermediate of a group stays
+        in cache and is reused from the heap, where one whole-batch buffer of tens of MB is page-faulted anew by
+        every op on CPU. The result is the same function, image by image."""
         self.check_input(x)
+        padded_h, padded_w = self._padded_size(x.shape[1], x.shape[2])
+        per_image = padded_h * padded_w * (2 * self.qk_dim + self.dim) * x.element_size()
+        step = x.shape[0] if self.impl == "reference" else max(1, BATCH_CHUNK_BYTES // per_image)
+        if step >= x.shape[0]:
+            return self._forward(x)
+        return torch.cat([self._forward(group) for group in x.split(step)])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
         padded_h, padded_w = self._padded_size(height, width)
         x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)

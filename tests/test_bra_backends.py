@@ -180,3 +180,22 @@ def test_cuda_backends_equal_reference(impl, dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     with torch.no_grad():
         torch.testing.assert_close(module(x), reference(x), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("impl", ("auto", "gather"))
+def test_batch_in_groups_equals_one_piece_float64(monkeypatch, impl):
+    """A batch run in groups of images (BATCH_CHUNK_BYTES) is the same function, outputs and grads."""
+    from attentions import bra
+
+    module, reference = paired(impl, n_win=4, topk=3, auto_pad=True)
+    x = torch.randn(5, 10, 11, 32, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    monkeypatch.setattr(bra, "BATCH_CHUNK_BYTES", 2 * 12 * 12 * 96 * 8)  # two images per group, three groups
+    out, expected = module(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
