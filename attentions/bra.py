@@ -34,7 +34,7 @@ what is counted here. Region means, top-k, gather, softmax and pooling are not m
 Step 4–5's token attention runs on one of the backends of ``attentions/bra_kernels.py`` (option ``impl``):
 ``reference`` is the official expand-then-gather computation, the others compute the same function faster
 (``auto``, the default, picks the fastest that can run: the dense block mask when at least a quarter of the
-regions is routed, the cache-blocked gather otherwise; ``last_backend`` says which ran). Every backend spends
+regions is routed, the gather otherwise; ``last_backend`` says which ran). Every backend spends
 the MACs above; ``dense`` additionally spends masked-out products that are not counted as useful work.
 """
 

@@ -19,10 +19,11 @@ error lists every reason.
 * ``gather`` — one ``index_select`` of the routed regions on the flattened (batch · region) axis, K and V
   split once, and fused ``scaled_dot_product_attention`` over the region blocks.
 * ``blocked`` — ``gather`` in chunks of region blocks whose routed K|V fit in cache (``BLOCK_BYTES``): each
-  chunk is gathered and consumed by SDPA while it is still in cache, and no buffer larger than a chunk is
-  allocated (on CPU a fresh multi-MB buffer costs page faults that exceed the attention's arithmetic). Its
-  backward recomputes each chunk's gather (as FlashAttention recomputes scores) and accumulates the K|V
-  gradient in one buffer.
+  chunk is gathered and consumed by SDPA while it is still in cache (on CPU a fresh multi-MB buffer costs
+  page faults that can exceed the attention's arithmetic). Its backward accumulates the K|V gradient of all
+  chunks in one buffer. Since ``bra`` itself runs the batch in cache-sized groups of images, ``gather`` inside
+  a group measured as fast (BiFormer-T stages 1–2, CPU), so ``auto`` keeps the simpler one; ``blocked`` is for
+  single images whose routed K|V exceed the cache.
 * ``dense`` — no gather at all: attention over every token with a boolean block mask built from the
   routing (query region r may see kv region s iff s ∈ I[r]). Cheapest when the routed fraction k/S² is
   large or the map small (BiFormer's stages 3 and 4), wasteful when it is small.
@@ -188,34 +189,44 @@ def _chunk_attention(q: torch.Tensor, routed: torch.Tensor, qk_dim: int, scale: 
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """Gather + SDPA in chunks of ``step`` query regions; flat: (N, k) rows of kv, weight: (N, k) or None."""
+    """Gather + SDPA in chunks of ``step`` query regions; flat: (N, k) rows of kv, weight: (N, k) or None.
+
+    The gathered chunks are saved for backward, which runs SDPA's backward chunk by chunk and accumulates the
+    K|V gradient into one buffer (an ``index_select`` per chunk under autograd would allocate a full-size
+    gradient per chunk)."""
 
     @staticmethod
     def forward(ctx, q, kv, flat, weight, scale: float, qk_dim: int, step: int):
-        ctx.save_for_backward(q, kv, flat, weight)
         ctx.scale, ctx.qk_dim, ctx.step = scale, qk_dim, step
-        chunks = [_chunk_attention(q[start:start + step], _routed(kv, flat[start:start + step], weight, start, step),
-                                   qk_dim, scale) for start in range(0, q.shape[0], step)]
+        chunks, gathered = [], []
+        for start in range(0, q.shape[0], step):
+            rows = flat[start:start + step]
+            routed = kv.index_select(0, rows.reshape(-1))
+            gathered.append(routed)
+            weight_chunk = weight[start:start + step] if weight is not None else None
+            chunks.append(_chunk_attention(q[start:start + step], _weighted(routed, rows.shape, weight_chunk),
+                                           qk_dim, scale))
+        ctx.save_for_backward(q, flat, weight, *gathered)
+        ctx.kv_shape = kv.shape
         return torch.cat(chunks)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kv, flat, weight = ctx.saved_tensors
-        step, n, width = ctx.step, kv.shape[1], kv.shape[2]
-        grad_q, grad_kv = torch.empty_like(q), torch.zeros_like(kv)
+        q, flat, weight, *gathered = ctx.saved_tensors
+        step = ctx.step
+        grad_q, grad_kv = torch.empty_like(q), q.new_zeros(ctx.kv_shape)
         grad_weight = torch.empty_like(weight) if weight is not None else None
-        for start in range(0, q.shape[0], step):
+        for chunk, start in enumerate(range(0, q.shape[0], step)):
             rows = flat[start:start + step]
             with torch.enable_grad():
                 q_chunk = q[start:start + step].detach().requires_grad_()
-                gathered = kv.index_select(0, rows.reshape(-1)).requires_grad_()
-                leaves = [q_chunk, gathered]
-                routed = gathered.view(rows.shape[0], -1, width)
+                routed = gathered[chunk].detach().requires_grad_()
+                leaves = [q_chunk, routed]
+                weight_chunk = None
                 if weight is not None:
                     weight_chunk = weight[start:start + step].detach().requires_grad_()
                     leaves.append(weight_chunk)
-                    routed = (routed.view(rows.shape[0], -1, n, width) * weight_chunk[..., None, None]).flatten(1, 2)
-                out = _chunk_attention(q_chunk, routed, ctx.qk_dim, ctx.scale)
+                out = _chunk_attention(q_chunk, _weighted(routed, rows.shape, weight_chunk), ctx.qk_dim, ctx.scale)
                 grads = torch.autograd.grad(out, leaves, grad_out[start:start + step])
             grad_q[start:start + step] = grads[0]
             grad_kv.index_add_(0, rows.reshape(-1), grads[1])
@@ -224,12 +235,13 @@ class _BlockedAttention(torch.autograd.Function):
         return grad_q, grad_kv, None, grad_weight, None, None, None
 
 
-def _routed(kv: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | None, start: int, step: int) -> torch.Tensor:
-    """The routed K|V of a chunk: (chunk, k · n, qk + C), scaled by the chunk's routing weights if soft."""
-    chunk, n, width = rows.shape[0], kv.shape[1], kv.shape[2]
-    routed = kv.index_select(0, rows.reshape(-1)).view(chunk, -1, n, width)
+def _weighted(routed: torch.Tensor, rows_shape: torch.Size, weight: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's gathered K|V rows (chunk · k, n, qk + C) as (chunk, k · n, qk + C), scaled by the chunk's
+    routing weights (chunk, k) if soft."""
+    chunk, n, width = rows_shape[0], routed.shape[1], routed.shape[2]
+    routed = routed.view(chunk, -1, n, width)
     if weight is not None:
-        routed = routed * weight[start:start + step, :, None, None]
+        routed = routed * weight[..., None, None]
     return routed.flatten(1, 2)
 
 
@@ -335,16 +347,16 @@ def routed_fraction(inputs: RoutedAttention) -> float:
     return inputs.index.shape[-1] / inputs.kv.shape[1]
 
 
-AUTO_CANDIDATES = ("xformers", "dense", "blocked")
+AUTO_CANDIDATES = ("xformers", "dense", "gather")
 
 
 def auto_priority(inputs: RoutedAttention) -> tuple[str, ...]:
     """The backends ``impl="auto"`` tries on ``inputs``, best first: xFormers where it runs, then the dense block
     mask when at least ``DENSE_MIN_ROUTED_FRACTION`` of the kv regions is routed (its masked-out work is then
-    small), the blocked gather otherwise (and as the fallback that runs everywhere)."""
+    small), the gather otherwise (and as the fallback that runs everywhere)."""
     if routed_fraction(inputs) >= DENSE_MIN_ROUTED_FRACTION:
-        return "xformers", "dense", "blocked"
-    return "xformers", "blocked"
+        return "xformers", "dense", "gather"
+    return "xformers", "gather"
 
 
 def choose(impl: str, inputs: RoutedAttention) -> Backend:

@@ -82,24 +82,24 @@ def routed_inputs(topk: int, soft: bool = False, requires_grad: bool = False) ->
         scale=0.25)
 
 
-def test_auto_picks_dense_for_many_routed_regions_and_blocked_for_few():
-    assert bra_kernels.auto_priority(routed_inputs(16)) == ("xformers", "dense", "blocked")
-    assert bra_kernels.auto_priority(routed_inputs(4)) == ("xformers", "blocked")
+def test_auto_picks_dense_for_many_routed_regions_and_gather_for_few():
+    assert bra_kernels.auto_priority(routed_inputs(16)) == ("xformers", "dense", "gather")
+    assert bra_kernels.auto_priority(routed_inputs(4)) == ("xformers", "gather")
     assert bra_kernels.choose("auto", routed_inputs(16)).name == "dense"
-    assert bra_kernels.choose("auto", routed_inputs(4)).name == "blocked"
-    assert bra_kernels.choose("auto", routed_inputs(16, soft=True)).name == "blocked"
+    assert bra_kernels.choose("auto", routed_inputs(4)).name == "gather"
+    assert bra_kernels.choose("auto", routed_inputs(16, soft=True)).name == "gather"
 
 
-@pytest.mark.parametrize("topk,expected", [(16, "dense"), (4, "blocked")])
+@pytest.mark.parametrize("topk,expected", [(16, "dense"), (4, "gather")])
 def test_last_backend_names_what_auto_chose(topk, expected):
     module = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk)
     assert module.last_backend is None
     module(torch.randn(1, 14, 14, 32))
     assert module.last_backend == expected
     assert module.plain().last_backend is None
-    explicit = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk, impl="gather")
+    explicit = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk, impl="blocked")
     explicit(torch.randn(1, 14, 14, 32))
-    assert explicit.last_backend == "gather"
+    assert explicit.last_backend == "blocked"
 
 
 def test_reasons_are_read_from_the_declared_capabilities():
