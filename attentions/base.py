@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,12 @@ class AttentionMechanism(nn.Module, abc.ABC):
         """Mean number of keys a query attends to (over heads and the H·W real queries): the sparsity the
         mechanism actually has at this size, padding and masks included."""
         raise NotImplementedError(f"{type(self).__name__} does not state keys_per_query")
+
+    def plain(self) -> AttentionMechanism:
+        """A copy of this module that runs its plain (reference) path, same parameters and buffers: what its
+        fast paths are checked against. Mechanisms with a choice of backends override it (BRA: impl='reference');
+        the default is a deep copy, for a mechanism that has only one path."""
+        return copy.deepcopy(self)
 
     def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
         """Why this module cannot run on ``device`` in ``dtype`` (empty when it can), as xFormers' ops do."""

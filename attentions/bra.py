@@ -33,8 +33,9 @@ what is counted here. Region means, top-k, gather, softmax and pooling are not m
 
 Step 4–5's token attention runs on one of the backends of ``attentions/bra_kernels.py`` (option ``impl``):
 ``reference`` is the official expand-then-gather computation, the others compute the same function faster
-(``auto``, the default, picks the fastest that can run). Every backend spends the MACs above; ``dense``
-additionally spends masked-out products that are not counted as useful work.
+(``auto``, the default, picks the fastest that can run: the dense block mask when at least a quarter of the
+regions is routed, the gather otherwise; ``last_backend`` says which ran). Every backend spends
+the MACs above; ``dense`` additionally spends masked-out products that are not counted as useful work.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from .registry import register
 
 KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
 PARAM_ATTENTION_MODES = ("qkvo", "qkv")
+# bytes of qkv activations one group of images may take in forward (see BiLevelRoutingAttention.forward)
+BATCH_CHUNK_BYTES = 8 * 2**20
 
 
 class FusedQKV(nn.Module):
@@ -122,6 +125,10 @@ class BiLevelRoutingAttention(AttentionMechanism):
         side_dwconv: LCE kernel size (0 = off). auto_pad: pad H, W up to multiples of n_win.
         impl: backend of the token attention, one of ``bra_kernels.IMPLS`` (default 'auto'; 'reference' is
             the official computation). Not a parameter: the state_dict is the same for every impl.
+
+    Attributes:
+        last_backend: the name of the backend the last forward ran on (what ``impl='auto'`` chose for that
+            input; the impl itself otherwise), or None before the first forward.
     """
 
     def __init__(
@@ -171,6 +178,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
         if impl not in bra_kernels.IMPLS:
             raise ValueError(f"impl must be one of {', '.join(bra_kernels.IMPLS)}, got {impl!r}")
         self.impl = impl
+        self.last_backend: str | None = None
         self.n_win = n_win
         self.topk = topk
         self.scale = qk_scale or self.qk_dim**-0.5
@@ -214,8 +222,21 @@ class BiLevelRoutingAttention(AttentionMechanism):
         return region_h * region_w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
+        """(B, H, W, C) -> (B, H, W, C).
+
+        Images are independent, so the batch runs in groups whose qkv activations fit in ``BATCH_CHUNK_BYTES``
+        (with ``impl='reference'``, the official computation, in one piece): every intermediate of a group stays
+        in cache and is reused from the heap, where one whole-batch buffer of tens of MB is page-faulted anew by
+        every op on CPU. The result is the same function, image by image."""
         self.check_input(x)
+        padded_h, padded_w = self._padded_size(x.shape[1], x.shape[2])
+        per_image = padded_h * padded_w * (2 * self.qk_dim + self.dim) * x.element_size()
+        step = x.shape[0] if self.impl == "reference" else max(1, BATCH_CHUNK_BYTES // per_image)
+        if step >= x.shape[0]:
+            return self._forward(x)
+        return torch.cat([self._forward(group) for group in x.split(step)])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
         padded_h, padded_w = self._padded_size(height, width)
         x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
@@ -236,7 +257,9 @@ class BiLevelRoutingAttention(AttentionMechanism):
         inputs = bra_kernels.RoutedAttention(
             q=q.reshape(batch, s * s, region_h * region_w, self.num_heads, qk // self.num_heads), kv=kv_tokens,
             index=routing_index, weight=routing_weight if self.soft_routing else None, scale=self.scale)
-        out = bra_kernels.choose(self.impl, inputs).run(inputs)  # (B, S², h·w, heads, C/heads)
+        backend = bra_kernels.choose(self.impl, inputs)
+        self.last_backend = backend.name
+        out = backend.run(inputs)  # (B, S², h·w, heads, C/heads)
 
         out = out.reshape(batch, s, s, region_h, region_w, c).permute(0, 1, 3, 2, 4, 5)  # (B, S, h, S, w, C) view
         if self.side_dwconv > 0:
@@ -251,6 +274,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
         """A copy of this module on the reference backend (the official computation)."""
         plain = copy.deepcopy(self)
         plain.impl = "reference"
+        plain.last_backend = None
         return plain
 
     def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:

@@ -4,15 +4,26 @@ After routing, every region r of queries attends to the key/value tokens of its 
 
     O[r] = softmax(Q[r] · K[I[r]]ᵀ · scale) · V[I[r]]          (× routing weights on K, V when soft routing)
 
-Each backend computes exactly this and declares what it cannot do, as xFormers' fmha operators do:
-``not_supported_reasons(inputs)`` returns one line per reason, empty when it can run. ``choose`` walks a
-priority list for ``impl="auto"``; when nothing fits, or an explicitly requested backend cannot run, the
-error lists every backend's reasons.
+Each backend computes exactly this and declares what it can run on, as xFormers' fmha operators declare
+``SUPPORTED_DEVICES`` / ``SUPPORTED_DTYPES`` (facebookresearch/xformers xformers/ops/fmha/common.py): devices,
+dtypes, the devices with a backward, soft routing, whether it needs ``torch.compile`` or an optional package,
+and a cap on the block-mask size. One function, ``not_supported_reasons``, reads those declarations and
+returns one line per reason, empty when the backend can run. ``auto_priority`` builds the list
+``impl="auto"`` walks for given inputs (the dense-vs-gather threshold lives there, as xFormers' dispatch
+``_dispatch_fw_priority_list`` reorders its operators by input, not inside an operator); ``choose`` returns
+the first backend with no reason, and when nothing fits, or an explicitly requested backend cannot run, the
+error lists every reason.
 
 * ``reference`` — the official code's computation (rayleizhu/BiFormer ops/bra_legacy.py): gather the routed
   K|V per query region, then matmul, softmax, matmul. The plain path every other backend is tested against.
 * ``gather`` — one ``index_select`` of the routed regions on the flattened (batch · region) axis, K and V
   split once, and fused ``scaled_dot_product_attention`` over the region blocks.
+* ``blocked`` — ``gather`` in chunks of region blocks whose routed K|V fit in cache (``BLOCK_BYTES``): each
+  chunk is gathered and consumed by SDPA while it is still in cache (on CPU a fresh multi-MB buffer costs
+  page faults that can exceed the attention's arithmetic). Its backward accumulates the K|V gradient of all
+  chunks in one buffer. Since ``bra`` itself runs the batch in cache-sized groups of images, ``gather`` inside
+  a group measured as fast (BiFormer-T stages 1–2, CPU), so ``auto`` keeps the simpler one; ``blocked`` is for
+  single images whose routed K|V exceed the cache.
 * ``dense`` — no gather at all: attention over every token with a boolean block mask built from the
   routing (query region r may see kv region s iff s ∈ I[r]). Cheapest when the routed fraction k/S² is
   large or the map small (BiFormer's stages 3 and 4), wasteful when it is small.
@@ -32,10 +43,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# impl="auto" uses the dense block mask when at least this fraction of the kv regions is routed (measured on
-# CPU: at BiFormer-T's stage 3, 16 of 49 regions, dense was faster; at stage 2, 4 of 49, gather was).
+# impl="auto" puts the dense block mask first when at least this fraction of the kv regions is routed (measured
+# on CPU: at BiFormer-T's stage 3, 16 of 49 regions, dense was faster; at stage 2, 4 of 49, the gather was).
 DENSE_MIN_ROUTED_FRACTION = 0.25
 DENSE_MAX_MASK_ELEMENTS = 2**31
+# bytes of routed K|V one chunk of ``blocked`` gathers: well inside a core's share of last-level cache and
+# below glibc's mmap threshold, so the chunk buffers are reused from the heap instead of page-faulted anew.
+BLOCK_BYTES = 4 * 2**20
+ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
+HALF_AND_SINGLE = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
 @dataclass(frozen=True)
@@ -164,115 +180,193 @@ def _xformers(inputs: RoutedAttention) -> torch.Tensor:
     return out.reshape(batch, regions, tokens, heads, -1)
 
 
-def _no_soft_routing(inputs: RoutedAttention, name: str) -> list[str]:
-    return [f"{name}: soft routing scales keys and values per routed region, which a block mask cannot express"
-            ] if inputs.weight is not None else []
+def _chunk_attention(q: torch.Tensor, routed: torch.Tensor, qk_dim: int, scale: float) -> torch.Tensor:
+    """SDPA of q (N, T, heads, dq) over routed (N, k·n, qk + C) -> (N, T, heads, C / heads), all views."""
+    heads = q.shape[2]
+    key = routed[..., :qk_dim].unflatten(-1, (heads, -1)).transpose(1, 2)
+    value = routed[..., qk_dim:].unflatten(-1, (heads, -1)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), key, value, scale=scale).transpose(1, 2)
 
 
-def _reasons_dense(inputs: RoutedAttention) -> list[str]:
-    batch, regions, tokens = inputs.q.shape[:3]
-    reasons = _no_soft_routing(inputs, "dense")
-    if batch * regions * tokens * regions * inputs.kv.shape[2] > DENSE_MAX_MASK_ELEMENTS:
-        reasons.append("dense: the block mask would exceed 2³¹ elements at this size")
-    return reasons
+class _BlockedAttention(torch.autograd.Function):
+    """Gather + SDPA in chunks of ``step`` query regions; flat: (N, k) rows of kv, weight: (N, k) or None.
+
+    The gathered chunks are saved for backward, which runs SDPA's backward chunk by chunk and accumulates the
+    K|V gradient into one buffer (an ``index_select`` per chunk under autograd would allocate a full-size
+    gradient per chunk)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, flat, weight, scale: float, qk_dim: int, step: int):
+        ctx.scale, ctx.qk_dim, ctx.step = scale, qk_dim, step
+        chunks, gathered = [], []
+        for start in range(0, q.shape[0], step):
+            rows = flat[start:start + step]
+            routed = kv.index_select(0, rows.reshape(-1))
+            gathered.append(routed)
+            weight_chunk = weight[start:start + step] if weight is not None else None
+            chunks.append(_chunk_attention(q[start:start + step], _weighted(routed, rows.shape, weight_chunk),
+                                           qk_dim, scale))
+        ctx.save_for_backward(q, flat, weight, *gathered)
+        ctx.kv_shape = kv.shape
+        return torch.cat(chunks)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, flat, weight, *gathered = ctx.saved_tensors
+        step = ctx.step
+        grad_q, grad_kv = torch.empty_like(q), q.new_zeros(ctx.kv_shape)
+        grad_weight = torch.empty_like(weight) if weight is not None else None
+        for chunk, start in enumerate(range(0, q.shape[0], step)):
+            rows = flat[start:start + step]
+            with torch.enable_grad():
+                q_chunk = q[start:start + step].detach().requires_grad_()
+                routed = gathered[chunk].detach().requires_grad_()
+                leaves = [q_chunk, routed]
+                weight_chunk = None
+                if weight is not None:
+                    weight_chunk = weight[start:start + step].detach().requires_grad_()
+                    leaves.append(weight_chunk)
+                out = _chunk_attention(q_chunk, _weighted(routed, rows.shape, weight_chunk), ctx.qk_dim, ctx.scale)
+                grads = torch.autograd.grad(out, leaves, grad_out[start:start + step])
+            grad_q[start:start + step] = grads[0]
+            grad_kv.index_add_(0, rows.reshape(-1), grads[1])
+            if weight is not None:
+                grad_weight[start:start + step] = grads[2]
+        return grad_q, grad_kv, None, grad_weight, None, None, None
 
 
-def _compiler_reasons(name: str, device: torch.device) -> list[str]:
-    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("cc")):
-        return [f"{name}: torch.compile on CPU needs a C++ compiler, and none is on PATH"]
-    return []
+def _weighted(routed: torch.Tensor, rows_shape: torch.Size, weight: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's gathered K|V rows (chunk · k, n, qk + C) as (chunk, k · n, qk + C), scaled by the chunk's
+    routing weights (chunk, k) if soft."""
+    chunk, n, width = rows_shape[0], routed.shape[1], routed.shape[2]
+    routed = routed.view(chunk, -1, n, width)
+    if weight is not None:
+        routed = routed * weight[..., None, None]
+    return routed.flatten(1, 2)
 
 
-def _device_reasons_flex(device: torch.device, dtype: torch.dtype) -> list[str]:
-    reasons = []
-    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-        reasons.append("flex: this torch has no torch.nn.attention.flex_attention")
-    return reasons + _compiler_reasons("flex", device)
-
-
-def _device_reasons_xformers(device: torch.device, dtype: torch.dtype) -> list[str]:
-    reasons = []
-    if importlib.util.find_spec("xformers") is None:
-        reasons.append("xformers: the xformers package is not installed (pip install 'attnbench[cuda]')")
-    if device.type != "cuda":
-        reasons.append(f"xformers: memory-efficient attention runs on CUDA only, not {device.type}")
-    if dtype == torch.float64:
-        reasons.append("xformers: no float64 kernels")
-    return reasons
-
-
-def _reasons_compile(inputs: RoutedAttention) -> list[str]:
-    return _compiler_reasons("compile", inputs.q.device)
-
-
-def _reasons_flex(inputs: RoutedAttention) -> list[str]:
-    reasons = _no_soft_routing(inputs, "flex") + _device_reasons_flex(inputs.q.device, inputs.q.dtype)
-    if inputs.q.device.type == "cpu" and inputs.requires_grad:
-        reasons.append("flex: FlexAttention has no backward on CPU")
-    return reasons
-
-
-def _reasons_xformers(inputs: RoutedAttention) -> list[str]:
-    return _device_reasons_xformers(inputs.q.device, inputs.q.dtype)
-
-
-def _always_supported(inputs: RoutedAttention) -> list[str]:
-    return []
+def _blocked(inputs: RoutedAttention) -> torch.Tensor:
+    batch, regions, tokens, heads, _ = inputs.q.shape
+    k, (n, width) = inputs.index.shape[-1], inputs.kv.shape[2:]
+    offsets = torch.arange(batch, device=inputs.index.device).view(batch, 1, 1) * regions
+    flat = (inputs.index + offsets).reshape(batch * regions, k)
+    step = max(1, BLOCK_BYTES // (k * n * width * inputs.kv.element_size()))
+    weight = inputs.weight.reshape(batch * regions, k) if inputs.weight is not None else None
+    out = _BlockedAttention.apply(inputs.q.flatten(0, 1), inputs.kv.reshape(batch * regions, n, width), flat, weight,
+                                  inputs.scale, inputs.qk_dim, step)
+    return out.unflatten(0, (batch, regions))
 
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend and what it can run, declared (read by ``not_supported_reasons``).
+
+    devices / dtypes: where it runs; backward_devices: the devices on which it has a backward (None: all of
+    ``devices``); soft_routing: whether it can scale keys and values per routed region; compiled: runs
+    through ``torch.compile`` (on CPU: needs a C++ compiler); package: a module that must be importable;
+    max_mask_elements: the largest (query token × kv token) block mask it builds per batch, if it builds one.
+    """
+
     name: str
     run: Callable[[RoutedAttention], torch.Tensor]
-    reasons: Callable[[RoutedAttention], list[str]] = _always_supported
-
-    def not_supported_reasons(self, inputs: RoutedAttention) -> list[str]:
-        return self.reasons(inputs)
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    dtypes: frozenset[torch.dtype] = ALL_DTYPES
+    backward_devices: frozenset[str] | None = None
+    soft_routing: bool = True
+    compiled: bool = False
+    package: str | None = None
+    install_hint: str = ""
+    max_mask_elements: int | None = None
 
 
 BACKENDS = {backend.name: backend for backend in (
-    Backend("reference", _reference), Backend("gather", _gather), Backend("dense", _dense, _reasons_dense),
-    Backend("compile", _compile, _reasons_compile), Backend("flex", _flex, _reasons_flex),
-    Backend("xformers", _xformers, _reasons_xformers),
+    Backend("reference", _reference),
+    Backend("gather", _gather),
+    Backend("blocked", _blocked),
+    Backend("dense", _dense, soft_routing=False, max_mask_elements=DENSE_MAX_MASK_ELEMENTS),
+    Backend("compile", _compile, compiled=True),
+    # FlexAttention's CPU lowering takes float32/float16/bfloat16 only (torch 2.14: "`torch.float`,
+    # `torch.float16` and `torch.bfloat16` are supported in FlexAttention for CPU device"); its CPU path has no
+    # backward. Float64 on CUDA is not verified here, so it is not claimed.
+    Backend("flex", _flex, dtypes=HALF_AND_SINGLE, backward_devices=frozenset({"cuda"}), soft_routing=False,
+            compiled=True, package="torch.nn.attention.flex_attention"),
+    Backend("xformers", _xformers, devices=frozenset({"cuda"}), dtypes=HALF_AND_SINGLE, package="xformers",
+            install_hint=" (pip install 'attnbench[cuda]')"),
 )}
 IMPLS = ("auto", *BACKENDS)
-AUTO_PRIORITY = ("xformers", "dense", "gather")
 
 
-_DEVICE_REASONS = {
-    "compile": lambda device, dtype: _compiler_reasons("compile", device),
-    "flex": _device_reasons_flex,
-    "xformers": _device_reasons_xformers,
-}
+def _has_c_compiler() -> bool:
+    return bool(shutil.which("g++") or shutil.which("c++") or shutil.which("cc"))
 
 
-def device_reasons(impl: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: torch.dtype,
+                          inputs: RoutedAttention | None = None) -> list[str]:
+    """Why ``backend`` cannot run on ``device`` in ``dtype`` (and, given ``inputs``, on those inputs: soft
+    routing, autograd, mask size), read from its declared capabilities; empty when it can run."""
+    device, name = torch.device(device), backend.name
+    reasons = []
+    if backend.package and importlib.util.find_spec(backend.package) is None:
+        reasons.append(f"{name}: needs the {backend.package} module, which is not installed{backend.install_hint}")
+    if device.type not in backend.devices:
+        reasons.append(f"{name}: runs on {' and '.join(sorted(backend.devices))} only, not {device.type}")
+    if dtype not in backend.dtypes:
+        reasons.append(f"{name}: no {str(dtype).removeprefix('torch.')} kernels "
+                       f"(supports {', '.join(sorted(str(d).removeprefix('torch.') for d in backend.dtypes))})")
+    if backend.compiled and device.type == "cpu" and not _has_c_compiler():
+        reasons.append(f"{name}: torch.compile on CPU needs a C++ compiler, and none is on PATH")
+    if inputs is None:
+        return reasons
+    backward_devices = backend.devices if backend.backward_devices is None else backend.backward_devices
+    if inputs.requires_grad and device.type not in backward_devices:
+        reasons.append(f"{name}: no backward on {device.type}")
+    if inputs.weight is not None and not backend.soft_routing:
+        reasons.append(f"{name}: soft routing scales keys and values per routed region, which a block mask "
+                       "cannot express")
+    if backend.max_mask_elements is not None:
+        batch, regions, tokens = inputs.q.shape[:3]
+        if batch * regions * tokens * regions * inputs.kv.shape[2] > backend.max_mask_elements:
+            reasons.append(f"{name}: the block mask would exceed {backend.max_mask_elements} elements at this size")
+    return reasons
+
+
+def device_reasons(impl: str, device: torch.device | str, dtype: torch.dtype) -> list[str]:
     """Why ``impl`` can never run on ``device`` in ``dtype``, known before seeing any input (empty if it may).
 
-    Reasons that depend on the input (soft routing, autograd, mask size) surface from ``choose`` at run time.
+    For ``auto``: reasons only when every backend it may pick is ruled out. Reasons that depend on the input
+    (soft routing, autograd, mask size) surface from ``choose`` at run time.
     """
-    check = _DEVICE_REASONS.get(impl)
-    return check(device, dtype) if check else []
+    if impl != "auto":
+        return not_supported_reasons(BACKENDS[impl], device, dtype)
+    per_backend = [not_supported_reasons(BACKENDS[name], device, dtype) for name in AUTO_CANDIDATES]
+    return [] if any(not reasons for reasons in per_backend) else [r for reasons in per_backend for r in reasons]
 
 
-def _routed_fraction(inputs: RoutedAttention) -> float:
+def routed_fraction(inputs: RoutedAttention) -> float:
+    """k / (kv regions): the fraction of key/value regions each query region sees."""
     return inputs.index.shape[-1] / inputs.kv.shape[1]
+
+
+AUTO_CANDIDATES = ("xformers", "dense", "gather")
+
+
+def auto_priority(inputs: RoutedAttention) -> tuple[str, ...]:
+    """The backends ``impl="auto"`` tries on ``inputs``, best first: xFormers where it runs, then the dense block
+    mask when at least ``DENSE_MIN_ROUTED_FRACTION`` of the kv regions is routed (its masked-out work is then
+    small), the gather otherwise (and as the fallback that runs everywhere)."""
+    if routed_fraction(inputs) >= DENSE_MIN_ROUTED_FRACTION:
+        return "xformers", "dense", "gather"
+    return "xformers", "gather"
 
 
 def choose(impl: str, inputs: RoutedAttention) -> Backend:
     """The backend that runs ``inputs`` for ``impl``; NotImplementedError listing every reason if none can."""
-    if impl != "auto":
-        reasons = BACKENDS[impl].not_supported_reasons(inputs)
-        if reasons:
-            raise NotImplementedError(f"bra impl={impl!r} cannot run here: {'; '.join(reasons)}")
-        return BACKENDS[impl]
+    names = auto_priority(inputs) if impl == "auto" else (impl,)
     tried = []
-    for name in AUTO_PRIORITY:
-        reasons = BACKENDS[name].not_supported_reasons(inputs)
-        if name == "dense" and _routed_fraction(inputs) < DENSE_MIN_ROUTED_FRACTION:
-            reasons = [*reasons, f"dense: auto uses it from {DENSE_MIN_ROUTED_FRACTION:.0%} of regions routed, "
-                                 f"here {_routed_fraction(inputs):.0%}"]
+    for name in names:
+        reasons = not_supported_reasons(BACKENDS[name], inputs.q.device, inputs.q.dtype, inputs)
         if not reasons:
             return BACKENDS[name]
         tried += reasons
-    raise NotImplementedError(f"bra impl='auto' found no backend: {'; '.join(tried)}")
+    raise NotImplementedError(f"bra impl={impl!r} {'found no backend' if impl == 'auto' else 'cannot run here'}: "
+                              f"{'; '.join(tried)}")

@@ -9,7 +9,7 @@ from attentions import bra_kernels
 
 from .test_bra import CASES, make
 
-EAGER_BACKENDS = ("gather", "dense")
+EAGER_BACKENDS = ("gather", "blocked", "dense")
 
 
 def paired(impl: str, **options):
@@ -64,7 +64,7 @@ def test_impl_is_not_in_the_state_dict():
 
 
 def test_unknown_impl_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="impl must be one of auto, reference, gather, dense"):
+    with pytest.raises(ValueError, match="impl must be one of auto, reference, gather, blocked, dense"):
         attentions.create("bra", dim=32, num_heads=4, impl="fused")
 
 
@@ -74,24 +74,73 @@ def test_dense_refuses_soft_routing_with_its_reason():
         module(torch.randn(1, 8, 8, 32, dtype=torch.float64))
 
 
+def routed_inputs(topk: int, soft: bool = False, requires_grad: bool = False) -> bra_kernels.RoutedAttention:
+    regions = 49
+    return bra_kernels.RoutedAttention(
+        q=torch.randn(1, regions, 4, 2, 8, requires_grad=requires_grad), kv=torch.randn(1, regions, 4, 32),
+        index=torch.randint(regions, (1, regions, topk)), weight=torch.rand(1, regions, topk) if soft else None,
+        scale=0.25)
+
+
 def test_auto_picks_dense_for_many_routed_regions_and_gather_for_few():
-    def inputs(topk: int, soft: bool = False) -> bra_kernels.RoutedAttention:
-        regions = 49
-        return bra_kernels.RoutedAttention(
-            q=torch.randn(1, regions, 4, 2, 8), kv=torch.randn(1, regions, 4, 32),
-            index=torch.randint(regions, (1, regions, topk)), weight=torch.rand(1, regions, topk) if soft else None,
-            scale=0.25)
-    assert bra_kernels.choose("auto", inputs(16)).name == "dense"
-    assert bra_kernels.choose("auto", inputs(4)).name == "gather"
-    assert bra_kernels.choose("auto", inputs(16, soft=True)).name == "gather"
+    assert bra_kernels.auto_priority(routed_inputs(16)) == ("xformers", "dense", "gather")
+    assert bra_kernels.auto_priority(routed_inputs(4)) == ("xformers", "gather")
+    assert bra_kernels.choose("auto", routed_inputs(16)).name == "dense"
+    assert bra_kernels.choose("auto", routed_inputs(4)).name == "gather"
+    assert bra_kernels.choose("auto", routed_inputs(16, soft=True)).name == "gather"
+
+
+@pytest.mark.parametrize("topk,expected", [(16, "dense"), (4, "gather")])
+def test_last_backend_names_what_auto_chose(topk, expected):
+    module = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk)
+    assert module.last_backend is None
+    module(torch.randn(1, 14, 14, 32))
+    assert module.last_backend == expected
+    assert module.plain().last_backend is None
+    explicit = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk, impl="blocked")
+    explicit(torch.randn(1, 14, 14, 32))
+    assert explicit.last_backend == "blocked"
+
+
+def test_reasons_are_read_from_the_declared_capabilities():
+    flex, xformers, dense = (bra_kernels.BACKENDS[name] for name in ("flex", "xformers", "dense"))
+    assert torch.float64 not in flex.dtypes and "cpu" not in flex.backward_devices
+    assert any("no float64 kernels" in r for r in bra_kernels.not_supported_reasons(flex, "cpu", torch.float64))
+    assert any("no backward on cpu" in r for r in bra_kernels.not_supported_reasons(
+        flex, "cpu", torch.float32, routed_inputs(4, requires_grad=True)))
+    assert any("cuda only, not cpu" in r for r in bra_kernels.not_supported_reasons(xformers, "cpu", torch.float32))
+    assert any("soft routing" in r for r in bra_kernels.not_supported_reasons(
+        dense, "cpu", torch.float32, routed_inputs(16, soft=True)))
+    for name in ("reference", "gather", "blocked"):
+        for dtype in bra_kernels.ALL_DTYPES:
+            assert bra_kernels.not_supported_reasons(bra_kernels.BACKENDS[name], "cpu", dtype,
+                                                     routed_inputs(4, soft=True, requires_grad=True)) == []
+
+
+@pytest.mark.parametrize("soft", (False, True))
+def test_blocked_in_many_small_chunks_equals_reference_float64(monkeypatch, soft):
+    """Force chunks of a few region blocks (one chunk boundary inside an image) and check outputs and grads."""
+    monkeypatch.setattr(bra_kernels, "BLOCK_BYTES", 3 * 4 * 9 * 64 * 8)  # 3 region blocks per chunk
+    options = dict(n_win=4, topk=4, soft_routing=soft, diff_routing=soft)
+    module, reference = paired("blocked", **options)
+    x = torch.randn(2, 12, 12, 32, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, expected = module(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
 
 
 def test_xformers_off_cuda_is_unsupported_with_reasons():
     reasons = bra_kernels.device_reasons("xformers", torch.device("cpu"), torch.float32)
-    assert any("CUDA only" in reason for reason in reasons)
+    assert any("cuda only" in reason for reason in reasons)
     module = make(n_win=4, topk=3, impl="xformers")
     assert module.not_supported_reasons(torch.device("cpu"), torch.float32) == reasons
-    with pytest.raises(NotImplementedError, match="xformers: memory-efficient attention runs on CUDA only"):
+    with pytest.raises(NotImplementedError, match="xformers: runs on cuda only, not cpu"):
         module(torch.randn(1, 8, 8, 32, dtype=torch.float64))
     assert make(n_win=4, topk=3).not_supported_reasons(torch.device("cpu"), torch.float64) == []
 
@@ -99,7 +148,7 @@ def test_xformers_off_cuda_is_unsupported_with_reasons():
 def test_flex_refuses_backward_on_cpu():
     module = make(n_win=4, topk=3, impl="flex")
     x = torch.randn(1, 8, 8, 32, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="flex: FlexAttention has no backward on CPU"):
+    with pytest.raises(NotImplementedError, match="flex: no backward on cpu"):
         module(x)
 
 
@@ -131,3 +180,22 @@ def test_cuda_backends_equal_reference(impl, dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     with torch.no_grad():
         torch.testing.assert_close(module(x), reference(x), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("impl", ("auto", "gather"))
+def test_batch_in_groups_equals_one_piece_float64(monkeypatch, impl):
+    """A batch run in groups of images (BATCH_CHUNK_BYTES) is the same function, outputs and grads."""
+    from attentions import bra
+
+    module, reference = paired(impl, n_win=4, topk=3, auto_pad=True)
+    x = torch.randn(5, 10, 11, 32, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    monkeypatch.setattr(bra, "BATCH_CHUNK_BYTES", 2 * 12 * 12 * 96 * 8)  # two images per group, three groups
+    out, expected = module(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)

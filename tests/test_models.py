@@ -133,3 +133,22 @@ def test_plain_copy_puts_every_bra_layer_on_the_reference_path():
     assert {m.impl for m in model.modules() if isinstance(m, BiLevelRoutingAttention)} == {"auto"}
     for (name, tensor), other in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(tensor, other), name
+
+
+def test_blocks_run_in_groups_of_images_as_the_same_function(monkeypatch):
+    """BiFormer blocks split the batch into groups (BLOCK_CHUNK_BYTES); outputs and grads equal one piece."""
+    import attnbench.models.biformer as biformer
+
+    torch.manual_seed(0)
+    options = dict(SMALL, n_win=2, topks=(1, 2, 3, -2))
+    model = BiFormer(**options).double().train()
+    plain = BiFormer(**options, bra_impl="reference").double().train()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
+    monkeypatch.setattr(biformer, "BLOCK_CHUNK_BYTES", 2 * 16 * 16 * 16 * 3 * 8)  # 2 images per group, stage 1
+    out, expected = model(x), plain(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)

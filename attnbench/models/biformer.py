@@ -25,6 +25,9 @@ from torch import nn
 
 from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
+# bytes of MLP activations one group of images may take in a block's forward (see BiFormerBlock.forward)
+BLOCK_CHUNK_BYTES = 8 * 2**20
+
 
 class BiFormerBlock(nn.Module):
     """One BiFormer block on an NCHW map (official ``Block``; its parameter names)."""
@@ -41,6 +44,8 @@ class BiFormerBlock(nn.Module):
         self.attn = biformer_attention(dim, num_heads, topk, n_win, side_dwconv, **bra_options)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, mlp_ratio, dwconv_slot=True, dwconv=mlp_dwconv)
+        self.mlp_ratio = mlp_ratio
+        self.group_batch = bra_impl != "reference"  # the reference path runs as the official code: one piece
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale_init_value > 0:
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -48,7 +53,19 @@ class BiFormerBlock(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W)."""
+        """(B, C, H, W) -> (B, C, H, W).
+
+        Every op of a block is per image (LayerNorm, not BatchNorm), so the batch runs in groups whose MLP
+        activations fit in ``BLOCK_CHUNK_BYTES`` (except with bra_impl='reference', which runs as the official
+        code): a group's intermediates stay in cache and are reused from the heap, where whole-batch buffers
+        are page-faulted anew by every op on CPU."""
+        per_image = x[0].numel() * self.mlp_ratio * x.element_size()
+        step = max(1, int(BLOCK_CHUNK_BYTES // per_image)) if self.group_batch else x.shape[0]
+        if step >= x.shape[0]:
+            return self._forward(x)
+        return torch.cat([self._forward(group) for group in x.split(step)])
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "pos_embed"):
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
