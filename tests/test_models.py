@@ -56,8 +56,8 @@ def test_parameters_match_the_published_figures(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_macs_match_the_published_figures(name):
-    """The official code's computation (bra_impl="reference"); the dense backend also spends masked MACs."""
-    model = timm.create_model(name, bra_impl="reference").eval()
+    """The official code's computation (impl="reference"); the dense backend also spends masked MACs."""
+    model = timm.create_model(name, impl="reference").eval()
     with torch.no_grad():
         macs = count_flops(lambda: model(torch.randn(1, 3, 224, 224))).macs / 1e9
     assert macs == pytest.approx(PUBLISHED[name][1], rel=0.01)
@@ -142,7 +142,7 @@ def test_blocks_run_in_groups_of_images_as_the_same_function(monkeypatch):
     torch.manual_seed(0)
     options = dict(SMALL, n_win=2, topks=(1, 2, 3, -2))
     model = BiFormer(**options).double().train()
-    plain = BiFormer(**options, bra_impl="reference").double().train()
+    plain = BiFormer(**options, impl="reference").double().train()
     plain.load_state_dict(model.state_dict())
     x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     monkeypatch.setattr(biformer, "BLOCK_CHUNK_BYTES", 2 * 16 * 16 * 16 * 3 * 8)  # 2 images per group, stage 1

@@ -171,7 +171,8 @@ def test_unknown_profile_and_missing_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("suite", ["suites/smoke.yaml", "suites/speed.yaml", "suites/scaling.yaml", "suites/models.yaml",
-                                   "suites/bra_impl.yaml"])
+                                   "suites/bra_impl.yaml", "suites/ablation_proxy.yaml", "suites/claims.yaml",
+                                   "suites/quadtree.yaml"])
 def test_shipped_suites_are_valid(suite):
     for profile in [None, *load_suite(suite).profiles]:
         assert expand(load_suite(suite, profile))

@@ -35,17 +35,17 @@ class BiFormerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, topk: int, n_win: int = 7, qk_dim: int | None = None,
                  mlp_ratio: float = 3.0, side_dwconv: int = 5, before_attn_dwconv: int = 3,
                  drop_path: float = 0.0, layer_scale_init_value: float = -1.0, pre_norm: bool = True,
-                 mlp_dwconv: bool = False, auto_pad: bool = False, bra_impl: str = "auto") -> None:
+                 mlp_dwconv: bool = False, auto_pad: bool = False, impl: str = "auto") -> None:
         super().__init__()
         if before_attn_dwconv > 0:
             self.pos_embed = nn.Conv2d(dim, dim, before_attn_dwconv, padding=before_attn_dwconv // 2, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        bra_options = {"qk_dim": qk_dim, "auto_pad": auto_pad, "impl": bra_impl} if topk > 0 else {}
+        bra_options = {"qk_dim": qk_dim, "auto_pad": auto_pad, "impl": impl} if topk > 0 else {}
         self.attn = biformer_attention(dim, num_heads, topk, n_win, side_dwconv, **bra_options)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = mlp(dim, mlp_ratio, dwconv_slot=True, dwconv=mlp_dwconv)
         self.mlp_ratio = mlp_ratio
-        self.group_batch = bra_impl != "reference"  # the reference path runs as the official code: one piece
+        self.group_batch = impl != "reference"  # the reference path runs as the official code: one piece
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale_init_value > 0:
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -56,7 +56,7 @@ class BiFormerBlock(nn.Module):
         """(B, C, H, W) -> (B, C, H, W).
 
         Every op of a block is per image (LayerNorm, not BatchNorm), so the batch runs in groups whose MLP
-        activations fit in ``BLOCK_CHUNK_BYTES`` (except with bra_impl='reference', which runs as the official
+        activations fit in ``BLOCK_CHUNK_BYTES`` (except with impl='reference', which runs as the official
         code): a group's intermediates stay in cache and are reused from the heap, where whole-batch buffers
         are page-faulted anew by every op on CPU."""
         per_image = x[0].numel() * self.mlp_ratio * x.element_size()
@@ -88,7 +88,7 @@ class BiFormer(PyramidClassifier):
                  side_dwconv: int = 5, before_attn_dwconv: int = 3, layer_scale_init_value: float = -1.0,
                  pre_norm: bool = True, mlp_dwconv: bool = False, auto_pad: bool = False,
                  drop_path_rate: float = 0.0, drop_rate: float = 0.0, in_chans: int = 3,
-                 num_classes: int = 1000, bra_impl: str = "auto") -> None:
+                 num_classes: int = 1000, impl: str = "auto") -> None:
         super().__init__()
         qk_dims = list(qk_dims or embed_dims)
         self.num_classes = num_classes
@@ -108,7 +108,7 @@ class BiFormer(PyramidClassifier):
             self.stages.append(nn.Sequential(*(
                 BiFormerBlock(embed_dims[i], qk_dims[i] // head_dim, topks[i], n_win, qk_dims[i], mlp_ratios[i],
                               side_dwconv, before_attn_dwconv, rates[sum(depths[:i]) + j], layer_scale_init_value,
-                              pre_norm, mlp_dwconv, auto_pad, bra_impl)
+                              pre_norm, mlp_dwconv, auto_pad, impl)
                 for j in range(depth))))
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()

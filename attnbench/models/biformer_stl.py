@@ -138,9 +138,9 @@ class BiFormerSTL(PyramidClassifier):
                  attention: str | Sequence[StageAttention] | None = None, n_wins: Sequence[int] = (7, 7, 7, 7),
                  topks: Sequence[int] = (1, 4, 16, -2), side_dwconv: int = 5, overlapping_stem: bool = False,
                  cpe: bool = False, drop_path_rate: float = 0.0, drop_rate: float = 0.0, in_chans: int = 3,
-                 num_classes: int = 1000, bra_impl: str = "auto") -> None:
+                 num_classes: int = 1000, impl: str = "auto") -> None:
         super().__init__()
-        self.bra_impl = bra_impl
+        self.impl = impl
         self.depths = tuple(depths)
         if isinstance(attention, str):
             named = {**ABLATION_ATTENTION, **ABLATION_VARIANTS}
@@ -179,7 +179,7 @@ class BiFormerSTL(PyramidClassifier):
     def _attention(self, stage: int, block: int, dim: int, head_dim: int, n_win: int, topk: int,
                    side_dwconv: int) -> nn.Module:
         if self.attention is None:
-            bra_options = {"impl": self.bra_impl} if topk > 0 else {}
+            bra_options = {"impl": self.impl} if topk > 0 else {}
             return biformer_attention(dim, dim // head_dim, topk, n_win, side_dwconv, **bra_options)
         spec = self.attention[stage]
         if "odd_block" in spec and (block % 2 or self.depths[stage] == 1):

@@ -68,7 +68,8 @@ def run_accuracy_case(case: AccuracyCase, checkpoint_dir: str | Path | None, log
     outcome = train_and_evaluate(task, settings, world, Path(checkpoint_dir) if checkpoint_dir else None, log)
     final = outcome["history"][-1] if outcome["history"] else {}
     accuracy = {
-        "task": case.task["task"], "dataset": data["dataset"], "proxy": data["dataset"] == "relation_proxy",
+        "task": case.task["task"], "dataset": data["dataset"],
+        "proxy": data["dataset"] in ("relation_proxy", "colour_pointer"),
         "final": {key: value for key, value in final.items() if key not in ("epoch", "lr")},
         "history": outcome["history"], "data": task.description(), "world_size": world.size,
         "steps_per_epoch": outcome["steps_per_epoch"], "train_seconds": time.time() - started,
