@@ -9,7 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..paper import paper_figures
-from ..records import RecordStore
+from ..records import RecordStore, write_text_atomically
 from .frame import records_frame
 from .sections import SECTIONS, Run
 
@@ -66,5 +66,5 @@ def build_report(run_dir: str | Path) -> Path:
         if section.applies(frame, run):
             lines += section.render(frame, run)
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n")
+    write_text_atomically(path, "\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n")
     return path
