@@ -104,7 +104,8 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
             print(f"{case.id}  {case.describe()}")
         print(f"{len(cases)} cases")
         return 0
-    run_name = path_component(args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--run")
+    run_name = args.run if args.run is not None else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path_component(run_name, "--run")
     results_dir = _results_dir(args.results_dir)
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
     run_dir = results_dir / path_component(suite.name, "suite name") / run_name

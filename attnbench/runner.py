@@ -24,6 +24,7 @@ Guarantees (tested in tests/test_faults.py):
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -48,7 +49,7 @@ from .measure.gemm import gemm_flops_per_s
 from .records import Record, RecordStore, Result, write_text_atomically
 from .status import Status
 from .suite import Suite, SuiteError, expand
-from .worker import run_case_in_process
+from .worker import RESULT_NOT_WRITTEN, run_case_in_process
 
 # environment keys that must agree for records to be comparable; a resume elsewhere is refused unless allowed
 COMPARED_ENVIRONMENT = ("threads", "torch", "cuda", "device", "device_name", "hostname", "python", "attnbench")
@@ -157,6 +158,8 @@ def execute_case(case: Case, scratch: Path, checkpoint_dir: Path | None = None) 
         result_path = scratch / "result.json"
         if result_path.exists():
             return Result.model_validate_json(result_path.read_text())
+        if process.returncode == RESULT_NOT_WRITTEN:
+            raise OSError(errno.ENOSPC, "the case process could not write its result (a full disk?)", str(result_path))
         return _died(process.returncode, scratch / "stderr.log")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -204,6 +204,9 @@ def run_case_in_process(case: Case, checkpoint_dir: str | None = None) -> Result
         signal.signal(signal.SIGALRM, previous)
 
 
+RESULT_NOT_WRITTEN = 75  # the exit code of a case process that could not write its result (sysexits' EX_TEMPFAIL)
+
+
 def write_result(result: Result, result_path: str | Path) -> None:
     temporary = Path(result_path).with_suffix(".tmp")
     temporary.write_text(result.model_dump_json())
@@ -217,7 +220,10 @@ def worker_main(case_json: dict[str, Any], checkpoint_dir: str | None, result_pa
         result = run_case_safely(parse_case(case_json), checkpoint_dir)
     except BaseException as error:  # KeyboardInterrupt, or a case that cannot even be parsed
         result = Result(status=Status.ERROR, message=_first_line(error), traceback=traceback.format_exc())
-    write_result(result, result_path)
+    try:
+        write_result(result, result_path)
+    except OSError:  # a full disk: the runner stops the run instead of recording a case it cannot explain
+        os._exit(RESULT_NOT_WRITTEN)
 
 
 PR_SET_PDEATHSIG = 1
