@@ -352,7 +352,14 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
     stamp = environment_stamp(env)
     if main_rank:
         lock = _prepare_run_directory(run_dir)
-        run = _write_run_json(run_dir, suite, suite_path, profile, command, cases, env, allow_mixed)
+        try:
+            run = _write_run_json(run_dir, suite, suite_path, profile, command, cases, env, allow_mixed)
+        except BaseException as error:
+            os.close(lock)
+            if isinstance(error, OSError):
+                raise RunStopped(f"{run_dir / 'run.json'}: could not write the run description "
+                                 f"({error.strerror or error}); nothing was run") from None
+            raise
     else:
         run = {"gemm_flops_per_s": {}}
     store = RecordStore(run_dir / "records.jsonl")
