@@ -418,9 +418,11 @@ def test_data_generate_killed_mid_way_can_be_run_again(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "attnbench", "data", "generate", "imagenet", str(root),
                                 "--option", "train_per_class=100000"], cwd=REPO)
     partial = tmp_path / ".imagenet.partial/train"
-    wait_for(lambda: partial.exists() and any(partial.iterdir()), what="the partial data set")
-    process.kill()
-    process.wait()
+    try:
+        wait_for(lambda: partial.exists() and any(partial.iterdir()), what="the partial data set")
+    finally:
+        process.kill()
+        process.wait()
     assert not root.exists()
     assert main(["data", "generate", "imagenet", str(root), "--option", "train_per_class=2"]) == 0
     assert len(ImageNetSubset(root, "train")) == 4 * 2
