@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,11 @@ class MacCount:
     parts: dict[str, int] = field(default_factory=dict)
     # Parts spent by ops that FlopCounterMode does not count (grid_sample's bilinear taps, for example).
     counter_blind: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        negative = {name: macs for name, macs in self.parts.items() if macs < 0}
+        if negative:
+            raise ValueError(f"negative MACs {negative}: the sizes they were computed from must be positive")
 
     @property
     def total(self) -> int:
@@ -56,6 +62,13 @@ class AttentionMechanism(nn.Module, abc.ABC):
     dim: int
     num_heads: int
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every mechanism's ``macs`` and ``keys_per_query`` refuse sizes below 1, in this one place."""
+        super().__init_subclass__(**kwargs)
+        for name in ("macs", "keys_per_query"):
+            if name in cls.__dict__:
+                setattr(cls, name, _positive_sizes(cls.__dict__[name]))
+
     @abc.abstractmethod
     def macs(self, height: int, width: int) -> MacCount:
         """Analytic MACs of one forward pass over one (height × width × dim) image."""
@@ -76,12 +89,24 @@ class AttentionMechanism(nn.Module, abc.ABC):
         return []
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError unless ``x`` is (B, H, W, dim)."""
-        if x.dim() != 4 or x.shape[-1] != self.dim:
+        """Raise a ValueError unless ``x`` is (B, H, W, dim) with B, H, W at least 1."""
+        if x.dim() != 4 or x.shape[-1] != self.dim or min(x.shape[:3]) < 1:
             raise ValueError(
-                f"{type(self).__name__} expects x of shape (B, H, W, {self.dim}) channels-last, "
+                f"{type(self).__name__} expects x of shape (B, H, W, {self.dim}) channels-last with B, H, W >= 1, "
                 f"got {tuple(x.shape)}"
             )
+
+
+def _positive_sizes(method):
+    """Wrap a ``method(self, height, width)`` so that it raises a ValueError for a size below 1."""
+
+    @functools.wraps(method)
+    def checked(self, height: int, width: int):
+        if height < 1 or width < 1:
+            raise ValueError(f"{type(self).__name__}.{method.__name__}: height and width must be at least 1, "
+                             f"got {height} x {width}")
+        return method(self, height, width)
+    return checked
 
 
 def check_heads(dim: int, num_heads: int, what: str = "dim") -> int:

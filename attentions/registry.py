@@ -54,9 +54,13 @@ def _load_entry_points() -> None:
             loaded = entry_point.load()
             if isinstance(loaded, type) and entry_point.name not in _REGISTRY:
                 register(entry_point.name)(loaded)
-        except Exception as error:  # a broken plug-in must not take the built-in mechanisms down with it
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a broken plug-in (sys.exit on import too) must not take the others down
+            reason = (f"sys.exit({error.code!r})" if isinstance(error, SystemExit)
+                      else f"{type(error).__name__}: {error}")
             warnings.warn(
-                f"attention plug-in {entry_point.name!r} ({entry_point.value}) failed to load: {error}",
+                f"attention plug-in {entry_point.name!r} ({entry_point.value}) failed to load: {reason}",
                 stacklevel=2,
             )
 
@@ -82,6 +86,9 @@ def options(name: str) -> dict[str, Any]:
 
 def create(name: str, dim: int, num_heads: int, **kwargs: Any) -> AttentionMechanism:
     """Build mechanism ``name``; a ValueError lists the valid options when ``kwargs`` holds an unknown one."""
+    for argument, value in (("dim", dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"attention {name!r}: {argument} must be a positive integer, got {value!r}")
     cls = get(name)
     valid = options(name)
     unknown = sorted(set(kwargs) - set(valid))

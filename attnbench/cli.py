@@ -6,9 +6,12 @@ Exit codes: 0 done, 2 bad input (suite file, profile, run directory), 1 anything
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -109,9 +112,57 @@ def _executor(args: argparse.Namespace, suite, run_dir: Path):
         raise SuiteError(f"--executor {args.executor}: {error}") from None
 
 
+def _results_dir(path: str) -> Path:
+    """``--results-dir``: a folder, or a path where one can be made; a SuiteError with one line otherwise."""
+    results = Path(path)
+    if results.exists() and not results.is_dir():
+        raise SuiteError(f"--results-dir {path}: not a directory")
+    return results
+
+
+def _resume_command(args: argparse.Namespace, run_name: str, in_process: bool) -> str:
+    """The command that resumes this run: the one given, with ``--run NAME`` when it had none."""
+    if in_process and "WORLD_SIZE" in os.environ:
+        return f"the same torchrun command (with --run-name {run_name})"
+    argv = list(getattr(args, "argv", sys.argv[1:]))
+    if args.run is None:
+        argv += ["--run", run_name]
+    return shlex.join(["python", "-m", "attnbench", *argv])
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """SIGTERM and SIGHUP stop a run as Ctrl-C does (the case in progress is stopped, the report rendered);
+    yields a list that receives the signal number that stopped it."""
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _stopped_run(run_dir: Path, line: str, code: int) -> int:
+    """Render the report of what was measured (if there is anything to render) and say ``line``."""
+    from .report import build_report
+
+    try:
+        report = f"; report: {build_report(run_dir)}" if (run_dir / "run.json").exists() else ""
+    except Exception as error:  # a full disk: the records are what matters
+        report = f"; the report could not be written ({type(error).__name__}: {error})"
+    print(f"{line}{report}", file=sys.stderr)
+    return code
+
+
 def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     from .report import build_report
-    from .runner import run_suite
+    from .runner import RunStopped, path_component, run_suite
 
     args.suite = resolve_suite(args.suite)
     suite = load_suite(args.suite, args.profile, _data_roots(args.data_root), _overrides(args),
@@ -128,13 +179,34 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
         print(f"{len(cases)} cases of suite {suite.name!r} ({args.suite}), profile {args.profile or '(none)'}; "
               f"{_estimate(Path(args.results_dir), suite.name, cases)}")
         return 0
-    run_name = args.run or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_name = args.run if args.run is not None else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path_component(run_name, "--run")
+    results_dir = _results_dir(args.results_dir)
     command = " ".join(["python -m attnbench", *sys.argv[1:]])
-    summary = run_suite(suite, str(args.suite), Path(args.results_dir), run_name, args.profile, command, in_process,
-                        args.retry_failed, _executor(args, suite, Path(args.results_dir) / suite.name / run_name))
-    if int(os.environ.get("RANK", "0")) != 0:
+    run_dir = results_dir / path_component(suite.name, "suite name") / run_name
+    resume = _resume_command(args, run_name, in_process)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        print(f"run directory: {run_dir} (to resume: {resume})", flush=True)
+    try:
+        with _signals_as_interrupts() as received:
+            summary = run_suite(suite, str(args.suite), results_dir, run_name, args.profile, command, in_process,
+                                args.retry_failed, args.allow_mixed, _executor(args, suite, run_dir))
+    except KeyboardInterrupt:
+        number = received[0] if received else signal.SIGINT
+        line = (f"interrupted by {signal.Signals(number).name}: the case in progress was stopped and not recorded; "
+                f"{run_dir} keeps what was measured; resume with: {resume}")
+        return _stopped_run(run_dir, line, 128 + number) if main_rank else 128 + number
+    except RunStopped as error:
+        return _stopped_run(run_dir, f"error: {error}", 1) if main_rank else 1
+    if not main_rank:
         return 0
-    report = build_report(summary.run_dir)
+    try:
+        report = build_report(summary.run_dir)
+    except OSError as error:
+        print(f"error: {summary.run_dir}: the report could not be written ({error.strerror or error}); the records "
+              f"are intact: free some space and run python -m attnbench report {summary.run_dir}", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{count} {status}" for status, count in summary.statuses.items()) or "nothing new"
     print(f"{summary.total} cases ({summary.skipped} already recorded; {counts}) in {summary.seconds:.0f} s")
     print(f"records: {summary.run_dir / 'records.jsonl'}")
@@ -293,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when resuming, run the cases whose last record is a failure again")
     run.add_argument("--allow-failures", action="store_true",
                      help="exit 0 even when cases ended in error, oom, timeout, nan or mismatch")
+    run.add_argument("--allow-mixed", action="store_true",
+                     help="resume even if the suite's cases or the environment changed (each record keeps its own "
+                          "environment stamp)")
     run.add_argument("--data-root", action="append", default=[], metavar="TASK=PATH",
                      help="data root of an accuracy suite's task (repeatable), e.g. imagenet=/data/imagenet")
     run.set_defaults(handler=_run)
@@ -359,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes a run
     try:
         return args.handler(args)
     except (SuiteError, DataError) as error:

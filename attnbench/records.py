@@ -12,18 +12,45 @@ Schema 2 stores the typed case (attnbench/cases.py); schema 1 records (the first
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .cases import Case, case_from_legacy
 from .status import Status
 
 SCHEMA_VERSION = 2
+MESSAGE_LIMIT = 2_000  # characters of a message or traceback kept in a record (head and tail)
+
+
+def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` if it has at most ``limit`` characters, else its head and tail around a note of how much was cut."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]} [... {len(text) - 2 * keep:,} characters cut ...] {text[-keep:]}"
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, flush it to disk, then rename it over ``path``: a reader sees the
+    old file or the new one, never a part; on failure (a full disk) the temporary file is removed and the old
+    file is left as it was."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class Result(BaseModel):
@@ -38,6 +65,12 @@ class Result(BaseModel):
     traceback: str | None = None
     worker: dict[str, Any] = {}
 
+    @field_validator("message", "traceback")
+    @classmethod
+    def _bounded(cls, text: str | None) -> str | None:
+        """A 50 MB exception message must not become a 100 MB record and a 700 MB report."""
+        return truncate(text) if text else text
+
 
 class Record(Result):
     """A result with its case and where it belongs."""
@@ -49,6 +82,7 @@ class Record(Result):
     case: Case
     started: str | None = None
     finished: str | None = None
+    environment: dict[str, Any] | None = None  # where this record was measured (a run may be resumed elsewhere)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -114,15 +148,22 @@ class RecordStore:
                 handle.truncate(data.rfind(b"\n") + 1)
 
     def append(self, record: Record) -> None:
+        """Add one record, whole or not at all: on a short or failed write (a full disk) the file is cut back to
+        what it held before and an OSError is raised. One writer at a time (the runner locks the run directory)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_partial_tail()
         line = (record.to_json() + "\n").encode()
         descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            written = os.write(descriptor, line)
-            if written != len(line):  # a short write (a full disk): take the partial line back out
-                os.ftruncate(descriptor, os.fstat(descriptor).st_size - written)
-                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes): disk full?")
-            os.fsync(descriptor)
+            size = os.fstat(descriptor).st_size
+            try:
+                written = os.write(descriptor, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes): disk full?",
+                                  str(self.path))
+                os.fsync(descriptor)
+            except BaseException:
+                os.ftruncate(descriptor, size)  # take the partial line back out
+                raise
         finally:
             os.close(descriptor)

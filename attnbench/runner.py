@@ -1,20 +1,41 @@
-"""Runs a suite: every case in a fresh ``spawn`` process with a timeout, one record per case, resumable.
+"""Runs a suite: every case in a process of its own with a timeout, one record per case, resumable.
 
 ``<results-dir>/<suite>/<run>/`` holds ``run.json`` (the suite, profile, environment and the machine's GEMM
 rates measured at the start) and ``records.jsonl``. Running the same suite into the same run directory
 skips the cases already recorded and runs the rest, including one whose process was killed half-way.
+
+Guarantees (tested in tests/test_faults.py):
+
+* One runner per run directory: ``.lock`` is held with ``flock`` for the whole run; a second run into the same
+  directory is refused with one line (the kernel drops the lock when the holder dies, even by kill -9).
+* A record is written whole or not at all (records.py); a write that fails (a full disk) stops the run with one
+  line, and the records written before are left as they were.
+* A case process runs in a session of its own (Ctrl-C in the terminal reaches only the runner), dies with the
+  runner (worker.py: parent-death signal and a guardian on a pipe), and its whole process group is killed at its
+  timeout and when it ends. Its scratch files live in ``<run>/.scratch/<case id>``, removed after the case and
+  at the start of every run, so a kill -9 leaks nothing outside the run directory.
+* Resuming refuses an edited suite (different cases) or a different environment (threads, torch, device, host)
+  unless ``allow_mixed``; every record carries its own environment stamp.
+* In-process cases (``python -m attnbench train``) run under an alarm of ``timeout_s``; a case whose process
+  died (a segfault) is marked in ``<run>/.running/<case id>`` and recorded as an error by the next resume
+  instead of crashing it again (``retry_failed`` runs it again).
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
+import hashlib
 import json
-import multiprocessing
+import math
 import os
+import shutil
 import signal
+import subprocess
 import sys
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +43,25 @@ from typing import Any
 import torch
 
 from .cases import Case
+from .data.errors import DataError
 from .env import environment
 from .measure.gemm import gemm_flops_per_s
-from .records import Record, RecordStore, Result
+from .records import Record, RecordStore, Result, write_text_atomically
 from .status import Status
-from .suite import Suite, expand
-from .worker import run_case_safely, worker_main
+from .suite import Suite, SuiteError, expand
+from .worker import RESULT_NOT_WRITTEN, run_case_in_process
+
+# environment keys that must agree for records to be comparable; a resume elsewhere is refused unless allowed
+COMPARED_ENVIRONMENT = ("threads", "torch", "cuda", "device", "device_name", "hostname", "python", "attnbench")
+# signals that end a process from outside (a kill, a hang-up, the OOM killer's SIGKILL) rather than a crash
+KILL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
+STDERR_TAIL_LINES = 5
+_WORKER_BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop('ATTNBENCH_SYS_PATH')); "
+                "from attnbench.worker import main; main(sys.argv[1:])")
+
+
+class RunStopped(Exception):
+    """The run cannot go on (a record could not be written); the message is one line for the user."""
 
 
 @dataclass
@@ -43,27 +77,92 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def execute_case(case: Case, checkpoint_dir: Path | None = None) -> Result:
-    """Run one case in its own process; always returns a result with a status. A training case keeps its
-    per-epoch checkpoints in ``checkpoint_dir``, so a rerun after a kill resumes it."""
-    context = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="attnbench-case-") as scratch:
-        result_path = Path(scratch) / "result.json"
-        process = context.Process(target=worker_main, daemon=True, args=(
-            case.model_dump(mode="json"), str(checkpoint_dir) if checkpoint_dir else None, str(result_path)))
-        process.start()
-        process.join(case.timeout_s)
-        if process.is_alive():
-            process.kill()
-            process.join()
+def path_component(name: str, what: str) -> str:
+    """``name`` if it is one plain path component (not empty, ``.``, ``..``, nor holding a separator); else a
+    SuiteError: run directories stay inside the results directory."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise SuiteError(f"{what} {name!r}: must be a single folder name (no '/', not '.' or '..')")
+    return name
+
+
+def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+    try:
+        text = path.read_bytes()[-4000:].decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _wait(process: subprocess.Popen, timeout: float) -> bool:
+    """Wait for ``process`` to exit without reaping it (its pid, and so its process group id, stays ours until
+    ``process.wait()``); False if it is still running after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _died(code: int, stderr: Path) -> Result:
+    """The result of a case process that left no result file: how it ended and the last lines of its stderr."""
+    tail = _tail(stderr)
+    said = f"; its last stderr lines: {tail}" if tail else "; it wrote nothing to stderr"
+    if code < 0:
+        name = signal.Signals(-code).name
+        if -code in KILL_SIGNALS:
+            sender = " (the kernel's OOM killer sends SIGKILL too: see dmesg)" if -code == signal.SIGKILL else ""
+            return Result(status=Status.KILLED, message=f"the case process was killed by {name}, not by this "
+                          f"runner{sender}{said}")
+        return Result(status=Status.ERROR, message=f"the case process died with signal {name}{said}")
+    return Result(status=Status.ERROR, message=f"the case process exited with code {code} without writing a "
+                  f"result{said}")
+
+
+def execute_case(case: Case, scratch: Path, checkpoint_dir: Path | None = None) -> Result:
+    """Run one case in a process of its own (its own session and process group) with ``scratch`` as its
+    working folder (removed afterwards); always returns a result with a status. A training case keeps its
+    per-epoch checkpoints in ``checkpoint_dir``, so a rerun after a kill or a timeout resumes it."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        (scratch / "case.json").write_text(json.dumps({
+            "case": case.model_dump(mode="json"), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}))
+        guard_read, guard_write = os.pipe()
+        try:
+            try:
+                with open(scratch / "stderr.log", "wb") as stderr:
+                    process = subprocess.Popen(
+                        [sys.executable, "-c", _WORKER_BOOT, str(scratch), str(os.getpid()), str(guard_read)],
+                        pass_fds=(guard_read,), stdin=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                        env={**os.environ, "ATTNBENCH_SYS_PATH": json.dumps(sys.path)})
+            finally:
+                os.close(guard_read)
+            try:
+                finished = _wait(process, case.timeout_s if math.isfinite(case.timeout_s) else math.inf)
+            finally:  # the case, its guardian and any subprocess it left, also on Ctrl-C
+                _kill_group(process)
+                process.wait()
+        finally:
+            os.close(guard_write)
+        if not finished:
             return Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g}")
+        result_path = scratch / "result.json"
         if result_path.exists():
             return Result.model_validate_json(result_path.read_text())
-        code = process.exitcode
-        if code == -signal.SIGKILL:
-            return Result(status=Status.OOM, message="the case process was killed (SIGKILL): out of memory?")
-        reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        return Result(status=Status.ERROR, message=f"the case process died with {reason}")
+        if process.returncode == RESULT_NOT_WRITTEN:
+            raise OSError(errno.ENOSPC, "the case process could not write its result (a full disk?)", str(result_path))
+        return _died(process.returncode, scratch / "stderr.log")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _roofline(result: Result, gemm: float | None) -> None:
@@ -86,24 +185,71 @@ def _gemm_rates(cases: list[Case], known: dict[str, float]) -> dict[str, float]:
     return rates
 
 
+def cases_fingerprint(cases: list[Case]) -> str:
+    """A digest of what a suite expands to (each case's id and label): an edited suite changes it."""
+    lines = sorted(f"{case.id} {case.label}" for case in cases)
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def environment_stamp(env: dict[str, Any]) -> dict[str, Any]:
+    """The part of an environment that decides whether two records are comparable, plus the code's version."""
+    return {key: env.get(key) for key in (*COMPARED_ENVIRONMENT, "git_sha", "git_dirty")}
+
+
+def _read_previous_run(path: Path) -> dict[str, Any]:
+    """The run.json of an earlier run into this directory; a damaged one is moved aside with a warning."""
+    if not path.exists():
+        return {}
+    try:
+        previous = json.loads(path.read_bytes())
+        if isinstance(previous, dict):
+            return previous
+    except (OSError, ValueError):
+        pass
+    aside = path.with_name(f"run.json.damaged-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    os.replace(path, aside)
+    warnings.warn(f"{path}: not a run description (damaged); moved to {aside.name} and started afresh: this resume "
+                  "is not checked against the suite and environment of the earlier run", stacklevel=3)
+    return {}
+
+
+def _mixing(previous: dict[str, Any], fingerprint: str, env: dict[str, Any]) -> list[str]:
+    """How resuming a run described by ``previous`` with these cases in this environment would mix records."""
+    differences = []
+    if previous.get("cases_fingerprint") not in (None, fingerprint):
+        differences.append(f"the suite's cases changed ({previous.get('cases', '?')} cases then)")
+    before = previous.get("environment") or {}
+    for key in COMPARED_ENVIRONMENT:
+        if key in before and before[key] != env.get(key):
+            differences.append(f"{key} {before[key]} then, {env.get(key)} now")
+    return differences
+
+
 def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str | None, command: str,
-                    cases: list[Case]) -> dict[str, Any]:
+                    cases: list[Case], env: dict[str, Any], allow_mixed: bool) -> dict[str, Any]:
     path = run_dir / "run.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    device = cases[0].device if cases else "cpu"
+    previous = _read_previous_run(path)
+    fingerprint = cases_fingerprint(cases)
+    differences = _mixing(previous, fingerprint, env) if previous else []
+    if differences and not allow_mixed:
+        raise SuiteError(f"{run_dir}: resuming would mix records ({'; '.join(differences)}): start a new run "
+                         "(another --run) or pass --allow-mixed")
     run = {
         "suite": suite.name, "suite_file": suite_path, "profile": profile, "description": suite.description,
         "baseline": suite.baseline, "command": previous.get("command", command),
         "created": previous.get("created", _now()), "resumed": previous.get("resumed", []),
-        "environment": previous.get("environment") or environment(device),
+        "environment": previous.get("environment") or env,
         "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),
-        "cases": len(cases), **suite.run_info(),
+        "cases": len(cases), "cases_fingerprint": fingerprint, **suite.run_info(),
     }
     if previous:
         run["resumed"] = [*run["resumed"], _now()]
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(run, indent=2, sort_keys=True))
-    temporary.replace(path)
+    mixed = previous.get("mixed", [])
+    if differences:
+        mixed = [*mixed, {"time": _now(), "differences": differences}]
+    if mixed:
+        run["mixed"] = mixed
+    write_text_atomically(path, json.dumps(run, indent=2, sort_keys=True))
     return run
 
 
@@ -146,24 +292,80 @@ class _Progress:
             self.bar.stop()
 
 
+def lock_run_directory(run_dir: Path) -> int:
+    """Hold ``run_dir/.lock`` (flock, released by the kernel when this process ends, however it ends); a
+    SuiteError naming the directory and the holder if another run holds it. Returns the lock's descriptor."""
+    descriptor = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(descriptor)
+        raise SuiteError(f"{run_dir}: another run (pid {holder}) is writing to this run directory; wait for it to "
+                         "end or choose another --run") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
+def _prepare_run_directory(run_dir: Path) -> int:
+    """Create ``run_dir`` (a SuiteError if that is impossible), lock it, and remove the scratch files an earlier
+    run killed mid-case left behind."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = lock_run_directory(run_dir)
+    except OSError as error:
+        raise SuiteError(f"{run_dir}: cannot write the run directory ({error.strerror or error})") from None
+    records = run_dir / "records.jsonl"
+    if records.exists() and not records.is_file():
+        os.close(descriptor)
+        raise SuiteError(f"{records}: not a file; move it away to resume this run")
+    shutil.rmtree(run_dir / ".scratch", ignore_errors=True)
+    return descriptor
+
+
+def _crashed_in_process(run_dir: Path) -> set[str]:
+    """Ids of in-process cases during which an earlier run's process died (their ``.running`` marker is left)."""
+    folder = run_dir / ".running"
+    return {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+
+
 def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, profile: str | None = None,
               command: str = "", in_process: bool = False, retry_failed: bool = False,
-              executor: Any = None) -> RunSummary:
+              allow_mixed: bool = False, executor: Any = None) -> RunSummary:
     """Run the suite's pending cases, one record each (``retry_failed``: the failed ones again too; their new
     record supersedes the old). ``in_process`` runs them in this process instead of a spawned one
-    (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes)."""
+    (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes).
+
+    Raises SuiteError (bad names, a locked or unwritable run directory, a resume that would mix records), DataError
+    (a malformed data root met by a case: nothing is recorded for it), RunStopped (a record could not be written),
+    KeyboardInterrupt (the case in progress is stopped and not recorded)."""
     started = time.time()
+    run_dir = results_dir / path_component(suite.name, "suite name") / path_component(run_name, "run name")
     cases = expand(suite)
-    run_dir = results_dir / suite.name / run_name
+    for case in cases:
+        if not case.timeout_s > 0:
+            raise SuiteError(f"{case.describe()}: timeout_s must be a positive number of seconds, got {case.timeout_s}")
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    lock = None
+    env = environment(cases[0].device if cases else "cpu")
+    stamp = environment_stamp(env)
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run = _write_run_json(run_dir, suite, suite_path, profile, command, cases)
+        lock = _prepare_run_directory(run_dir)
+        try:
+            run = _write_run_json(run_dir, suite, suite_path, profile, command, cases, env, allow_mixed)
+        except BaseException as error:
+            os.close(lock)
+            if isinstance(error, OSError):
+                raise RunStopped(f"{run_dir / 'run.json'}: could not write the run description "
+                                 f"({error.strerror or error}); nothing was run") from None
+            raise
     else:
         run = {"gemm_flops_per_s": {}}
     store = RecordStore(run_dir / "records.jsonl")
     done = store.done_ids(retry_failed)
     pending = [case for case in cases if case.id not in done]
+    crashed = _crashed_in_process(run_dir) if in_process and not retry_failed else set()
     progress = _Progress(len(pending) if main_rank else 0)
     statuses: dict[str, int] = {}
     try:
@@ -171,20 +373,49 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
             progress.starting(case)
             case_started = _now()
             checkpoints = run_dir / "checkpoints" / case.id if case.kind == "accuracy" else None
-            if in_process:
-                result = run_case_safely(case, str(checkpoints) if checkpoints else None)
+            marker = run_dir / ".running" / case.id
+            if in_process and case.id in crashed:
+                result = Result(status=Status.ERROR, message="the run's process died during this case in an earlier "
+                                "attempt (a crash such as a segfault, or a kill -9); --retry-failed runs it again")
+            elif in_process:
+                if main_rank:
+                    marker.parent.mkdir(exist_ok=True)
+                    marker.write_text(f"{os.getpid()}\n")
+                try:
+                    result = run_case_in_process(case, str(checkpoints) if checkpoints else None)
+                except KeyboardInterrupt:
+                    marker.unlink(missing_ok=True)  # an interruption, not a crash: the case runs again on resume
+                    raise
             elif executor is not None:  # a submitit job (attnbench/executors.py)
                 result = executor.execute(case, checkpoints)
             else:
-                result = execute_case(case, checkpoints)
+                try:
+                    result = execute_case(case, run_dir / ".scratch" / case.id, checkpoints)
+                except OSError as error:
+                    raise RunStopped(f"{run_dir / '.scratch'}: could not write the scratch files of "
+                                     f"{case.describe()} ({error.strerror or error}); the run stopped, the records "
+                                     "written before are intact; free some space and resume with the same "
+                                     "command") from None
+            if result.worker.get("exception") == "DataError":
+                marker.unlink(missing_ok=True)
+                raise DataError(result.message)
             if not main_rank:
                 continue
             _roofline(result, run["gemm_flops_per_s"].get(f"{case.device}/{case.dtype}"))
             record = Record(id=case.id, suite=suite.name, run=run_name, case=case, started=case_started,
-                            finished=_now(), **result.model_dump())
-            store.append(record)
+                            finished=_now(), environment=stamp, **result.model_dump())
+            try:
+                store.append(record)
+            except OSError as error:
+                raise RunStopped(f"{store.path}: could not write the record of {case.describe()} "
+                                 f"({error.strerror or error}); the run stopped, the records written before are "
+                                 "intact; free some space and resume with the same command") from None
+            marker.unlink(missing_ok=True)
             statuses[result.status.value] = statuses.get(result.status.value, 0) + 1
             progress.finished(case, result)
     finally:
         progress.close()
+        if lock is not None:
+            shutil.rmtree(run_dir / ".scratch", ignore_errors=True)
+            os.close(lock)
     return RunSummary(run_dir, len(cases), len(cases) - len(pending), statuses, time.time() - started)

@@ -5,13 +5,22 @@ handed to ``attnbench.train`` (train, score, then the measures on the trained mo
 worker builds the module (a mechanism through the registry, or a timm model) and a random input, runs the
 measures that must see the fresh module (memory), checks the step (output shape, finite values, agreement with
 the float64 plain path), then runs the other measures of the suite in the registry's order (attnbench/measure/).
-Whatever happens is written as one JSON ``Result``; a worker that dies writes nothing and the runner records why.
+Whatever happens is written as one JSON ``Result`` (an exception of any kind, ``SystemExit`` included); a worker
+that dies writes nothing and the runner records why, with the last lines the worker wrote to stderr.
+
+The case process (``main(SCRATCH, PARENT_PID, GUARD_FD)``, started by attnbench/runner.py in a session of its
+own) dies with its runner: the kernel sends it SIGKILL when the runner exits (PR_SET_PDEATHSIG),
+and a guardian it forks kills its whole process group (subprocesses of the case included) when the runner's end
+of the guard pipe closes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import json
 import os
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +31,7 @@ import torch
 import attentions
 
 from .cases import AccuracyCase, AttentionCase, Case, ModelCase, parse_case
+from .data.errors import DataError
 from .measure import Subject, is_out_of_memory, measures_for
 from .measure.correctness import check_against_reference, plain_copy
 from .records import Result
@@ -154,26 +164,114 @@ def run_case(case: Case, checkpoint_dir: str | None = None) -> dict[str, Any]:
     return measure_module(case)
 
 
+class CaseTimeout(BaseException):
+    """Raised by the alarm of ``run_case_in_process`` (a BaseException, so no ``except Exception`` swallows it)."""
+
+
+def _first_line(error: BaseException) -> str:
+    return (f"{type(error).__name__}: {error}".splitlines() or [type(error).__name__])[0]
+
+
 def run_case_safely(case: Case, checkpoint_dir: str | None = None) -> Result:
-    """``run_case`` with every failure turned into a result with a status (never raises)."""
+    """``run_case`` with every failure turned into a result with a status (never raises, except for
+    KeyboardInterrupt and CaseTimeout). A DataError (the data root is malformed: an input error, not an outcome of
+    the case) is marked ``worker["exception"] = "DataError"``; the runner stops on it instead of recording it."""
     started = time.time()
+    exception = None
     try:
         result = Result(status=Status.OK, metrics=run_case(case, checkpoint_dir))
     except CaseFailure as failure:
         result = Result(status=failure.status, message=str(failure))
     except NotImplementedError as error:  # a backend that cannot run this input says why (xFormers' convention)
-        result = Result(status=Status.UNSUPPORTED, message=str(error).splitlines()[0])
-    except Exception as error:  # recorded, never raised: the suite goes on
-        status = Status.OOM if is_out_of_memory(error) else Status.ERROR
-        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        result = Result(status=Status.UNSUPPORTED, message=(str(error).splitlines() or [""])[0])
+    except (KeyboardInterrupt, CaseTimeout):
+        raise
+    except BaseException as error:  # recorded, never raised: the suite goes on (SystemExit from a plug-in too)
+        exception = type(error).__name__
+        status = Status.OOM if isinstance(error, Exception) and is_out_of_memory(error) else Status.ERROR
+        message = str(error) if isinstance(error, DataError) else _first_line(error)
+        if isinstance(error, SystemExit):
+            message = f"the case called sys.exit({error.code!r})"
         result = Result(status=status, message=message, traceback=traceback.format_exc())
     result.worker = {"threads": torch.get_num_threads(), "pid": os.getpid(), "duration_s": time.time() - started}
+    if exception == "DataError":
+        result.worker["exception"] = exception
     return result
 
 
-def worker_main(case_json: dict[str, Any], checkpoint_dir: str | None, result_path: str) -> None:
-    """Entry point of the case process: always leaves a result file unless the process itself dies."""
-    result = run_case_safely(parse_case(case_json), checkpoint_dir)
+def run_case_in_process(case: Case, checkpoint_dir: str | None = None) -> Result:
+    """``run_case_safely`` in this process under an alarm of ``case.timeout_s`` (``python -m attnbench train``):
+    a case still running then is stopped and recorded as ``timeout``. The alarm interrupts Python code only; a
+    call stuck in C (a collective waiting for a rank that died) returns first."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise CaseTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        if case.timeout_s != float("inf"):
+            signal.setitimer(signal.ITIMER_REAL, case.timeout_s)
+        return run_case_safely(case, checkpoint_dir)
+    except CaseTimeout:
+        return Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g} (in-process)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+RESULT_NOT_WRITTEN = 75  # the exit code of a case process that could not write its result (sysexits' EX_TEMPFAIL)
+
+
+def write_result(result: Result, result_path: str | Path) -> None:
     temporary = Path(result_path).with_suffix(".tmp")
     temporary.write_text(result.model_dump_json())
     temporary.replace(result_path)
+
+
+def worker_main(case_json: dict[str, Any], checkpoint_dir: str | None, result_path: str) -> None:
+    """Run one case and write its result file, whatever the case raises (SystemExit included); only a death of
+    the process itself (a signal, ``os._exit``, a full disk under the result) leaves no file."""
+    try:
+        result = run_case_safely(parse_case(case_json), checkpoint_dir)
+    except BaseException as error:  # KeyboardInterrupt, or a case that cannot even be parsed
+        result = Result(status=Status.ERROR, message=_first_line(error), traceback=traceback.format_exc())
+    try:
+        write_result(result, result_path)
+    except OSError:  # a full disk: the runner stops the run instead of recording a case it cannot explain
+        os._exit(RESULT_NOT_WRITTEN)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGKILL when the parent (the runner) exits (Linux prctl; elsewhere only the check);
+    then exit at once if the parent is already gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def guard_process_group(guard_fd: int) -> None:
+    """Fork a guardian that blocks on the runner's guard pipe and kills this process group (the case and any
+    subprocess it started) once the pipe closes: the runner died, or finished with this case."""
+    if os.fork() == 0:
+        try:
+            while os.read(guard_fd, 4096):
+                pass
+        finally:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+            os._exit(0)
+    os.close(guard_fd)
+
+
+def main(argv: list[str]) -> None:
+    """The case process: ``argv`` is SCRATCH PARENT_PID GUARD_FD; SCRATCH/case.json in, SCRATCH/result.json out."""
+    scratch, parent_pid, guard_fd = argv
+    die_with_parent(int(parent_pid))
+    guard_process_group(int(guard_fd))
+    request = json.loads((Path(scratch) / "case.json").read_text())
+    worker_main(request["case"], request["checkpoint_dir"], str(Path(scratch) / "result.json"))

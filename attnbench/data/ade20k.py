@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .imagenet import file_digest
+from .imagenet import file_digest, open_rgb
 
 IGNORE_INDEX = 255
 NUM_CLASSES = 150
@@ -40,6 +40,25 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     """0 -> 255 (ignored), k -> k - 1 for k in 1..150."""
     label = label.astype(np.int64)
     return np.where(label == 0, IGNORE_INDEX, label - 1)
+
+
+def read_label(path: Path) -> np.ndarray:
+    """The uint8 label map at ``path``: a single-channel PNG (mode L, or P read as its indices) of ids 0..150;
+    a DataError naming the file otherwise."""
+    try:
+        with Image.open(path) as label_image:
+            mode = label_image.mode
+            label = np.asarray(label_image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: cannot read the label map ({type(error).__name__}: {error})") from None
+    if mode not in ("L", "P"):
+        raise DataError(f"{path}: a label map must be a single-channel PNG (mode L or P) of class ids "
+                        f"0..{NUM_CLASSES}, "
+                        f"this one is mode {mode}")
+    if label.size and int(label.max()) > NUM_CLASSES:
+        raise DataError(f"{path}: label {int(label.max())} is above {NUM_CLASSES} (ADE20K ids are 0..{NUM_CLASSES}, "
+                        "0 = other)")
+    return label
 
 
 class SegmentationTransform:
@@ -142,10 +161,8 @@ class ADE20KSubset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         name = self.names[index]
-        with Image.open(self.image_dir / f"{name}.jpg") as image:
-            image = image.convert("RGB")
-        with Image.open(self.label_dir / f"{name}.png") as label_image:
-            label = reduce_zero_label(np.asarray(label_image))
+        image = open_rgb(self.image_dir / f"{name}.jpg")
+        label = reduce_zero_label(read_label(self.label_dir / f"{name}.png"))
         if label.shape != (image.height, image.width):
             raise DataError(f"{self.label_dir / name}.png: label is {label.shape[1]}x{label.shape[0]}, "
                             f"image is {image.width}x{image.height}")

@@ -12,11 +12,18 @@
   background class, some pixels 0 ("other", ignored after reduction).
 
 All are deterministic in ``seed``; a data set already complete at ``root`` (its ``.complete`` marker) is reused.
+A data set is written into ``.<name>.partial`` beside ``root`` and renamed to ``root`` when complete, under a lock
+(``.<name>.lock``, flock) that a second generator of the same root waits for: an interrupted generation (kill -9)
+leaves ``root`` untouched, and the next one starts the partial folder afresh. Bad arguments and unwritable roots
+raise a DataError with one line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +49,43 @@ def _complete(root: Path, spec: dict) -> bool:
     return False
 
 
-def _finish(root: Path, spec: dict) -> Path:
-    (root / MARKER).write_text(json.dumps(spec, sort_keys=True))
+def _positive(**values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _in_range(name: str, value: int, low: int, high: int | None = None) -> None:
+    _positive(**{name: value})
+    if value < low or (high is not None and value > high):
+        raise DataError(f"{name} must be in [{low}, {high if high is not None else '...'}], got {value}")
+
+
+def _generate(root: str | Path, spec: dict, write: Callable[[Path], None]) -> Path:
+    """``root`` holding the data set ``spec`` describes: reused if complete, else written by ``write(folder)``
+    into a partial sibling folder that is renamed to ``root`` once complete (see the module docstring)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: exists and is not a directory")
+    if _complete(root, spec):
+        return root
+    partial = root.parent / f".{root.name}.partial"
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / f".{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process generating the same root: wait for it
+            if _complete(root, spec):
+                return root
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted generation
+            partial.mkdir()
+            write(partial)
+            (partial / MARKER).write_text(json.dumps(spec, sort_keys=True))
+            if root.exists():
+                root.rmdir()  # empty: _complete refuses anything else
+            partial.rename(root)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DataError(f"{root}: cannot write the data set there ({error.strerror or error})") from None
     return root
 
 
@@ -55,11 +97,16 @@ def _noise(rng: np.random.Generator, height: int, width: int, base: tuple[int, i
 def write_imagenet_like(root: str | Path, num_classes: int = 4, train_per_class: int = 8, val_per_class: int = 4,
                         size: int = 64, seed: int = 0) -> Path:
     """``root/{train,val}/n0000000k/*.JPEG``: class k is a shape (k mod 3) in a colour (k mod 12)."""
-    root = Path(root)
+    _positive(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class)
+    _in_range("size", size, 16)
     spec = {"kind": "imagenet_like", "classes": num_classes, "train": train_per_class, "val": val_per_class,
             "size": size, "seed": seed}
-    if _complete(root, spec):
-        return root
+    return _generate(root, spec, lambda folder: _write_imagenet_like(folder, num_classes, train_per_class,
+                                                                     val_per_class, size, seed))
+
+
+def _write_imagenet_like(root: Path, num_classes: int, train_per_class: int, val_per_class: int, size: int,
+                         seed: int) -> None:
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for label in range(num_classes):
@@ -81,21 +128,25 @@ def write_imagenet_like(root: str | Path, num_classes: int = 4, train_per_class:
                     draw.polygon([(left, top + extent), (left + extent // 2, top), (left + extent, top + extent)],
                                  fill=colour)
                 image.save(folder / f"n{label:08d}_{split}_{index:05d}.JPEG", quality=90)
-    return _finish(root, spec)
 
 
 def write_relation_proxy(root: str | Path, train_per_class: int = 64, val_per_class: int = 32, size: int = 112,
                          colours: int = 6, square: int | None = None, seed: int = 0) -> Path:
     """``root/{train,val}/{different,same}/*.JPEG``: two squares in the outer thirds, same colour or not."""
-    root = Path(root)
+    _positive(train_per_class=train_per_class, val_per_class=val_per_class)
+    _in_range("colours", colours, 2, len(PALETTE))
+    _in_range("size", size, 24)
+    side = square or max(4, size // 10)
+    _in_range("square", side, 1, size // 3)
     spec = {"kind": "relation_proxy", "train": train_per_class, "val": val_per_class, "size": size,
             "colours": colours, "square": square, "seed": seed}
-    if _complete(root, spec):
-        return root
-    if not 2 <= colours <= len(PALETTE):
-        raise ValueError(f"colours must be in [2, {len(PALETTE)}], got {colours}")
+    return _generate(root, spec, lambda folder: _write_relation_proxy(folder, train_per_class, val_per_class, size,
+                                                                      colours, side, seed))
+
+
+def _write_relation_proxy(root: Path, train_per_class: int, val_per_class: int, size: int, colours: int, side: int,
+                          seed: int) -> None:
     rng = np.random.default_rng(seed)
-    side = square or max(4, size // 10)
     third = size // 3
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for label, name in enumerate(("different", "same")):
@@ -113,7 +164,6 @@ def write_relation_proxy(root: str | Path, train_per_class: int = 64, val_per_cl
                 if rng.random() < 0.5:  # the "different"/"same" pair may sit either way round
                     image = image.transpose(Image.FLIP_LEFT_RIGHT)
                 image.save(folder / f"{name}_{split}_{index:05d}.JPEG", quality=95)
-    return _finish(root, spec)
 
 
 def write_ade20k_like(root: str | Path, train_images: int = 8, val_images: int = 4, size: tuple[int, int] = (96, 128),
@@ -123,11 +173,20 @@ def write_ade20k_like(root: str | Path, train_images: int = 8, val_images: int =
     ``classes`` distinct ADE class ids (drawn from 1..150) appear; each has its own colour, so a model can learn
     the map. A 2-pixel border is label 0 ("other"), ignored after reduction.
     """
-    root = Path(root)
+    _positive(train_images=train_images, val_images=val_images)
+    _in_range("classes", classes, 2, 150)
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        raise DataError(f"size must be [height, width], got {size!r}")
+    _in_range("size[0] (height)", size[0], 16)
+    _in_range("size[1] (width)", size[1], 16)
     spec = {"kind": "ade20k_like", "train": train_images, "val": val_images, "size": list(size), "classes": classes,
             "seed": seed}
-    if _complete(root, spec):
-        return root
+    return _generate(root, spec, lambda folder: _write_ade20k_like(folder, train_images, val_images, tuple(size),
+                                                                   classes, seed))
+
+
+def _write_ade20k_like(root: Path, train_images: int, val_images: int, size: tuple[int, int], classes: int,
+                       seed: int) -> None:
     rng = np.random.default_rng(seed)
     ids = sorted(int(i) for i in rng.choice(np.arange(1, 151), size=classes, replace=False))
     colours = {class_id: PALETTE[i % len(PALETTE)] for i, class_id in enumerate(ids)}
@@ -152,4 +211,3 @@ def write_ade20k_like(root: str | Path, train_images: int = 8, val_images: int =
             name = f"ADE_{split}_{index:08d}"
             image.save(root / "images" / folder / f"{name}.jpg", quality=90)
             Image.fromarray(label_array).save(root / "annotations" / folder / f"{name}.png")
-    return _finish(root, spec)

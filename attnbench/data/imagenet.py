@@ -25,6 +25,16 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` in RGB, fully decoded; a DataError naming the file if it cannot be (truncated,
+    not an image)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL reports a damaged file with any of these
+        raise DataError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
+
+
 def file_digest(paths: Sequence[Path], root: Path) -> str:
     """A short digest of a file list, relative to ``root``: two runs on the same subset share it."""
     text = "\n".join(str(path.relative_to(root)) for path in paths)
@@ -88,8 +98,7 @@ class ImageNetSubset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        image = open_rgb(path)
         return (self.transform(image) if self.transform else image), label
 
     def description(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from ..paper import paper_figures
-from ..records import RecordStore
+from ..records import RecordStore, write_text_atomically
 from .flags import MARK, add_flags
 from .frame import records_frame
 from .sections import SECTIONS, Run
@@ -64,8 +64,8 @@ def _header(run_dir: Path, run: dict, recorded: int, statuses: dict[str, int]) -
         " multiply-add (torch's FlopCounterMode). Latency is the median over the timed samples, ± half the"
         " inter-quartile range, after warm-up, on random (never zero) inputs; each case ran in its own process"
         " (speed and model cases: after their output was checked against the float64 plain path; accuracy cases:"
-        " after training, on the trained model). Cells say OOM, TIMEOUT, ERROR, NaN, MISMATCH or"
-        " UNSUPPORTED where a case did not finish. Figures in columns marked *paper* are the paper's, from"
+        " after training, on the trained model). Cells say OOM, KILLED, TIMEOUT, ERROR, NaN,"
+        " MISMATCH or UNSUPPORTED where a case did not finish. Figures in columns marked *paper* are the paper's, from"
         f" `attnbench/paper_figures.yaml` ({paper_figures()['source']}); every other figure was measured here.",
         "",
     ]
@@ -90,16 +90,14 @@ def build_report(run_dir: str | Path) -> Path:
         if section.applies(frame, run):
             lines += section.render(frame, run)
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n")
+    write_text_atomically(path, "\n".join(lines).replace("\n\n\n", "\n\n").rstrip() + "\n")
     _write_table(frame, run_dir / "records.csv", "csv")
     return path
 
 
 def _write_table(frame, path: Path, fmt: str) -> Path:
-    if fmt == "csv":
-        frame.to_csv(path, index=False)
-    else:
-        frame.to_json(path, orient="records", indent=1)
+    write_text_atomically(path, frame.to_csv(index=False) if fmt == "csv" else frame.to_json(orient="records",
+                                                                                            indent=1))
     return path
 
 

@@ -72,10 +72,32 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
+class CheckpointError(OSError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
 def _save(path: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint to a temporary sibling and rename it over ``path``: a failure (a full disk) leaves
+    the previous checkpoint as it was and no partial file."""
     temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
+    try:
+        torch.save(state, temporary)
+        temporary.replace(path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports a full disk as a RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: could not write the checkpoint ({error}); the previous one is intact") from None
+
+
+def _load(path: Path, device: torch.device) -> dict[str, Any]:
+    """The checkpoint at ``path``; a CheckpointError naming the file if it cannot be read."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "scaler", "epoch"} <= set(state):
+            raise ValueError("not a checkpoint written by attnbench")
+        return state
+    except Exception as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error}); delete it to train "
+                              "this case from the start") from None
 
 
 def _loggable(entry: dict[str, Any]) -> Iterator[tuple[str, float]]:
@@ -120,7 +142,7 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
     start_epoch, step = 0, 0
     path = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
     if path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = _load(path, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
