@@ -146,6 +146,7 @@ def test_blocks_run_in_groups_of_images_as_the_same_function(monkeypatch):
     plain.load_state_dict(model.state_dict())
     x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     monkeypatch.setattr(biformer, "BLOCK_CHUNK_BYTES", 2 * 16 * 16 * 16 * 3 * 8)  # 2 images per group, stage 1
+    monkeypatch.setattr(attentions.bra, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
     out, expected = model(x), plain(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     out.square().sum().backward()

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .generate import _complete, _finish, _noise
+from .generate import _generate, _noise, _positive
 
 SIZE = 32  # pixels
 CELL = 2  # pixels per cell side: the proxy backbone's patch size
@@ -112,11 +112,14 @@ def design(count: int) -> list[tuple[int, int]]:
 
 
 def write_colour_pointer(root: str | Path, train_images: int = 6000, val_images: int = 2400, seed: int = 0) -> Path:
-    """``root/{train,val}/<notch class>/*.png`` and ``root/index.json``; see the module docstring."""
-    root = Path(root)
+    """``root/{train,val}/<notch class>/*.png`` and ``root/index.json``; see the module docstring. Written as
+    every generator is (attnbench/data/generate.py ``_generate``: a partial folder renamed when complete)."""
+    _positive(train_images=train_images, val_images=val_images)
     spec = {"kind": "colour_pointer", "train": train_images, "val": val_images, "size": SIZE, "seed": seed}
-    if _complete(root, spec):
-        return root
+    return _generate(root, spec, lambda folder: _write_colour_pointer(folder, train_images, val_images, seed))
+
+
+def _write_colour_pointer(root: Path, train_images: int, val_images: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     index: dict[str, dict[str, Any]] = {}
     for split, count in (("train", train_images), ("val", val_images)):
@@ -128,7 +131,6 @@ def write_colour_pointer(root: str | Path, train_images: int = 6000, val_images:
             Image.fromarray(render(scene, rng)).save(root / relative)
             index[relative] = scene
     (root / INDEX_FILE).write_text(json.dumps(index, sort_keys=True))
-    return _finish(root, spec)
 
 
 def load_index(root: str | Path) -> dict[str, dict[str, Any]]:

@@ -23,6 +23,8 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from attentions.bra import images_per_group
+
 from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
 # bytes of MLP activations one group of images may take in a block's forward (see BiFormerBlock.forward)
@@ -55,12 +57,12 @@ class BiFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W).
 
-        Every op of a block is per image (LayerNorm, not BatchNorm), so the batch runs in groups whose MLP
-        activations fit in ``BLOCK_CHUNK_BYTES`` (except with impl='reference', which runs as the official
-        code): a group's intermediates stay in cache and are reused from the heap, where whole-batch buffers
-        are page-faulted anew by every op on CPU."""
+        Every op of a block is per image (LayerNorm, not BatchNorm), so single-threaded the batch runs in groups
+        whose MLP activations fit in ``BLOCK_CHUNK_BYTES`` (attentions/bra.py ``images_per_group``; with
+        impl='reference' it runs as the official code, in one piece): a group's intermediates stay in cache and
+        are reused from the heap, where whole-batch buffers are page-faulted anew by every op on CPU."""
         per_image = x[0].numel() * self.mlp_ratio * x.element_size()
-        step = max(1, int(BLOCK_CHUNK_BYTES // per_image)) if self.group_batch else x.shape[0]
+        step = images_per_group(x.shape[0], per_image, BLOCK_CHUNK_BYTES) if self.group_batch else x.shape[0]
         if step >= x.shape[0]:
             return self._forward(x)
         return torch.cat([self._forward(group) for group in x.split(step)])
