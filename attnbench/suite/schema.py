@@ -267,7 +267,7 @@ class Profile(Strict):
 
 
 class Suite(SuiteSettings):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # one folder name of the results directory
     grid: Axes
     zip: list[Axes] = []
     profiles: dict[str, Profile] = {}
