@@ -67,9 +67,8 @@ def build(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: 
                                 feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)), **kwargs)
 
 
-class PyramidClassifier(nn.Module):
-    """timm's classifier API for a 4-stage pyramid with ``downsample_layers``, ``stages``, a final ``norm``,
-    a linear ``head``, ``num_features`` and ``drop_rate`` (BiFormer and BiFormer-STL share it)."""
+class TimmClassifier(nn.Module):
+    """timm's classifier API over a linear ``head`` on ``num_features`` (every attnbench model)."""
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -77,6 +76,11 @@ class PyramidClassifier(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class PyramidClassifier(TimmClassifier):
+    """timm's classifier API for a 4-stage pyramid with ``downsample_layers``, ``stages``, a final ``norm``,
+    a linear ``head``, ``num_features`` and ``drop_rate`` (BiFormer and BiFormer-STL share it)."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C4, H/32, W/32), after the final BatchNorm."""

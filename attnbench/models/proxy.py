@@ -27,13 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 import attentions
 
-from ._blocks import build, init_weights, mlp
+from ._blocks import TimmClassifier, build, init_weights
+from .biformer_stl import STLBlock
 
 TOKENS = 16  # tokens per side at the proxy's 32×32 input and patch 2
 
@@ -83,24 +83,7 @@ def locate_query(images: torch.Tensor, cell: int = 2) -> torch.Tensor:
     return score.flatten(1).argmax(1)
 
 
-class ProxyBlock(nn.Module):
-    """Pre-norm attention + MLP on an NHWC map."""
-
-    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = attn
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = mlp(dim, mlp_ratio, dwconv_slot=False)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class IsotropicProxy(nn.Module):
+class IsotropicProxy(TimmClassifier):
     """Patch-2 stem, ``depth`` blocks of one attention mechanism at one resolution, head on the query token."""
 
     def __init__(self, attention: str = "full", attention_options: dict[str, Any] | None = None,
@@ -119,20 +102,13 @@ class IsotropicProxy(nn.Module):
         self.stem_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            ProxyBlock(embed_dim, attentions.create(attention, dim=embed_dim, num_heads=num_heads,
-                                                    **{**options, **(odd_options if i % 2 else {})}),
-                       mlp_ratio, rates[i])
+            STLBlock(embed_dim, attentions.create(attention, dim=embed_dim, num_heads=num_heads,
+                                                  **{**options, **(odd_options if i % 2 else {})}),
+                     mlp_ratio, rates[i], cpe=False)  # STL's pre-norm block without a position embedding
             for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H/p, W/p, C), after the final LayerNorm."""
