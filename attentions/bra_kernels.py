@@ -280,7 +280,8 @@ class Backend:
 
 
 BACKENDS = {backend.name: backend for backend in (
-    Backend("reference", _reference),
+    # the plain path also runs on the meta device: shapes only, for sizes and FLOP counts without memory
+    Backend("reference", _reference, devices=frozenset({"cpu", "cuda", "meta"})),
     Backend("gather", _gather),
     Backend("blocked", _blocked),
     Backend("dense", _dense, soft_routing=False, max_mask_elements=DENSE_MAX_MASK_ELEMENTS),

@@ -146,7 +146,7 @@ def test_writes_on_a_full_disk_leave_records_report_and_checkpoint_as_they_were(
 
 @pytest.mark.slow
 def test_a_run_onto_a_full_disk_stops_with_one_line_and_keeps_every_record_it_reported(tmp_path, tmpfs):
-    disk = tmpfs("16k")  # four pages: the lock, run.json, then a case's two scratch files or a record or two
+    disk = tmpfs("24k")  # six pages: the lock, run.json (two), then a case's two scratch files or a record or two
     suite = write_suite(tmp_path, ["test_linear"], batch="[1, 2, 3, 4, 5, 6]")
     done = cli("run", str(suite), "--results-dir", str(disk), "--run", "r")
     assert done.returncode == 1, done.stdout + done.stderr

@@ -10,6 +10,7 @@ and variance warning are recorded with them.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -56,10 +57,19 @@ class Latency:
         }
 
 
+def _benchmark_module():
+    """torch.utils.benchmark, imported on first use: it imports torch.utils.cpp_extension, which logs a warning
+    about CUDA_HOME on every machine without a CUDA toolkit; that line says nothing about a measurement."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.benchmark as benchmark
+
+    return benchmark
+
+
 def _measurement(samples_s: list[float], number: int, threads: int):  # -> torch.utils.benchmark.Measurement
-    # imported here: torch.utils.benchmark imports cpp_extension, which warns on machines without CUDA
-    from torch.utils.benchmark import Measurement
     from torch.utils.benchmark.utils.common import TaskSpec
+
+    Measurement = _benchmark_module().Measurement
 
     return Measurement(number_per_run=number, raw_times=[sample * number for sample in samples_s],
                        task_spec=TaskSpec(stmt="step()", setup="", num_threads=threads))
@@ -74,8 +84,7 @@ def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_it
                     warmup_time_s: float = 0.2, min_samples: int = 10, max_samples: int = 100,
                     min_run_time_s: float = 0.5, max_time_s: float = 5.0, target_iqr: float = 0.10) -> Latency:
     """Time ``fn`` (which must do all its work before returning, or on ``device``'s stream)."""
-    from torch.utils.benchmark import Timer
-
+    Timer = _benchmark_module().Timer
     threads = torch.get_num_threads()
     timer = Timer(stmt="step()", globals={"step": fn}, num_threads=threads)
     iterations, warm_start = 0, time.perf_counter()
