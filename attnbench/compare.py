@@ -124,7 +124,7 @@ def render(comparison: Comparison, run_a: Path, run_b: Path, fail_above: float |
              "Ratios are B ÷ A on cases matched by what they measure; \"same\" where the difference lies within "
              f"the two runs' own noise (the larger relative half-IQR of the two latencies, at least {MIN_NOISE:.0%}).",
              ""]
-    if env_a.get("hostname") != env_b.get("hostname") or env_a.get("threads") != env_b.get("threads"):
+    if any(env_a.get(key) != env_b.get(key) for key in ("hostname", "device_name", "threads", "torch")):
         lines += ["**The two runs come from different machines or thread counts: the timing ratios compare the "
                   "machines as much as the code.**", ""]
     lines += ["## Per mechanism (latency, geometric mean over its matched cases)", "", markdown(comparison.summary),
