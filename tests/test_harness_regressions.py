@@ -173,3 +173,17 @@ def test_measures_declare_columns_that_the_frame_always_has():
         assert MEASURES["probe_for_test"].measure(subject) == {"value": 1}
     finally:
         del MEASURES["probe_for_test"]
+
+
+def test_attention_flops_are_the_useful_ones_whichever_backend_is_timed():
+    """The roofline's numerator: BRA's dense backend spends masked multiply-adds, the record counts the plain
+    path's (issue: backward FLOPs / roofline above 100%)."""
+    from attnbench.worker import measure_module
+
+    counted = {}
+    for impl in ("reference", "dense"):
+        case = AttentionCase(mechanism="bra", label=impl, options={"n_win": 2, "topk": 1, "impl": impl}, shape="s",
+                             height=8, width=8, dim=16, heads=2, batch=2, dtype="float32", mode="forward_backward",
+                             device="cpu", measures=("flops",), check_correctness=False).with_id()
+        counted[impl] = measure_module(case)["flops"]["counted_flops"]
+    assert counted["dense"] == counted["reference"] > 0

@@ -137,9 +137,9 @@ def _tags(packet) -> set:
 
 @register_measure
 class Flops(Measure):
-    """FLOPs counted on one step. Attention cases: on the timed step, beside the mechanism's analytic MACs
-    and keys per query. Models and trained models: on the plain path of their mechanisms (the useful
-    multiply-adds, the paper's convention, whichever backend is timed)."""
+    """FLOPs counted on one step of the plain path (``Subject.plain_step``: the useful multiply-adds, the
+    paper's convention, whichever backend is timed); for attention cases beside the mechanism's analytic MACs
+    and keys per query."""
 
     name = "flops"
     order = 20
