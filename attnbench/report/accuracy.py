@@ -133,14 +133,7 @@ def distance_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
         axes.axhline(level, color="grey", linestyle="--", label=f"chance ({level:.0f}%)")
     axes.set_xlabel("distance d of the partner from the query (tokens, Chebyshev)")
     axes.set_ylabel("top-1 %")
-    axes.set_title(title, fontsize=9)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, axes, title, path)
 
 
 def cost_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
@@ -163,9 +156,14 @@ def cost_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
     axes.set_xscale("log")
     axes.set_xlabel("GMACs per image (FlopCounterMode ÷ 2)")
     axes.set_ylabel(f"{metric} %")
+    return _save(figure, axes, title, path)
+
+
+def _save(figure, axes, title: str, path: Path) -> Path:
+    """Title, grid, the legend outside the data, written to ``path``."""
     axes.set_title(title, fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
