@@ -18,6 +18,20 @@ def paired(impl: str, **options):
     return module, module.plain()
 
 
+def assert_same_function_float64(module, reference, x: torch.Tensor) -> None:
+    """``module`` and ``reference`` agree to 1e-10 on ``x``: outputs, input gradients and every parameter's."""
+    x = x.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, expected = module(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+
+
 def supports(impl: str, module, x) -> bool:
     try:
         module(x[:1])
@@ -34,16 +48,7 @@ def test_backend_equals_reference_float64(impl, options, size):
     if not supports(impl, module, x):
         assert impl == "dense" and options.get("soft_routing"), "only soft routing may rule out dense"
         return
-    x_ref = x.clone().requires_grad_(True)
-    x.requires_grad_(True)
-    out, expected = module(x), reference(x_ref)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
-    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+    assert_same_function_float64(module, reference, x)
 
 
 @pytest.mark.parametrize("impl", ("auto", *EAGER_BACKENDS))
@@ -123,16 +128,7 @@ def test_blocked_in_many_small_chunks_equals_reference_float64(monkeypatch, soft
     monkeypatch.setattr(bra_kernels, "BLOCK_BYTES", 3 * 4 * 9 * 64 * 8)  # 3 region blocks per chunk
     options = dict(n_win=4, topk=4, soft_routing=soft, diff_routing=soft)
     module, reference = paired("blocked", **options)
-    x = torch.randn(2, 12, 12, 32, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out, expected = module(x), reference(x_ref)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
-    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+    assert_same_function_float64(module, reference, torch.randn(2, 12, 12, 32, dtype=torch.float64))
 
 
 def test_xformers_off_cuda_is_unsupported_with_reasons():
@@ -188,15 +184,6 @@ def test_batch_in_groups_equals_one_piece_float64(monkeypatch, impl):
     from attentions import bra
 
     module, reference = paired(impl, n_win=4, topk=3, auto_pad=True)
-    x = torch.randn(5, 10, 11, 32, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
     monkeypatch.setattr(bra, "BATCH_CHUNK_BYTES", 2 * 12 * 12 * 96 * 8)  # two images per group, three groups
     monkeypatch.setattr(bra, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
-    out, expected = module(x), reference(x_ref)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
-    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-10, msg=name)
+    assert_same_function_float64(module, reference, torch.randn(5, 10, 11, 32, dtype=torch.float64))
