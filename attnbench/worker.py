@@ -123,8 +123,7 @@ def measure_module(case: AttentionCase | ModelCase) -> dict[str, Any]:
     subject = Subject(module, x, step, device, case.kind, case.mode, spatial, case.repeats.model_dump())
     # FLOPs are counted on the plain path: the useful multiply-adds (the paper's convention, and the numerator of
     # the roofline), whichever backend is timed (BRA's dense backend also spends masked ones)
-    subject.plain_step = build_step(plain_copy(module), x.detach().clone(), case.mode)
-    subject.plain_images = case.batch
+    subject.plain = lambda: (build_step(plain_copy(module), x.detach().clone(), case.mode), case.batch)
     measures = measures_for(case.measures, case.kind)
     metrics = {measure.name: measure.measure(subject) for measure in measures if measure.before_check}
     out = step()

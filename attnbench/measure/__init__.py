@@ -23,8 +23,9 @@ class Subject:
     """What a measure looks at: a module, its random input, and the step that is measured.
 
     ``step`` runs one inference forward or one forward + backward of ``module`` on ``x`` (``x.shape[0]``
-    images); ``plain_step`` is the same step on a copy of the module on its plain paths (the paper's useful
-    multiply-adds, whichever backend is timed); ``kind`` is the case's kind; ``spatial`` is (H, W) of the map
+    images); ``plain`` builds, when a measure first asks, the same step on a copy of the module on its plain
+    paths and the images it covers (the paper's useful multiply-adds, whichever backend is timed; the copy is
+    made only for a measure that needs it); ``kind`` is the case's kind; ``spatial`` is (H, W) of the map
     (attention) or the image (models).
     """
 
@@ -36,8 +37,7 @@ class Subject:
     mode: str
     spatial: tuple[int, int]
     repeats: dict[str, Any] = field(default_factory=dict)
-    plain_step: Callable[[], Any] | None = None
-    plain_images: int = 0  # images per plain_step
+    plain: Callable[[], tuple[Callable[[], Any], int]] | None = None  # -> (plain step, images per plain step)
 
     @property
     def images(self) -> int:

@@ -137,7 +137,7 @@ def _tags(packet) -> set:
 
 @register_measure
 class Flops(Measure):
-    """FLOPs counted on one step of the plain path (``Subject.plain_step``: the useful multiply-adds, the
+    """FLOPs counted on one step of the plain path (``Subject.plain``: the useful multiply-adds, the
     paper's convention, whichever backend is timed); for attention cases beside the mechanism's analytic MACs
     and keys per query."""
 
@@ -145,8 +145,7 @@ class Flops(Measure):
     order = 20
 
     def measure(self, subject: Subject) -> dict[str, Any]:
-        step = subject.plain_step or subject.step
-        images = subject.plain_images if subject.plain_step else subject.images
+        step, images = subject.plain() if subject.plain else (subject.step, subject.images)
 
         def counted() -> dict[str, Any]:
             count = count_flops(step)

@@ -44,13 +44,15 @@ def _inference_measures(model: torch.nn.Module, task: Task, world: World, case: 
     def forward():
         with torch.inference_mode():
             return model(x)
-    plain, one = plain_copy(model), x[:1]
+    def plain_forward_of_one_image():
+        plain, one = plain_copy(model), x[:1]
 
-    def plain_forward():
-        with torch.no_grad():
-            return plain(one)
+        def plain_forward():
+            with torch.no_grad():
+                return plain(one)
+        return plain_forward, 1
     subject = Subject(model, x, forward, world.device, case.kind, "forward", (task.image_size, task.image_size),
-                      case.repeats.model_dump(), plain_step=plain_forward, plain_images=1)
+                      case.repeats.model_dump(), plain=plain_forward_of_one_image)
     return {measure.name: measure.measure(subject) for measure in measures_for(case.measures, case.kind)
             if measure.on_subject}
 
