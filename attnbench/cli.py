@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = data_commands.add_parser(
         "generate", help="write a small generated data set (real JPEG/PNG files) at ROOT",
         description="Write a generated data set at ROOT in the layout its loader reads: imagenet (ImageFolder), "
-                    "relation_proxy (ImageFolder; the ablation's CPU proxy) or ade20k (ADEChallengeData2016).")
-    generate.add_argument("dataset", choices=["imagenet", "relation_proxy", "ade20k"])
+                    "relation_proxy (ImageFolder; the ablation's old CPU proxy), colour_pointer (ImageFolder and a "
+                    "per-image distance index; suites/ablation_proxy.yaml) or ade20k (ADEChallengeData2016).")
+    generate.add_argument("dataset", choices=["imagenet", "relation_proxy", "colour_pointer", "ade20k"])
     generate.add_argument("root", help="where to write it")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
