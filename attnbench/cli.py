@@ -22,6 +22,7 @@ import attentions
 from .data.errors import DataError
 from .records import RecordStore
 from .suite import SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
+from .suite.load import data_root_problem
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -93,18 +94,50 @@ def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
             + f", from earlier runs in {results_dir / suite_name}")
 
 
+def _slurm_options(args: argparse.Namespace, suite):
+    """The suite's ``slurm:`` options with the command line's ``--slurm KEY=VALUE`` over them."""
+    from .executors import SlurmOptions
+
+    fields = {**suite.slurm, **_option_values(getattr(args, "slurm", None) or [], flag="--slurm")}
+    try:
+        return SlurmOptions(**fields)
+    except TypeError as error:
+        raise SuiteError(f"slurm options: {error}; allowed: {', '.join(SlurmOptions.__dataclass_fields__)}") from None
+
+
+def _print_official_recipes(args: argparse.Namespace, suite, cases: list) -> None:
+    """For accuracy cases whose task names an ``official`` recipe: each setting beside the official value and
+    its source, the deviations, and the estimated GPU-hours of the training (attnbench/train/official.py)."""
+    from .train.official import OFFICIAL_RECIPES, describe, gpu_hours
+
+    official = [case for case in cases if case.kind == "accuracy" and case.task.get("official")]
+    if not official:
+        return
+    options = _slurm_options(args, suite)
+    processes = options.nodes * (options.tasks_per_node or max(options.gpus_per_node, 1))
+    print(f"official recipes (processes = {processes}: slurm nodes × tasks per node; with torchrun, pass the same "
+          "counts with --slurm nodes=N --slurm gpus_per_node=G for this check):")
+    total = 0.0
+    for case in official:
+        recipe = OFFICIAL_RECIPES[case.task["official"]]
+        print(f"{case.id}  {case.describe()}")
+        for line in describe(recipe, case.task, case.model, dict(case.options), processes):
+            print(line)
+        hours, how = gpu_hours(case, recipe, processes, args.assume_tflops)
+        total += hours
+        print(f"    estimated: {hours:,.0f} GPU-hours ({how})")
+    print(f"estimated GPU-hours in all: {total:,.0f} (an estimate from counted FLOPs and an assumed sustained rate, "
+          "not a measurement: --assume-tflops sets the rate, e.g. from your speed suite's training throughput)")
+
+
 def _executor(args: argparse.Namespace, suite, run_dir: Path):
     """None for the local spawn-per-case runner; else a submitit executor with the suite's and the command
     line's Slurm options (jobs' logs under RUN_DIR/jobs/)."""
     if getattr(args, "executor", "local") == "local":
         return None
-    from .executors import SlurmOptions, SubmititExecutor
+    from .executors import SubmititExecutor
 
-    fields = {**suite.slurm, **_option_values(args.slurm, flag="--slurm")}
-    try:
-        options = SlurmOptions(**fields)
-    except TypeError as error:
-        raise SuiteError(f"slurm options: {error}; allowed: {', '.join(SlurmOptions.__dataclass_fields__)}") from None
+    options = _slurm_options(args, suite)
     cluster = "local" if args.executor == "submitit-local" else "slurm"
     try:
         return SubmititExecutor(run_dir / "jobs", cluster, options)
@@ -166,7 +199,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
 
     args.suite = resolve_suite(args.suite)
     suite = load_suite(args.suite, args.profile, _data_roots(args.data_root), _overrides(args),
-                       _only_filter(args.only), args.allow_large)
+                       _only_filter(args.only), args.allow_large, require_data=not args.dry_run)
     if args.shard:
         index, separator, count = args.shard.partition("/")
         if not (separator and index.isdigit() and count.isdigit() and int(count) > 0):
@@ -178,6 +211,11 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
             print(f"{case.id}  {case.describe()}")
         print(f"{len(cases)} cases of suite {suite.name!r} ({args.suite}), profile {args.profile or '(none)'}; "
               f"{_estimate(Path(args.results_dir), suite.name, cases)}")
+        for task in [task for axes in (suite.grid, *suite.zip) for task in axes.task or []]:
+            problem = data_root_problem(task)
+            if problem:
+                print(f"note: task {task.name}: {problem} (needed to run, not for this dry run)")
+        _print_official_recipes(args, suite, cases)
         return 0
     run_name = args.run if args.run is not None else datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path_component(run_name, "--run")
@@ -337,7 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="results", help="where runs are stored (default: results)")
     run.add_argument("--run", "--run-name", dest="run",
                      help="run name (default: a timestamp); reuse one to resume it (--run-name under torchrun)")
-    run.add_argument("--dry-run", action="store_true", help="list the cases without running them")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the cases without running them (and, for tasks that follow an official recipe, "
+                          "each setting against it and the estimated GPU-hours)")
+    run.add_argument("--assume-tflops", type=float, default=20.0, metavar="TFLOPS",
+                     help="sustained TFLOP/s per GPU for the dry run's GPU-hour estimate (default 20: a conservative "
+                          "end-to-end rate for one A100, about 6%% of its bfloat16 peak: BRA's gathers and the data "
+                          "pipeline keep training far below peak; set it from your own measured training throughput)")
     run.add_argument("--only", action="append", default=[], metavar="FIELD=V1,V2",
                      help="keep the cases whose FIELD (mechanism, model, label, shape, task, batch, dtype, mode) is "
                           "one of the values, e.g. --only mechanism=bra,swin (repeatable)")

@@ -230,9 +230,12 @@ def test_malformed_accuracy_suites_exit_2_with_one_line(tmp_path, capsys, replac
 
 
 def test_data_roots_come_from_the_command_line(tmp_path, capsys):
-    assert main(["run", "suites/ablation.yaml", "--dry-run"]) == 2
+    assert main(["run", "suites/ablation.yaml", "--run", "x", "--results-dir", str(tmp_path)]) == 2
     assert "grid.task[0].data.root: no data root; give it in the suite or with --data-root imagenet=PATH" in \
         capsys.readouterr().err
+    assert main(["run", "suites/ablation.yaml", "--dry-run"]) == 0  # a dry run lists the cases, and says so
+    assert "note: task imagenet: no data root; give it in the suite or with --data-root imagenet=PATH (needed to " \
+        "run, not for this dry run)" in capsys.readouterr().out
     assert main(["run", "suites/ablation.yaml", "--dry-run", "--data-root", "imagenett=/x"]) == 2
     assert "no task named 'imagenett'; tasks: imagenet, ade20k" in capsys.readouterr().err
     imagenet = write_imagenet_like(tmp_path / "in", num_classes=2, train_per_class=1, val_per_class=1)

@@ -7,10 +7,15 @@ Layout: ``<root>/images/{training,validation}/<name>.jpg`` with ``<root>/annotat
 Training pipeline (mmsegmentation's ADE20K config, read in open-mmlab/mmsegmentation
 ``configs/_base_/datasets/ade20k.py``): resize keeping the aspect ratio to ``scale × r`` with r drawn from
 ``ratio_range``, random crop of ``crop_size`` (retried up to 10 times so that no class covers more than 75% of
-the crop), horizontal flip with p = 0.5, normalise, pad to the crop size (image with 0, label with 255). The
-photometric distortion of that config is left out. Evaluation resizes the whole image to ``crop_size`` (every
-backbone here accepts that size, while BRA's regions need sizes that divide by its window) and scores the
-prediction resized back to the label's full size.
+the crop), horizontal flip with p = 0.5, optionally the photometric distortion (``photometric_distortion``,
+below), normalise, pad to the crop size (image with 0, label with 255).
+
+Evaluation, ``eval_resize``: ``square`` resizes the whole image to ``crop_size`` (every backbone accepts that size
+without padding: the demo profiles); ``keep_ratio`` is the official BiFormer/UniFormer test pipeline (rayleizhu/
+BiFormer ``semantic_segmentation/configs/_base_/datasets/ade20k_sfpn.py`` and ``mmseg_custom/align_resize.py`` at
+1697bbb): rescale keeping the aspect ratio so that the image fits ``scale`` (long side ≤ 2048, short side ≤ 512;
+mmcv ``imrescale``: factor min(2048 / long, 512 / short), sides rounded to the nearest pixel), then stretch each
+side up to a multiple of ``size_divisor`` (32). Either way the prediction is resized back to the label's size.
 """
 
 from __future__ import annotations
@@ -61,20 +66,68 @@ def read_label(path: Path) -> np.ndarray:
     return label
 
 
+def photometric_distortion(image: Image.Image, rng: Any) -> Image.Image:
+    """mmsegmentation's ``PhotoMetricDistortion`` with its default strengths (read in open-mmlab/mmsegmentation
+    ``mmseg/datasets/pipelines/transforms.py``, v0.x, the version BiFormer's configs use): each step with
+    probability 1/2: brightness + U(-32, 32); contrast × U(0.5, 1.5), applied first or last (a coin decides);
+    saturation × U(0.5, 1.5), then hue + an integer in [-18, 18] of 180 degrees, each through HSV; values
+    clipped to 0..255 after each step. ``rng``: ``random`` or a ``random.Random``; no step drawn, no change."""
+    pixels = np.asarray(image, dtype=np.float32)
+    if rng.random() < 0.5:
+        pixels = np.clip(pixels + rng.uniform(-32, 32), 0, 255)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        pixels = np.clip(pixels * rng.uniform(0.5, 1.5), 0, 255)
+    if rng.random() < 0.5:
+        hsv = _to_hsv(pixels)
+        hsv[..., 1] *= rng.uniform(0.5, 1.5)
+        pixels = _to_rgb(hsv)
+    if rng.random() < 0.5:
+        hsv = _to_hsv(pixels)  # PIL's hue runs 0..255 for 360 degrees; mmseg's (OpenCV's) 0..180
+        hsv[..., 0] = (hsv[..., 0] + rng.randint(-18, 18) * 256 / 180) % 256
+        pixels = _to_rgb(hsv)
+    if not contrast_first and rng.random() < 0.5:
+        pixels = np.clip(pixels * rng.uniform(0.5, 1.5), 0, 255)
+    return Image.fromarray(np.round(pixels).astype(np.uint8))
+
+
+def _to_hsv(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.round(pixels).astype(np.uint8)).convert("HSV"), dtype=np.float32).copy()
+
+
+def _to_rgb(hsv: np.ndarray) -> np.ndarray:
+    hsv = np.round(np.clip(hsv, 0, 255)).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"), dtype=np.float32)
+
+
+def keep_ratio_size(width: int, height: int, scale: tuple[int, int], size_divisor: int) -> tuple[int, int]:
+    """(width, height) of the official keep-ratio evaluation input (see the module docstring)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    width, height = int(width * factor + 0.5), int(height * factor + 0.5)
+    return (-(-width // size_divisor) * size_divisor, -(-height // size_divisor) * size_divisor)
+
+
 class SegmentationTransform:
     """(PIL image, uint8 label array) -> (normalised float tensor 3×h×w, int64 label tensor h×w).
 
-    ``train``: random rescale, crop, flip, pad to ``crop_size`` (h, w). Evaluation: the image resized to
-    ``crop_size``, the label at full size (the prediction is resized to it before scoring).
+    ``train``: random rescale, crop, flip, (photometric distortion), pad to ``crop_size`` (h, w). Evaluation:
+    the image resized (``eval_resize``: ``square`` or ``keep_ratio``, see the module docstring), the label at
+    full size (the prediction is resized to it before scoring).
     """
 
     def __init__(self, crop_size: tuple[int, int], train: bool, scale: tuple[int, int] | None = None,
-                 ratio_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75) -> None:
+                 ratio_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
+                 photometric: bool = False, eval_resize: str = "square", size_divisor: int = 32) -> None:
+        if eval_resize not in ("square", "keep_ratio"):
+            raise ValueError(f"eval_resize: {eval_resize!r} is neither 'square' nor 'keep_ratio'")
         self.crop_size = crop_size
         self.train = train
-        self.scale = scale or (4 * crop_size[1], crop_size[0])  # mmseg: (2048, 512) for a 512 crop
+        self.scale = tuple(scale) if scale else (4 * crop_size[1], crop_size[0])  # mmseg: (2048, 512) for 512
         self.ratio_range = ratio_range
         self.cat_max_ratio = cat_max_ratio
+        self.photometric = photometric
+        self.eval_resize = eval_resize
+        self.size_divisor = size_divisor
 
     @staticmethod
     def _normalise(image: Image.Image) -> torch.Tensor:
@@ -96,8 +149,9 @@ class SegmentationTransform:
     def __call__(self, image: Image.Image, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         crop_h, crop_w = self.crop_size
         if not self.train:
-            resized = image.resize((crop_w, crop_h), Image.BILINEAR)
-            return self._normalise(resized), torch.from_numpy(label)
+            size = (crop_w, crop_h) if self.eval_resize == "square" else keep_ratio_size(
+                image.width, image.height, self.scale, self.size_divisor)
+            return self._normalise(image.resize(size, Image.BILINEAR)), torch.from_numpy(label)
         ratio = random.uniform(*self.ratio_range)
         long_side, short_side = max(self.scale) * ratio, min(self.scale) * ratio
         factor = min(long_side / max(image.size), short_side / min(image.size))
@@ -110,6 +164,8 @@ class SegmentationTransform:
         if random.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             label = label[:, ::-1]
+        if self.photometric:
+            image = photometric_distortion(image, random)
         tensor = self._normalise(image)
         pad_h, pad_w = crop_h - tensor.shape[1], crop_w - tensor.shape[2]
         tensor = F.pad(tensor, (0, pad_w, 0, pad_h), value=0.0)

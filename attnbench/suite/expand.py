@@ -48,8 +48,11 @@ def _case(suite: Suite, combo: dict[str, Any]) -> Case:
         model: ModelSpec = combo["model"]
         task: TaskSpec = combo["task"]
         common.update(batch=task.train.batch_size, mode="train")
+        task_fields = task.model_dump()
+        if model.recipe:  # keys checked by load_suite
+            task_fields["recipe"] = {**task_fields["recipe"], **model.recipe}
         return AccuracyCase(model=model.name, label=model.label or model.name, source=model.source,
-                            options={**model.options, **task.model_options}, task=task.model_dump(),
+                            options={**model.options, **task.model_options}, task=task_fields,
                             paper=model.paper, **common)
     if "model" in combo:
         model = combo["model"]

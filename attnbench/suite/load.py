@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 import attentions
 
 from .expand import expand
-from .schema import AXES, Suite, SuiteError
+from .schema import AXES, Suite, SuiteError, check_recipe_keys
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -245,10 +245,11 @@ def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = 
 
 def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None,
                overrides: dict[str, Any] | None = None, only: dict[str, list[str]] | None = None,
-               allow_large: bool = False) -> Suite:
+               allow_large: bool = False, require_data: bool = True) -> Suite:
     """Read, merge the profile, then the ``overrides`` (dotted field -> value, as ``--set`` gives them), set
     ``data_roots`` (task name -> path), validate, and keep the cases that match ``only`` (field -> values): a
-    ``SuiteError`` with one line on any problem."""
+    ``SuiteError`` with one line on any problem. ``require_data=False`` (a dry run) accepts tasks whose data root
+    is not given or not here."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
@@ -273,7 +274,7 @@ def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[st
         raise SuiteError(f"{path}: grid: expands to {count_cases(base):,} cases, more than {MAX_CASES:,}; "
                          "narrow it (--only) or pass --allow-large")
     _apply_data_roots(base, data_roots or {})
-    _check_semantics(path, base)
+    _check_semantics(path, base, require_data)
     if only:
         _only(path, base, only)
     _check_distinct(path, base)
@@ -301,7 +302,7 @@ def _axis_values(suite: Suite, axis: str) -> list[tuple[str, list]]:
     return places
 
 
-def _check_semantics(path: Path, suite: Suite) -> None:
+def _check_semantics(path: Path, suite: Suite, require_data: bool = True) -> None:
     _import_modules(path, suite)
     models = bool(_axis_values(suite, "model"))
     tasks = bool(_axis_values(suite, "task"))
@@ -323,7 +324,7 @@ def _check_semantics(path: Path, suite: Suite) -> None:
     if runtime and (tasks or not models):
         raise SuiteError(f"{path}: {runtime[0]}: applies to suites of whole models (model and image_size axes)")
     if tasks:
-        _check_tasks(path, suite)
+        _check_tasks(path, suite, require_data)
         return
     if models:
         _check_models(path, suite)
@@ -375,7 +376,18 @@ def _check_option_type(where: str, mechanism: str, option: str, value: Any) -> N
         raise SuiteError(f"{where}: {mechanism}'s {option} is {kinds[expected]}, got {shorten(repr(value))}")
 
 
-def _check_tasks(path: Path, suite: Suite) -> None:
+def data_root_problem(task) -> str | None:
+    """Why ``task``'s data root cannot be read (no root given, or not a directory), or None."""
+    if task.data.root is None:
+        return f"no data root; give it in the suite or with --data-root {task.name}=PATH"
+    if task.data.generate is None and not Path(task.data.root).is_dir():
+        layout = ("ADEChallengeData2016 with images/ and annotations/" if task.data.dataset == "ade20k"
+                  else "an ImageFolder root with train/<class>/ and val/<class>/")
+        return f"{task.data.root} is not a directory (expected {layout})"
+    return None
+
+
+def _check_tasks(path: Path, suite: Suite, require_data: bool = True) -> None:
     from ..data import GENERATORS
 
     if "accuracy" not in suite.measures:
@@ -383,15 +395,18 @@ def _check_tasks(path: Path, suite: Suite) -> None:
     if "memory" in suite.measures:
         raise SuiteError(f"{path}: measures: 'memory' is measured by speed suites, not by accuracy suites")
     (task_path, tasks), = _axis_values(suite, "task")
+    (model_path, models), = _axis_values(suite, "model")
+    for index, model in enumerate(models):
+        for task in tasks:
+            try:
+                check_recipe_keys(model.recipe, task.task, "recipe")
+            except ValueError as error:
+                raise SuiteError(f"{path}: {model_path}[{index}].{error}") from None
     for index, task in enumerate(tasks):
         where = f"{path}: {task_path}[{index}]"
-        if task.data.root is None:
-            raise SuiteError(f"{where}.data.root: no data root; give it in the suite or with "
-                             f"--data-root {task.name}=PATH")
-        if task.data.generate is None and not Path(task.data.root).is_dir():
-            layout = ("ADEChallengeData2016 with images/ and annotations/" if task.data.dataset == "ade20k"
-                      else "an ImageFolder root with train/<class>/ and val/<class>/")
-            raise SuiteError(f"{where}.data.root: {task.data.root} is not a directory (expected {layout})")
+        problem = data_root_problem(task)
+        if problem and require_data:
+            raise SuiteError(f"{where}.data.root: {problem}")
         if task.data.generate is not None:
             generator = GENERATORS[task.data.dataset]
             allowed = [name for name in inspect.signature(generator).parameters if name not in ("root", "seed")]

@@ -67,6 +67,7 @@ class ModelSpec(Strict):
     options: dict[str, Any] = {}  # keyword arguments of timm.create_model
     paper: str | None = None  # key of the paper's row in attnbench/paper_figures.yaml (models)
     source: str | None = None  # the upstream config of the model's options (repo, path, commit or tag)
+    recipe: dict[str, Any] = {}  # accuracy tasks: this model's recipe overrides (e.g. its official drop path)
 
 
 class ShapeSpec(Strict):
@@ -128,13 +129,31 @@ class TrainSpec(Strict):
     clip_grad: float | None = Field(None, gt=0)
     amp: bool = True
     workers: int = Field(0, ge=0)
+    lr_reference_batch: int | None = Field(None, ge=1)  # lr × batch_size × processes / this (linear scaling)
+    cooldown_epochs: int = Field(0, ge=0)
+    iterations: int | None = Field(None, ge=1)  # instead of epochs
+    warmup_iterations: int | None = Field(None, ge=0)  # instead of warmup_epochs
+    repeated_augmentation: int = Field(1, ge=1)
+    model_ema_decay: float | None = Field(None, gt=0, lt=1)
+    sync_bn: bool = False
+    eval_interval: int = Field(1, ge=1)  # epochs between evaluations (and after the last)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSpec:
+        if self.iterations is not None and "epochs" in self.model_fields_set:
+            raise ValueError("give epochs or iterations, not both")
+        if self.warmup_iterations is not None and "warmup_epochs" in self.model_fields_set:
+            raise ValueError("give warmup_epochs or warmup_iterations, not both")
+        return self
 
 
 TASK_DATASETS = {"classification": ("imagenet", "relation_proxy", "colour_pointer"), "segmentation": ("ade20k",)}
 RECIPE_KEYS = {
     "classification": ("auto_augment", "re_prob", "mixup", "cutmix", "label_smoothing", "scale", "color_jitter",
                        "hflip", "drop_path_rate", "crop_pct", "interpolation"),
-    "segmentation": ("fpn_channels", "head_channels", "dropout", "drop_path_rate", "ratio_range"),
+    "segmentation": ("fpn_channels", "head_channels", "dropout", "drop_path_rate", "ratio_range", "scale",
+                     "cat_max_ratio", "photometric_distortion", "eval_resize", "size_divisor", "output_norms",
+                     "backbone_checkpoint"),
 }
 
 
@@ -148,17 +167,28 @@ class TaskSpec(Strict):
     train: TrainSpec = TrainSpec()
     recipe: dict[str, Any] = {}  # augmentation / regularisation / head overrides, see RECIPE_KEYS
     model_options: dict[str, Any] = {}  # merged over every model's options for this task (e.g. a demo scale)
+    official: str | None = None  # the official recipe this task follows (attnbench/train/official.py): the dry
+    # run prints each setting beside the official value and its source, and lists every deviation
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
         if self.data.dataset not in TASK_DATASETS[self.task]:
             raise ValueError(f"data.dataset {self.data.dataset!r} does not fit task {self.task!r}; "
                              f"use {' or '.join(TASK_DATASETS[self.task])}")
-        unknown = sorted(set(self.recipe) - set(RECIPE_KEYS[self.task]))
-        if unknown:
-            raise ValueError(f"recipe: unknown key(s) {', '.join(unknown)} for {self.task}; "
-                             f"allowed: {', '.join(RECIPE_KEYS[self.task])}")
+        check_recipe_keys(self.recipe, self.task, "recipe")
+        if self.official is not None:
+            from ..train.official import OFFICIAL_RECIPES
+
+            if self.official not in OFFICIAL_RECIPES:
+                raise ValueError(f"official: unknown recipe {self.official!r}; known: {', '.join(OFFICIAL_RECIPES)}")
         return self
+
+
+def check_recipe_keys(recipe: dict[str, Any], task: str, field: str) -> None:
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS[task]))
+    if unknown:
+        raise ValueError(f"{field}: unknown key(s) {', '.join(unknown)} for {task}; "
+                         f"allowed: {', '.join(RECIPE_KEYS[task])}")
 
 
 class Axes(Strict):

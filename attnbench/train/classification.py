@@ -35,6 +35,11 @@ POSITION_EXACT_RECIPE = {"hflip": 0.0, "auto_augment": None, "scale": (1.0, 1.0)
                          "cutmix": 0.0}
 
 
+def build_classifier(model_name: str, num_classes: int, recipe: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+    """The timm model ``model_name`` with ``num_classes`` outputs and the recipe's drop path."""
+    return timm.create_model(model_name, num_classes=num_classes, drop_path_rate=recipe["drop_path_rate"], **options)
+
+
 class ClassificationTask(Task):
     """A timm model (any registered name; BiFormer's and the STL ablation backbone included) on a subset."""
 
@@ -69,8 +74,7 @@ class ClassificationTask(Task):
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
 
     def build_model(self) -> nn.Module:
-        return timm.create_model(self.model_name, num_classes=self.num_classes,
-                                 drop_path_rate=self.recipe["drop_path_rate"], **self.model_options)
+        return build_classifier(self.model_name, self.num_classes, self.recipe, self.model_options)
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         images, targets = batch[0].to(device), batch[1].to(device)

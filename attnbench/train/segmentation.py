@@ -3,17 +3,10 @@
 Scores: mIoU (mean over classes with a non-empty union of the per-class IoU) and pixel accuracy, from one
 confusion matrix summed over the validation images (and over processes under torchrun).
 
-The official recipe this task is modelled on, BiFormer's ADE20K Semantic FPN configs (rayleizhu/BiFormer
-``semantic_segmentation/configs/ade20k/sfpn.biformer_{small,base}.py`` and ``_base_/datasets/ade20k_sfpn.py``
-at commit 1697bbb, which follow UniFormer's): AdamW (lr 2e-4, weight decay 1e-4), cosine annealing to
-lr × 1e-8 after a 1000-iteration linear warm-up from lr / 10, 80k iterations of 8 GPUs × 4 = 32 images,
-512² crops of images rescaled to (2048, 512) × [0.5, 2.0] with flips and photometric distortion, fp16 AMP,
-drop path 0.15 (S) / 0.3 (B), BRA with n_win 8 and auto_pad; evaluation on whole images resized to a short
-side of 512 (sides rounded to multiples of 32), single scale. Here the optimiser, schedule, batch and length
-come from the suite's ``train`` section (attnbench/train/engine.py, which counts warm-up in epochs), the FPN
-sizes and rescale range from ``RECIPE``; training has no photometric distortion, and evaluation runs on each
-validation image resized to the square crop size (aspect not kept), its logits resized back to the label's
-size. Backbones start from random weights; the official ones start from the ImageNet checkpoints.
+The official recipe (BiFormer's ADE20K Semantic FPN configs, every setting with its source in
+attnbench/train/official.py ``biformer_ade20k_sfpn``) is what ``suites/accuracy_ade20k.yaml``'s ``ade20k_sfpn``
+profile asks for: the recipe keys below switch its pieces on (photometric distortion, keep-ratio evaluation,
+per-stage output norms, an ImageNet checkpoint in the backbone); the demo profile keeps them off.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..data import ADE20KSubset, SegmentationTransform
 from ..data.ade20k import IGNORE_INDEX, NUM_CLASSES
+from ..models.checkpoint import load_backbone_checkpoint
 from .distributed import ShardSampler, World
 from .semantic_fpn import SemanticFPN
 from .task import Task
@@ -52,8 +46,29 @@ def scores(confusion: torch.Tensor) -> dict[str, float]:
 
 
 # The official ADE20K Semantic FPN sizes (FPN 256, head 128, dropout 0.1) and mmseg's rescale range; the
-# official drop path is 0.15 (BiFormer-S) / 0.3 (BiFormer-B), set per task in the suite's recipe.
-RECIPE = {"fpn_channels": 256, "head_channels": 128, "dropout": 0.1, "drop_path_rate": 0.1, "ratio_range": (0.5, 2.0)}
+# official drop path is 0.15 (BiFormer-S) / 0.3 (BiFormer-B), set per model in the suite's recipe.
+# scale: the training rescale target (None: (4 × crop, crop), mmseg's (2048, 512) for a 512 crop) and the
+# keep-ratio evaluation bound; output_norms: a LayerNorm2d on each stage's output (BiFormer_mm's extra_norms);
+# backbone_checkpoint: an ImageNet classification checkpoint loaded into the backbone before training.
+RECIPE = {"fpn_channels": 256, "head_channels": 128, "dropout": 0.1, "drop_path_rate": 0.1, "ratio_range": (0.5, 2.0),
+          "scale": None, "cat_max_ratio": 0.75, "photometric_distortion": False, "eval_resize": "square",
+          "size_divisor": 32, "output_norms": False, "backbone_checkpoint": None}
+
+
+def build_segmenter(model_name: str, num_classes: int, recipe: dict[str, Any], options: dict[str, Any],
+                    load_checkpoint: bool = True) -> SemanticFPN:
+    """Semantic FPN on the backbone ``model_name``; the backbone's classification-only final norm is removed
+    (BiFormer_mm deletes ``head`` and ``norm``), so no parameter goes unused under DDP, and the recipe's ImageNet
+    checkpoint is loaded into it (unless ``load_checkpoint`` is false: a cost estimate)."""
+    backbone = timm.create_model(model_name, features_only=True, out_indices=(0, 1, 2, 3),
+                                 drop_path_rate=recipe["drop_path_rate"], **options)
+    classifier = getattr(backbone, "model", None)  # timm's FeatureGetterNet keeps the model whole
+    if classifier is not None and isinstance(getattr(classifier, "norm", None), nn.Module):
+        classifier.norm = nn.Identity()
+    if recipe["backbone_checkpoint"] and load_checkpoint:
+        load_backbone_checkpoint(classifier if classifier is not None else backbone, recipe["backbone_checkpoint"])
+    return SemanticFPN(backbone, num_classes, recipe["fpn_channels"], recipe["head_channels"], recipe["dropout"],
+                       output_norms=recipe["output_norms"])
 
 
 class SegmentationTask(Task):
@@ -63,20 +78,20 @@ class SegmentationTask(Task):
                  crop_size: int, eval_batch_size: int, workers: int, recipe: dict[str, Any] | None = None) -> None:
         super().__init__(name, model, model_options, crop_size, eval_batch_size, workers, {**RECIPE, **(recipe or {})})
         seed = data.get("seed", 0)
-        crop = (crop_size, crop_size)
-        train_transform = SegmentationTransform(crop, train=True, ratio_range=tuple(self.recipe["ratio_range"]))
+        crop, recipe = (crop_size, crop_size), self.recipe
+        common = dict(scale=recipe["scale"], eval_resize=recipe["eval_resize"], size_divisor=recipe["size_divisor"])
+        train_transform = SegmentationTransform(crop, train=True, ratio_range=tuple(recipe["ratio_range"]),
+                                                cat_max_ratio=recipe["cat_max_ratio"],
+                                                photometric=recipe["photometric_distortion"], **common)
         self.train = ADE20KSubset(data["root"], "train", images=data.get("images"), seed=seed,
                                   transform=train_transform)
         self.val = ADE20KSubset(data["root"], "val", images=data.get("val_images"), seed=seed,
-                                transform=SegmentationTransform(crop, train=False))
+                                transform=SegmentationTransform(crop, train=False, **common))
         self.num_classes = NUM_CLASSES
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
     def build_model(self) -> nn.Module:
-        backbone = timm.create_model(self.model_name, features_only=True, out_indices=(0, 1, 2, 3),
-                                     drop_path_rate=self.recipe["drop_path_rate"], **self.model_options)
-        return SemanticFPN(backbone, self.num_classes, self.recipe["fpn_channels"], self.recipe["head_channels"],
-                           self.recipe["dropout"])
+        return build_segmenter(self.model_name, self.num_classes, self.recipe, self.model_options)
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         images, labels = batch[0].to(device), batch[1].to(device)

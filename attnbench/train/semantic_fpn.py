@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
 
 
@@ -71,14 +72,21 @@ class SemanticFPN(nn.Module):
     """Backbone (features_only) + FPN neck + FPN head. forward: (B, 3, H, W) -> logits (B, classes, H, W)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, fpn_channels: int = 256, head_channels: int = 128,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, output_norms: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         in_channels = backbone.feature_info.channels()
         strides = backbone.feature_info.reduction()
+        # BiFormer's segmentation backbone normalises each stage's output (rayleizhu/BiFormer
+        # semantic_segmentation/models_mm/biformer_mm.py ``extra_norms``: timm's LayerNorm2d per stage)
+        self.output_norms = nn.ModuleList(LayerNorm2d(channels) for channels in in_channels) if output_norms \
+            else None
         self.neck = FPNNeck(in_channels, fpn_channels)
         self.decode_head = FPNHead(fpn_channels, head_channels, num_classes, strides, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.decode_head(self.neck(self.backbone(x)))
+        features = self.backbone(x)
+        if self.output_norms is not None:
+            features = [norm(feature) for norm, feature in zip(self.output_norms, features, strict=True)]
+        logits = self.decode_head(self.neck(features))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
