@@ -58,6 +58,10 @@ def test_iterations_cooldown_ema_and_evaluation_interval(pointer, tmp_path):
     assert history[-1]["lr"] == pytest.approx(1e-5)
     assert "top1" not in history[0] and "top1" in history[1]  # evaluated every 2 epochs and after the last
     assert set(history[-1]["ema"]) >= {"top1", "val_loss"}
+    from attnbench.measure.accuracy import Accuracy
+
+    columns = Accuracy().columns({"final": history[-1], "history": history}, images=1)
+    assert columns["ema_top1"] == history[-1]["ema"]["top1"] and columns["top1"] == history[-1]["top1"]
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     ema, model = state["ema"], state["model"]
     assert ema.keys() == model.keys() and any(not torch.equal(ema[k], model[k]) for k in model)

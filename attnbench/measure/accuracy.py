@@ -25,6 +25,8 @@ class Accuracy(Measure):
                 "per_distance": json.dumps(by_distance.get("per_distance")) if by_distance else None,
                 "top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
                 "pixel_accuracy": final.get("pixel_accuracy"),
+                # the weights' moving average (train.model_ema_decay), scored after the last epoch
+                "ema_top1": (final.get("ema") or {}).get("top1"), "ema_miou": (final.get("ema") or {}).get("miou"),
                 "epochs": len(metrics["history"]) if "history" in metrics else None,
                 "train_images": data.get("train", {}).get("images"), "val_images": data.get("val", {}).get("images"),
                 "num_classes": data.get("num_classes"),

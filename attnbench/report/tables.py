@@ -343,6 +343,9 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
                 score += f" / top-5 {_number(row['top5'], '{:.1f}')}"
         else:
             score = f"mIoU {_number(row['miou'], '{:.1f}')} / pixel acc. {_number(row['pixel_accuracy'], '{:.1f}')}"
+        for column, name in (("ema_top1", "EMA top-1"), ("ema_miou", "EMA mIoU")):
+            if row["status"] == "ok" and not pd.isna(row.get(column)):
+                score += f" / {name} {_number(row[column], '{:.1f}')}"
         rows.append({"mechanism": row["label"], "task": _task_title(row),
                      "train / val images": f"{_number(row.get('train_images'), '{:.0f}')} / "
                                            f"{_number(row.get('val_images'), '{:.0f}')}",
