@@ -105,9 +105,9 @@ class ClassificationTask(Task):
         world.all_reduce_sum(totals)
         world.all_reduce_sum(correct)
         count = totals[3].item()
-        # "top5" is top-min(5, classes): with fewer than five classes it is trivially 100
-        metrics: dict[str, Any] = {"val_loss": totals[0].item() / count, "top1": 100 * totals[1].item() / count,
-                                   "top5": 100 * totals[2].item() / count}
+        metrics: dict[str, Any] = {"val_loss": totals[0].item() / count, "top1": 100 * totals[1].item() / count}
+        if self.num_classes > 5:  # top-5 of five classes or fewer is 100% by construction: not a score
+            metrics["top5"] = 100 * totals[2].item() / count
         if self.val_distances is not None:
             metrics["per_distance"] = accuracy_by_distance((correct > 0.5).tolist(), self.val_distances)
         return metrics
