@@ -68,6 +68,8 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
     for record in newest.values():
         store.append(record)
     merged = {**first, "cases": len(expected) or len(newest), "merged_from": [str(path) for path in run_dirs],
+              "command": None, "merged_commands": [run.get("command") for run in runs],
+              "merge_command": f"python -m attnbench merge {' '.join(map(str, run_dirs))} --into {into}",
               "environments": [run["environment"] for run in runs], "shard": None,
               "gemm_flops_per_s": {key: rate for run in runs for key, rate in run.get("gemm_flops_per_s", {}).items()}}
     (into / "run.json").write_text(json.dumps(merged, indent=2, sort_keys=True))

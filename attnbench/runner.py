@@ -349,6 +349,8 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
     main_rank = int(os.environ.get("RANK", "0")) == 0
     lock = None
     env = environment(cases[0].device if cases else "cpu")
+    if suite.threads:  # every case sets this many threads in its own process (attnbench/worker.py)
+        env["threads"] = suite.threads
     stamp = environment_stamp(env)
     if main_rank:
         lock = _prepare_run_directory(run_dir)

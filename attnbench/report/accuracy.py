@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..train.per_distance import BINS  # noqa: E402
 from .stats import bootstrap_mean, compare_means, wilson  # noqa: E402
 
 
@@ -29,7 +30,11 @@ def _metric(group: pd.DataFrame) -> str:
 
 
 def _bins(group: pd.DataFrame) -> list[str]:
-    return [column for column in group.columns if column.startswith("bin_") and group[column].notna().any()]
+    """The distance-bin columns with figures, nearest first (records store the bins by name, so the order comes
+    from the bins' definition; the last is the farthest)."""
+    order = list(BINS)
+    columns = [column for column in group.columns if column.startswith("bin_") and group[column].notna().any()]
+    return sorted(columns, key=lambda column: order.index(column[4:]) if column[4:] in order else len(order))
 
 
 def chance(group: pd.DataFrame) -> float | None:
@@ -68,7 +73,7 @@ def seed_table(group: pd.DataFrame) -> pd.DataFrame:
 
 
 def pairwise_table(group: pd.DataFrame) -> pd.DataFrame:
-    """Every pair's difference of seed means (overall, and in the last bin) with its interval and verdict."""
+    """Every pair's difference of seed means (overall, and in the farthest bin) with its interval and verdict."""
     ok = group[group["status"] == "ok"]
     metric, bins = _metric(group), _bins(group)
     columns = [metric, *bins[-1:]]

@@ -15,11 +15,20 @@ from .frame import records_frame
 from .sections import SECTIONS, Run
 
 
-def _environment(run: dict) -> str:
+def _threads(env: dict, records: list) -> str:
+    """The threads the cases ran with (each case's process records its own), beside the runner's when they
+    differ (a suite's ``threads:``)."""
+    used = sorted({record.worker.get("threads") for record in records if record.worker.get("threads")})
+    if not used or used == [env["threads"]]:
+        return str(env["threads"])
+    return f"{' / '.join(map(str, used))} per case (the runner process had {env['threads']})"
+
+
+def _environment(run: dict, records: list) -> str:
     env = run["environment"]
     rates = ", ".join(f"{key} {rate / 1e9:,.1f} GFLOP/s" for key, rate in run["gemm_flops_per_s"].items())
     rows = [
-        ("device", f"{env['device']} ({env['device_name']})"), ("threads", env["threads"]),
+        ("device", f"{env['device']} ({env['device_name']})"), ("threads", _threads(env, records)),
         ("torch", f"{env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']})"), ("python", env["python"]),
         ("attnbench", f"{env['attnbench']} @ {(env['git_sha'] or 'unknown')[:12]}"
                       + {True: " (uncommitted changes)", "unknown": " (not a git checkout)"}.get(env["git_dirty"], "")),
@@ -47,17 +56,26 @@ def _mixed(run: dict) -> list[str]:
             "timings in one table come from different machines.** Each record keeps its own environment.", ""]
 
 
-def _header(run_dir: Path, run: dict, recorded: int, statuses: dict[str, int]) -> list[str]:
+def _measured_with(run: dict) -> str:
+    """The command(s) that measured the run: a merged run names its parts' commands and the merge."""
+    if run.get("merged_from"):
+        commands = "; ".join(f"`{command}`" for command in run.get("merged_commands") or [] if command)
+        return (f"Measured in {len(run['merged_from'])} parts ({commands or 'commands not recorded'}), merged by "
+                f"`{run.get('merge_command') or 'python -m attnbench merge'}`")
+    return f"Measured with `{run['command']}`" if run.get("command") else ""
+
+
+def _header(run_dir: Path, run: dict, records: list, statuses: dict[str, int]) -> list[str]:
     return [
         f"# {run['suite']}: run `{run_dir.name}`",
         "",
         run.get("description", "").strip(),
         "",
-        f"Measured with `{run['command']}`" if run.get("command") else "",
-        f"and rendered by `python -m attnbench report {run_dir}`. {recorded} of {run['cases']} cases recorded"
+        _measured_with(run),
+        f"and rendered by `python -m attnbench report {run_dir}`. {len(records)} of {run['cases']} cases recorded"
         f" ({', '.join(f'{count} {status}' for status, count in statuses.items()) or 'none'}).",
         "",
-        _environment(run),
+        _environment(run, records),
         "",
         *_mixed(run),
         "Conventions: **GMACs** are multiply-adds, the unit the BiFormer paper calls FLOPs; **GFLOPs** count 2 per"
@@ -78,7 +96,7 @@ def build_report(run_dir: str | Path) -> Path:
     records = RecordStore(run_dir / "records.jsonl").latest()
     frame = add_flags(records_frame(records), run.info["environment"].get("cpu_count"))
     statuses = frame["status"].value_counts().to_dict() if len(frame) else {}
-    lines = _header(run_dir, run.info, len(records), statuses)
+    lines = _header(run_dir, run.info, records, statuses)
     flagged = int((frame["flags"] != "").sum()) if len(frame) else 0
     if flagged:
         lines += [f"**{flagged} of {int(frame['median_ms'].notna().sum())} timed cases are flagged {MARK}** (wide "
