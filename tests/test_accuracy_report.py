@@ -50,3 +50,14 @@ def test_overlapping_seeds_are_not_separated_and_one_seed_gets_wilson():
     single = sweep({"full": [50.0]}, {"full": [50.0]})
     assert accuracy.seed_table(single)["top1 % mean [95% CI]"].iloc[0] == \
         "50.0 [48.0, 52.0] (1 seed; Wilson over 2400 images)"
+
+
+def test_bins_read_nearest_first_and_pairs_compare_the_farthest_whatever_the_column_order():
+    frame = sweep(FAR, OVERALL)
+    frame["bin_mid"] = 50.0
+    frame = frame[sorted(frame.columns)]  # records store bins by name: far, mid, near
+    assert [c for c in accuracy.seed_table(frame).columns if "bin" in c] == [
+        "near bin % [95% CI]", "mid bin % [95% CI]", "far bin % [95% CI]"]
+    pairs = accuracy.pairwise_table(frame).set_index("pair")
+    assert list(pairs.columns) == ["overall difference", "far bin difference"]
+    assert pairs.loc["full − swin", "far bin difference"].startswith("+70.")
