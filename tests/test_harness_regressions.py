@@ -187,3 +187,18 @@ def test_attention_flops_are_the_useful_ones_whichever_backend_is_timed():
                              device="cpu", measures=("flops",), check_correctness=False).with_id()
         counted[impl] = measure_module(case)["flops"]["counted_flops"]
     assert counted["dense"] == counted["reference"] > 0
+
+
+def test_the_header_names_each_cases_threads_and_a_merged_runs_parts():
+    from types import SimpleNamespace
+
+    from attnbench.report.render import _measured_with, _threads
+
+    one_thread = [SimpleNamespace(worker={"threads": 1}), SimpleNamespace(worker={"threads": 1})]
+    assert _threads({"threads": 2}, one_thread) == "1 per case (the runner process had 2)"
+    assert _threads({"threads": 1}, one_thread) == "1"
+    merged = {"merged_from": ["a", "b"], "merged_commands": ["python -m attnbench run s --shard 0/2 --run a",
+                                                             "python -m attnbench run s --shard 1/2 --run b"],
+              "merge_command": "python -m attnbench merge a b --into m", "command": None}
+    line = _measured_with(merged)
+    assert "Measured in 2 parts" in line and "--shard 1/2 --run b" in line and "merge a b --into m" in line
