@@ -54,10 +54,14 @@ class SlurmOptions:
 
 
 class CaseJob:
-    """The callable a submitit job runs: one case, resumable (submitit's Checkpointable protocol)."""
+    """The callable a submitit job runs: one case, resumable (submitit's Checkpointable protocol).
 
-    def __init__(self, case_json: dict[str, Any], checkpoint_dir: str | None) -> None:
-        self.case_json, self.checkpoint_dir = case_json, checkpoint_dir
+    ``requeues`` counts the times the case was requeued (preemption or time limit) before this run; it goes into
+    the record as ``worker["job"]["requeues"]``."""
+
+    def __init__(self, case_json: dict[str, Any], checkpoint_dir: str | None, requeues: int = 0) -> None:
+        self.case_json, self.checkpoint_dir, self.requeues = case_json, checkpoint_dir, requeues
+        self.requeuing = False
 
     def __call__(self) -> dict[str, Any]:
         import submitit
@@ -69,14 +73,19 @@ class CaseJob:
         environment = submitit.JobEnvironment()
         if isinstance(case, AccuracyCase) and environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        result = run_case_safely(case, self.checkpoint_dir)
+        # submitit's signal handler calls ``checkpoint`` and then leaves the process by ``sys.exit`` (a requeue):
+        # that SystemExit must end the job, not be recorded as the case's own error
+        result = run_case_safely(case, self.checkpoint_dir,
+                                 let_through=lambda error: isinstance(error, SystemExit) and self.requeuing)
+        result.worker = {**result.worker, "job": {"requeues": self.requeues}}
         return result.model_dump(mode="json")
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Preempted or at its time limit: requeue the same case (training resumes from its checkpoint)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(CaseJob(self.case_json, self.checkpoint_dir))
+        self.requeuing = True
+        return submitit.helpers.DelayedSubmission(CaseJob(self.case_json, self.checkpoint_dir, self.requeues + 1))
 
 
 class SubmititExecutor:
@@ -106,5 +115,5 @@ class SubmititExecutor:
             result = Result(status=Status.ERROR, message=f"job {job.job_id} ended {state}: "
                             f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}")
         job_info["state"] = getattr(job, "state", None)
-        result.worker = {**result.worker, "job": job_info}
+        result.worker = {**result.worker, "job": {**result.worker.get("job", {}), **job_info}}
         return result

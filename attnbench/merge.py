@@ -65,8 +65,9 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
                      f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
     into.mkdir(parents=True, exist_ok=True)
     store = RecordStore(into / "records.jsonl")
-    for record in newest.values():
-        store.append(record)
+    order = {case: position for position, case in enumerate(expected)}
+    for record in sorted(newest.values(), key=lambda record: order.get(record.id, len(order))):
+        store.append(record)  # in the suite's order, as a single-process run records them
     merged = {**first, "cases": len(expected) or len(newest), "merged_from": [str(path) for path in run_dirs],
               "command": None, "merged_commands": [run.get("command") for run in runs],
               "merge_command": f"python -m attnbench merge {' '.join(map(str, run_dirs))} --into {into}",

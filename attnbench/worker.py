@@ -23,6 +23,7 @@ import os
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +173,12 @@ def _first_line(error: BaseException) -> str:
     return (f"{type(error).__name__}: {error}".splitlines() or [type(error).__name__])[0]
 
 
-def run_case_safely(case: Case, checkpoint_dir: str | None = None) -> Result:
+def run_case_safely(case: Case, checkpoint_dir: str | None = None,
+                    let_through: Callable[[BaseException], bool] | None = None) -> Result:
     """``run_case`` with every failure turned into a result with a status (never raises, except for
-    KeyboardInterrupt and CaseTimeout). A DataError (the data root is malformed: an input error, not an outcome of
-    the case) is marked ``worker["exception"] = "DataError"``; the runner stops on it instead of recording it."""
+    KeyboardInterrupt, CaseTimeout and what ``let_through(error)`` accepts: a submitit job's requeue, which leaves
+    by ``sys.exit``). A DataError (the data root is malformed: an input error, not an outcome of the case) is
+    marked ``worker["exception"] = "DataError"``; the runner stops on it instead of recording it."""
     started = time.time()
     exception = None
     try:
@@ -187,6 +190,8 @@ def run_case_safely(case: Case, checkpoint_dir: str | None = None) -> Result:
     except (KeyboardInterrupt, CaseTimeout):
         raise
     except BaseException as error:  # recorded, never raised: the suite goes on (SystemExit from a plug-in too)
+        if let_through is not None and let_through(error):
+            raise
         exception = type(error).__name__
         status = Status.OOM if isinstance(error, Exception) and is_out_of_memory(error) else Status.ERROR
         message = str(error) if isinstance(error, DataError) else _first_line(error)

@@ -61,3 +61,20 @@ def test_bins_read_nearest_first_and_pairs_compare_the_farthest_whatever_the_col
     pairs = accuracy.pairwise_table(frame).set_index("pair")
     assert list(pairs.columns) == ["overall difference", "far bin difference"]
     assert pairs.loc["full − swin", "far bin difference"].startswith("+70.")
+
+
+def test_the_ablation_table_gives_the_mean_over_seeds_and_counts_failed_seeds():
+    from attnbench.report.tables import ablation_table, training_table
+
+    frame = sweep(FAR, OVERALL).assign(dataset="colour_pointer", height=32, params=1e5, images_per_s=None,
+                                       paper=None, mechanism="attnbench_isotropic_proxy", options="{}",
+                                       train_images=6000, epochs=8, train_minutes=1.0, top5=None)
+    frame.loc[(frame["label"] == "bra") & (frame["seed"] == 4), "status"] = "timeout"
+    table = ablation_table(frame).set_index("mechanism")
+    column = "colour_pointer (colour_pointer) top-1 %"
+    assert table.loc["full", column] == "90.4 (mean of 5 seeds)"
+    assert table.loc["bra", column] == "75.0 (mean of 4 of 5 seeds)"  # the timed-out seed is not averaged in
+    assert table.loc["swin", "GMACs @32²"] == "0.040"
+    one_seed = ablation_table(frame[frame["seed"] == 0]).set_index("mechanism")
+    assert one_seed.loc["full", column] == "90.0"
+    assert list(training_table(frame)["seed"][:5]) == [0, 1, 2, 3, 4]

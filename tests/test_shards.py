@@ -82,3 +82,47 @@ def test_merge_refuses_other_suites_and_environments_and_reports_duplicates_and_
     out = capsys.readouterr().out
     assert out.count("duplicate: ") == 8 and "missing: " in out
     assert "merges records measured on 2 machines or settings" in (tmp_path / "m/report.md").read_text()
+
+
+def _accuracy_sections(report: str) -> str:
+    """The report from its ablation table on, the training minutes (a timing) taken out of the table of what
+    each score rests on."""
+    lines, in_training_table = [], False
+    for line in report[report.index("## Attention ablation"):].splitlines():
+        if line.startswith("| mechanism") and "train min" in line:
+            in_training_table = True
+        elif not line.startswith("|"):
+            in_training_table = False
+        lines.append(line.rsplit("|", 2)[0] if in_training_table else line)
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_an_accuracy_sweep_in_two_concurrent_shards_merges_into_the_single_process_run(tmp_path):
+    from tests.accuracy_demo import write_demo_suite
+
+    suite = write_demo_suite(tmp_path, mechanisms=("full", "swin"), seeds=(0, 1))
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shards = [subprocess.Popen([sys.executable, "-m", "attnbench", "run", suite, "--results-dir", str(results),
+                                "--run", f"shard{index}", "--shard", f"{index}/2"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    for process in shards:  # both generate the same data root at once: one writes it, the other waits (flock)
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    assert main(["run", suite, "--results-dir", str(results), "--run", "single"]) == 0
+    assert main(["merge", str(results / "accuracy_demo/shard0"), str(results / "accuracy_demo/shard1"), "--into",
+                 str(results / "accuracy_demo/merged")]) == 0
+    merged = {record.id: record for record in RecordStore(results / "accuracy_demo/merged/records.jsonl").load()}
+    single = {record.id: record for record in RecordStore(results / "accuracy_demo/single/records.jsonl").load()}
+    assert merged.keys() == single.keys() and len(merged) == 4
+    for case_id, record in single.items():
+        ours, theirs = merged[case_id].metrics, record.metrics
+        assert merged[case_id].status == record.status == "ok"
+        assert ours["accuracy"]["final"] == theirs["accuracy"]["final"]
+        assert ours["accuracy"]["history"] == theirs["accuracy"]["history"]
+        assert ours["params"] == theirs["params"]
+    single_report = (results / "accuracy_demo/single/report.md").read_text()
+    merged_report = (results / "accuracy_demo/merged/report.md").read_text()
+    assert "## Accuracy over seeds: colour_pointer" in single_report
+    assert _accuracy_sections(merged_report) == _accuracy_sections(single_report)

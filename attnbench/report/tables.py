@@ -295,27 +295,40 @@ def paper_ablation_row(row: pd.Series) -> str | None:
     return next((key for key, entry in ablation.items() if entry.get("mechanism") == attention), None)
 
 
+def _over_seeds(runs: pd.DataFrame, column: str) -> str:
+    """A score of one mechanism on one task: a single run's figure, or, over several seeds, the mean of those
+    that finished with their count (the seed section gives the intervals); a failure cell if none finished."""
+    done = runs.loc[runs["status"] == "ok", column].dropna() if column in runs else pd.Series(dtype=float)
+    if done.empty:
+        failures = runs.loc[runs["status"] != "ok", "status"]
+        return failed_cell(failures.iloc[0]) if len(failures) else ""
+    if len(runs) == 1:
+        return f"{done.iloc[0]:.1f}"
+    return f"{done.mean():.1f} (mean of {len(done)}{'' if len(done) == len(runs) else f' of {len(runs)}'} seeds)"
+
+
 def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: each task's score, then size and speed of the first task's trained model, then the
-    paper's row and its ImageNet top-1 / ADE20K mIoU (Semantic FPN) where the paper reports the row: the
-    attention ablation on the same backbone, or a released model's figures."""
+    """One row per model: each task's score (the mean over seeds where a suite has several), then size and speed
+    of the first task's trained model (images/s: the median over seeds), then the paper's row and its ImageNet
+    top-1 / ADE20K mIoU (Semantic FPN) where the paper reports the row: the attention ablation on the same
+    backbone, or a released model's figures."""
     ablation = paper_figures()["attention_ablation"]
-    rows: dict[str, dict[str, str]] = {}
+    rows: list[dict[str, str]] = []
     shown: list[PaperFigure] = []
     first_task = frame["shape"].iloc[0]
-    for _, row in frame.iterrows():
-        cells = rows.setdefault(row["label"], {"mechanism": row["label"]})
-        title = _task_title(row)
-        failed = failed_cell(row["status"])
-        if row["task"] == "classification":
-            cells[f"{title} top-1 %"] = failed or _number(row.get("top1"), "{:.1f}")
-        else:
-            cells[f"{title} mIoU %"] = failed or _number(row.get("miou"), "{:.1f}")
-        if row["shape"] == first_task:
-            gmacs = _scaled(row["counted_gflops_per_image"], 0.5)
-            cells["params (M)"] = _number(_scaled(row["params"], 1e-6), "{:.2f}")
-            cells[f"GMACs @{row['height']}²"] = _number(gmacs, "{:.3f}")
-            cells["images/s"] = _number(row["images_per_s"], "{:,.1f}")
+    for label, model_runs in frame.groupby("label", sort=False):
+        cells = {"mechanism": label}
+        for shape, runs in model_runs.groupby("shape", sort=False):
+            row = runs.iloc[0]
+            metric, name = ("top1", "top-1 %") if row["task"] == "classification" else ("miou", "mIoU %")
+            cells[f"{_task_title(row)} {name}"] = _over_seeds(runs, metric)
+            if shape == first_task:
+                done = runs[runs["status"] == "ok"]
+                first = done.iloc[0] if len(done) else row
+                cells["params (M)"] = _number(_scaled(first["params"], 1e-6), "{:.2f}")
+                cells[f"GMACs @{row['height']}²"] = _number(_scaled(first["counted_gflops_per_image"], 0.5), "{:.3f}")
+                cells["images/s"] = _number(done["images_per_s"].median() if len(done) else None, "{:,.1f}")
+        row = model_runs.iloc[0]
         paper_row = paper_ablation_row(row)
         if paper_row is not None:
             top1, miou = (_published("attention_ablation", paper_row, field) for field in ("top1", "miou"))
@@ -326,13 +339,16 @@ def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
         shown += [found for found in (top1, miou) if found is not None]
         cells["paper ImageNet top-1"] = _cell(top1)
         cells["paper ADE20K mIoU"] = _cell(miou)
-    table = pd.DataFrame(list(rows.values()))
+        rows.append(cells)
+    table = pd.DataFrame(rows)
     paper_columns = ["paper row", "paper ImageNet top-1", "paper ADE20K mIoU"]
     return _shown(table[[c for c in table.columns if c not in paper_columns] + paper_columns], shown)
 
 
 def training_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """What each score rests on: data sizes, epochs, final scores and training time."""
+    """What each score rests on, per case (per seed where the suite has several): data sizes, epochs, final scores
+    and training time."""
+    several_seeds = "seed" in frame and frame["seed"].nunique() > 1
     rows = []
     for _, row in frame.iterrows():
         if row["status"] != "ok":
@@ -346,7 +362,8 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
         for column, name in (("ema_top1", "EMA top-1"), ("ema_miou", "EMA mIoU")):
             if row["status"] == "ok" and not pd.isna(row.get(column)):
                 score += f" / {name} {_number(row[column], '{:.1f}')}"
-        rows.append({"mechanism": row["label"], "task": _task_title(row),
+        rows.append({"mechanism": row["label"], **({"seed": row["seed"]} if several_seeds else {}),
+                     "task": _task_title(row),
                      "train / val images": f"{_number(row.get('train_images'), '{:.0f}')} / "
                                            f"{_number(row.get('val_images'), '{:.0f}')}",
                      "epochs": _number(row.get("epochs"), "{:.0f}"), "final scores": score,
