@@ -34,6 +34,17 @@ def test_shards_partition_the_cases_deterministically_and_balance_known_costs():
         shard(load_suite("suites/smoke.yaml"), 2, 2)
 
 
+def run_two_concurrent_shards(suite: str, results: Path) -> None:
+    """``run SUITE --shard 0/2`` and ``--shard 1/2`` as two processes at once, into runs shard0 and shard1."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    shards = [subprocess.Popen([sys.executable, "-m", "attnbench", "run", suite, "--results-dir", str(results),
+                                "--run", f"shard{index}", "--shard", f"{index}/2"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    for process in shards:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+
+
 def _metrics_without_timing(record):
     flops = {key: value for key, value in record.metrics.get("flops", {}).items() if key != "images"}
     return record.status, record.metrics.get("params"), flops.get("counted_flops"), flops.get("analytic_macs")
@@ -42,13 +53,7 @@ def _metrics_without_timing(record):
 @pytest.mark.slow
 def test_two_concurrent_shards_merge_into_the_single_process_run(tmp_path):
     results = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    shards = [subprocess.Popen([sys.executable, "-m", "attnbench", "run", "suites/smoke.yaml", "--results-dir",
-                                str(results), "--run", f"shard{index}", "--shard", f"{index}/2"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
-    for process in shards:
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output
+    run_two_concurrent_shards("suites/smoke.yaml", results)
     assert main(["run", "suites/smoke.yaml", "--results-dir", str(results), "--run", "single"]) == 0
     assert main(["merge", str(results / "smoke/shard0"), str(results / "smoke/shard1"), "--into",
                  str(results / "smoke/merged")]) == 0
@@ -103,13 +108,7 @@ def test_an_accuracy_sweep_in_two_concurrent_shards_merges_into_the_single_proce
 
     suite = write_demo_suite(tmp_path, mechanisms=("full", "swin"), seeds=(0, 1))
     results = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    shards = [subprocess.Popen([sys.executable, "-m", "attnbench", "run", suite, "--results-dir", str(results),
-                                "--run", f"shard{index}", "--shard", f"{index}/2"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
-    for process in shards:  # both generate the same data root at once: one writes it, the other waits (flock)
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output
+    run_two_concurrent_shards(suite, results)  # both generate the same data root: one writes, the other waits
     assert main(["run", suite, "--results-dir", str(results), "--run", "single"]) == 0
     assert main(["merge", str(results / "accuracy_demo/shard0"), str(results / "accuracy_demo/shard1"), "--into",
                  str(results / "accuracy_demo/merged")]) == 0
