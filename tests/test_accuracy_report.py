@@ -71,7 +71,7 @@ def test_the_ablation_table_gives_the_mean_over_seeds_and_counts_failed_seeds():
                                        train_images=6000, epochs=8, train_minutes=1.0, top5=None)
     frame.loc[(frame["label"] == "bra") & (frame["seed"] == 4), "status"] = "timeout"
     table = ablation_table(frame).set_index("mechanism")
-    column = "colour_pointer (colour_pointer) top-1 %"
+    column = "colour_pointer (proxy task, not ImageNet) top-1 %"
     assert table.loc["full", column] == "90.4 (mean of 5 seeds)"
     assert table.loc["bra", column] == "75.0 (mean of 4 of 5 seeds)"  # the timed-out seed is not averaged in
     assert table.loc["swin", "GMACs @32²"] == "0.040"

@@ -276,8 +276,11 @@ def _value(found: PaperFigure | None) -> float | None:
     return found.value if found is not None and isinstance(found.value, int | float) else None
 
 
+PROXY_DATASETS = ("relation_proxy", "colour_pointer")  # generated tasks that stand in for ImageNet (attnbench/data/)
+
+
 def _task_title(row: pd.Series) -> str:
-    if row["dataset"] == "relation_proxy":
+    if row["dataset"] in PROXY_DATASETS:
         return f"{row['shape']} (proxy task, not ImageNet)"
     generated = "generated" in str(row["shape"])
     return f"{row['shape']} ({row['dataset']}{', generated data' if generated else ''})"
