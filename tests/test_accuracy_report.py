@@ -78,3 +78,11 @@ def test_the_ablation_table_gives_the_mean_over_seeds_and_counts_failed_seeds():
     one_seed = ablation_table(frame[frame["seed"] == 0]).set_index("mechanism")
     assert one_seed.loc["full", column] == "90.0"
     assert list(training_table(frame)["seed"][:5]) == [0, 1, 2, 3, 4]
+
+
+def test_the_separation_summary_names_the_higher_mechanism_and_the_unranked_pairs():
+    far = {"full": [95.0, 96.0, 94.0], "bra": [70.0, 72.0, 69.0], "swin": [25.0, 26.0, 24.5]}
+    overall = {"full": [60.0, 61.0, 59.0], "bra": [60.5, 59.5, 60.0], "swin": [45.0, 46.0, 44.0]}
+    lines = accuracy.separation_summary(sweep(far, overall))
+    assert lines == ["- overall: separated full > swin, bra > swin; not separated full ~ bra.",
+                     "- far bin: separated full > bra, full > swin, bra > swin; not separated none."]

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..train.per_distance import BINS  # noqa: E402
-from .stats import bootstrap_mean, compare_means, wilson  # noqa: E402
+from .stats import SEPARATED, bootstrap_mean, compare_means, wilson  # noqa: E402
 
 
 def _metric(group: pd.DataFrame) -> str:
@@ -72,27 +72,51 @@ def seed_table(group: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def pairwise_table(group: pd.DataFrame) -> pd.DataFrame:
-    """Every pair's difference of seed means (overall, and in the farthest bin) with its interval and verdict."""
+def _comparisons(group: pd.DataFrame):
+    """(first, second, column, Comparison or None) for every pair of mechanisms, in the suite's order, for the
+    task's score and the farthest distance bin (None: a side has no figure)."""
     ok = group[group["status"] == "ok"]
     metric, bins = _metric(group), _bins(group)
-    columns = [metric, *bins[-1:]]
-    rows = []
     for first, second in itertools.combinations(list(dict.fromkeys(ok["label"])), 2):
-        row = {"pair": f"{first} − {second}"}
-        for column in columns:
+        for column in (metric, *bins[-1:]):
             a = ok[ok["label"] == first][column].dropna().tolist()
             b = ok[ok["label"] == second][column].dropna().tolist()
-            if not a or not b:
-                row[column] = ""
-                continue
-            comparison = compare_means(a, b)
-            interval = comparison.difference
-            ci = "no CI (1 seed)" if np.isnan(interval.low) else f"[{interval.low:+.1f}, {interval.high:+.1f}]"
-            row[f"{'overall' if column == metric else column[4:] + ' bin'} difference"] = (
-                f"{interval.estimate:+.1f} {ci}: {comparison.verdict}")
-        rows.append({key: value for key, value in row.items() if key not in columns})
-    return pd.DataFrame(rows)
+            yield first, second, column, compare_means(a, b) if a and b else None
+
+
+def _difference_name(column: str, metric: str) -> str:
+    return "overall" if column == metric else f"{column[4:]} bin"
+
+
+def pairwise_table(group: pd.DataFrame) -> pd.DataFrame:
+    """Every pair's difference of seed means (overall, and in the farthest bin) with its interval and verdict."""
+    metric, rows = _metric(group), {}
+    for first, second, column, comparison in _comparisons(group):
+        row = rows.setdefault((first, second), {"pair": f"{first} − {second}"})
+        if comparison is None:
+            continue
+        interval = comparison.difference
+        ci = "no CI (1 seed)" if np.isnan(interval.low) else f"[{interval.low:+.1f}, {interval.high:+.1f}]"
+        row[f"{_difference_name(column, metric)} difference"] = f"{interval.estimate:+.1f} {ci}: {comparison.verdict}"
+    return pd.DataFrame(list(rows.values()))
+
+
+def separation_summary(group: pd.DataFrame) -> list[str]:
+    """One line per compared quantity (overall, farthest bin): the separated pairs, higher first ("full > swin"),
+    and the pairs the run does not rank ("bra ~ axial")."""
+    metric, verdicts = _metric(group), {}
+    for first, second, column, comparison in _comparisons(group):
+        if comparison is None:
+            continue
+        separated, not_separated = verdicts.setdefault(column, ([], []))
+        if comparison.verdict == SEPARATED:
+            higher, lower = (first, second) if comparison.difference.estimate > 0 else (second, first)
+            separated.append(f"{higher} > {lower}")
+        else:
+            not_separated.append(f"{first} ~ {second}")
+    return [f"- {_difference_name(column, metric)}: separated {', '.join(separated) or 'none'}; "
+            f"not separated {', '.join(not_separated) or 'none'}." for column, (separated, not_separated)
+            in verdicts.items()]
 
 
 def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, bool, str]]:

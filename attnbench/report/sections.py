@@ -110,7 +110,9 @@ class SeedStatistics(Section):
             pairs = accuracy.pairwise_table(group)
             if not pairs.empty:
                 lines += ["Pairwise differences of seed means (first − second), 95% CI:", "",
-                          markdown(pairs, index=False), ""]
+                          markdown(pairs, index=False), "", "Which pairs the run separates (95% CI of the "
+                          "difference excludes 0) and which it does not rank:", "",
+                          *accuracy.separation_summary(group), ""]
             slug = "".join(char if char.isalnum() else "_" for char in str(task))
             for plot in (accuracy.distance_plot(group, f"{task}: accuracy against distance",
                                                 run.directory / "plots" / f"distance_{slug}.png"),
