@@ -71,15 +71,25 @@ def _only_filter(pairs: list[str]) -> dict[str, list[str]]:
     return only
 
 
-def _earlier_durations(results_dir: Path, suite_name: str) -> dict[str, float]:
-    """Seconds each case took in earlier runs of this suite (by case key: what it measures), where recorded."""
+def _earlier_durations(results_dir: Path, suite_name: str, before: str | None = None) -> dict[str, float]:
+    """Seconds each case took in earlier runs of this suite (by case key: what it measures), where recorded;
+    with ``before`` (an ISO time), only records finished before it."""
     seconds: dict[str, float] = {}
     for records in sorted((results_dir / suite_name).glob("*/records.jsonl")):
         for record in RecordStore(records).latest():
             duration = record.worker.get("duration_s")
-            if duration is not None:
+            if duration is not None and (before is None or (record.finished or before) < before):
                 seconds[record.case.key] = duration
     return seconds
+
+
+def _shard_costs(results_dir: Path, suite_name: str, run_name: str | None) -> dict[str, float]:
+    """The durations that balance ``--shard``: for a shard run being resumed, only those recorded before the run
+    was created, so that it keeps the cases it started with (its sibling shards' records, written since, would
+    move cases between shards); for a new run, all of them."""
+    run_json = results_dir / suite_name / run_name / "run.json" if run_name else None
+    created = json.loads(run_json.read_text()).get("created") if run_json and run_json.is_file() else None
+    return _earlier_durations(results_dir, suite_name, before=created)
 
 
 def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
@@ -204,7 +214,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
         index, separator, count = args.shard.partition("/")
         if not (separator and index.isdigit() and count.isdigit() and int(count) > 0):
             raise SuiteError(f"--shard {args.shard}: expected I/N, e.g. --shard 0/4")
-        shard(suite, int(index), int(count), _earlier_durations(Path(args.results_dir), suite.name))
+        shard(suite, int(index), int(count), _shard_costs(Path(args.results_dir), suite.name, args.run))
     cases = expand(suite)
     if args.dry_run:
         for case in cases:

@@ -125,3 +125,20 @@ def test_an_accuracy_sweep_in_two_concurrent_shards_merges_into_the_single_proce
     merged_report = (results / "accuracy_demo/merged/report.md").read_text()
     assert "## Accuracy over seeds: colour_pointer" in single_report
     assert _accuracy_sections(merged_report) == _accuracy_sections(single_report)
+
+
+def test_a_resumed_shard_keeps_its_cases_whatever_its_siblings_recorded_since(tmp_path):
+    from attnbench.cli import _shard_costs
+
+    fixture = REPO / "tests/fixtures/results/fixture/run"
+    records = RecordStore(fixture / "records.jsonl").latest()
+    finished = sorted(record.finished for record in records)
+    sibling, resumed = tmp_path / "suite/part1", tmp_path / "suite/part0"
+    for run_dir in (sibling, resumed):
+        run_dir.mkdir(parents=True)
+    (sibling / "records.jsonl").write_bytes((fixture / "records.jsonl").read_bytes())
+    assert len(_shard_costs(tmp_path, "suite", "part0")) == len({record.case.key for record in records})  # new run
+    (resumed / "run.json").write_text(json.dumps({"created": finished[0]}))  # created before the sibling's records
+    assert _shard_costs(tmp_path, "suite", "part0") == {}
+    (resumed / "run.json").write_text(json.dumps({"created": "9999-01-01T00:00:00+00:00"}))
+    assert len(_shard_costs(tmp_path, "suite", "part0")) == len({record.case.key for record in records})
