@@ -38,6 +38,8 @@ def test_seed_table_pairs_gates_and_plots(tmp_path):
              {"label": "bra", "metric": "far", "at_least": 90.0, "within_chance": None, "why": ""}]
     held = [ok for _, ok, _ in accuracy.gate_results(frame, gates)]
     assert held == [True, True, False]
+    shard = frame[frame["label"] != "swin"]  # a shard without the local mechanism cannot check its gate
+    assert [(ok, measured) for _, ok, measured in accuracy.gate_results(shard, gates)][1] == (None, "not in this run")
     assert accuracy.distance_plot(frame, "t", tmp_path / "d.png").exists()
     assert accuracy.cost_plot(frame, "t", tmp_path / "c.png").exists()
 

@@ -120,12 +120,16 @@ def separation_summary(group: pd.DataFrame) -> list[str]:
 
 
 def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, bool, str]]:
-    """(gate, held, what was measured) for each gate of the suite."""
+    """(gate, held, what was measured) for each gate of the suite; held is None where the run has no case of the
+    gate's mechanism (a shard or ``--only`` left it out): the gate could not be checked."""
     ok, level = group[group["status"] == "ok"], chance(group)
     results = []
     for gate in gates:
         column = gate["metric"] if gate["metric"] in ("top1", "miou") else f"bin_{gate['metric']}"
         values = ok[ok["label"] == gate["label"]][column].dropna().tolist() if column in ok else []
+        if not (group["label"] == gate["label"]).any():  # a shard or --only left the mechanism out
+            results.append((gate, None, "not in this run"))
+            continue
         if not values:
             results.append((gate, False, "not measured"))
             continue

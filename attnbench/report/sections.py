@@ -99,13 +99,19 @@ class SeedStatistics(Section):
                       "the difference contains 0 is *not separated*: the run does not rank it.", ""]
             results = accuracy.gate_results(group, run.info.get("gates", []))
             if results:
-                held = all(ok for _, ok, _ in results)
+                verdicts = {None: "NOT CHECKED", True: "PASS", False: "FAIL"}
+                if any(ok is False for _, ok, _ in results):
+                    conclusion = ("**A gate failed: this task did not discriminate between mechanisms as designed, "
+                                  "so the figures below are not a ranking.**")
+                elif any(ok is None for _, ok, _ in results):
+                    conclusion = ("**Not every gate could be checked in this run (a part of the suite): the figures "
+                                  "below are not a ranking until the merged run checks them all.**")
+                else:
+                    conclusion = "All gates hold: the task discriminates, and the separated pairs below are a ranking."
                 lines += ["Gates (written in the suite before the measurement):", "",
-                          *[f"- {'PASS' if ok else 'FAIL'}: {gate['label']} {gate['metric']}: {measured}"
+                          *[f"- {verdicts[ok]}: {gate['label']} {gate['metric']}: {measured}"
                             + (f" — {gate['why']}" if gate.get("why") else "") for gate, ok, measured in results],
-                          "", ("All gates hold: the task discriminates, and the separated pairs below are a ranking."
-                               if held else "**A gate failed: this task did not discriminate between mechanisms as "
-                               "designed, so the figures below are not a ranking.**"), ""]
+                          "", conclusion, ""]
             lines += [markdown(accuracy.seed_table(group), index=False), ""]
             pairs = accuracy.pairwise_table(group)
             if not pairs.empty:
