@@ -52,11 +52,38 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
                           env={**os.environ, "CI": "1", **(env or {})}, timeout=timeout)
 
 
+# ``python -m attnbench`` that prints every thread's stack on SIGUSR1, so a test that gives up on a runner can say
+# where it was (see finish())
+_DUMPABLE_RUNNER = ("import faulthandler, runpy, signal; faulthandler.register(signal.SIGUSR1); "
+                    "runpy.run_module('attnbench', run_name='__main__', alter_sys=True)")
+
+
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A runner in a session of its own, as a terminal would start it (its own foreground process group)."""
-    return subprocess.Popen([sys.executable, "-m", "attnbench", *args], cwd=REPO, start_new_session=True,
+    return subprocess.Popen([sys.executable, "-c", _DUMPABLE_RUNNER, *args], cwd=REPO, start_new_session=True,
                             env={**os.environ, "CI": "1", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, seconds: float = 300) -> tuple[str, str]:
+    """``process.communicate()``; if it has not ended within ``seconds``, fail with its stacks (SIGUSR1), what
+    it said and its processes, instead of a bare TimeoutExpired."""
+    try:
+        return process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(2)
+        table = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,args"], capture_output=True, text=True).stdout
+        rows = [line.split(None, 2) for line in table.splitlines()[1:]]
+        ours = {process.pid}
+        for _ in range(5):  # the runner, its case processes and theirs
+            ours |= {int(pid) for pid, ppid, _ in rows if int(ppid) in ours}
+        session = "\n".join(line for line in table.splitlines() if line.split()[0] == "PID"
+                             or int(line.split()[0]) in ours)
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"the runner had not ended after {seconds:g} s\nits processes:\n{session}\n"
+                             f"stdout:\n{stdout}\nstderr (stacks at the end):\n{stderr}") from None
 
 
 def alive(pid: int) -> bool:
@@ -180,7 +207,7 @@ def test_a_second_run_is_refused_and_ctrl_c_stops_the_first_with_the_resume_comm
         "it to end or choose another --run"]
 
     os.killpg(first.pid, signal.SIGINT)
-    stdout, stderr = first.communicate(timeout=60)
+    stdout, stderr = finish(first)
     assert first.returncode == 130, stderr
     assert stdout.splitlines()[0] == (f"run directory: {results / 'faults/r'} (to resume: python -m attnbench run "
                                       f"{suite} --results-dir {results} --run r)")
@@ -204,7 +231,7 @@ def test_kill_9_of_the_runner_leaves_no_case_process_and_a_timeout_kills_the_cas
     wait_for(lambda: pid_file.exists() and pid_file.read_text().count(" ") == 1, what="the sleeper case")
     worker, sleeper = map(int, pid_file.read_text().split())
     os.kill(runner.pid, signal.SIGKILL)  # the runner alone, as `kill -9 PID` does
-    runner.communicate()
+    finish(runner)
     assert gone_within([worker, sleeper]), "the case process or its subprocess outlived the runner"
     assert list((results / "faults/r/.scratch").iterdir())  # the interrupted case's scratch, inside the run
 

@@ -40,10 +40,12 @@ def write_suite(tmp_path: Path, mechanisms: list[str], timeout: float) -> Path:
 
 @pytest.mark.slow
 def test_failures_are_recorded_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("ATTNBENCH_TEST_SLEEP_S", "30")
+    # a timeout long enough for a case process to start on a loaded machine (importing torch can take 10 s there),
+    # and a sleep well past it
+    monkeypatch.setenv("ATTNBENCH_TEST_SLEEP_S", "120")
     names = [("test_raises", "raises"), ("test_nan", "nan"), ("test_sleeps", "sleeps"),
              ("test_unsupported", "unsupported"), ("test_backend_refuses", "refuses"), ("test_linear", "linear")]
-    suite = write_suite(tmp_path, names, timeout=8)
+    suite = write_suite(tmp_path, names, timeout=30)
     assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]) == 1  # cases failed
     assert "3 case(s) failed (error, nan, timeout): exit 1" in capsys.readouterr().err
     records = RecordStore(tmp_path / "results/faulty/r/records.jsonl").load()
