@@ -2,8 +2,9 @@
 other, side by side or on several machines, joined into one run directory that reports as one run.
 
 Refused unless ``--allow-mixed``: runs of different suites or profiles, and runs measured in different
-environments (device, threads, torch, attnbench commit). Every record keeps the environment it was measured
-in (``environment`` on the record), so a merged report can say when a table mixes machines. A case recorded
+environments (device, threads, torch, attnbench commit), whether they differ between the runs or between the
+records of one run (a shard resumed after a commit). Every record keeps the environment it was measured in
+(``environment`` on the record), so a merged report can say when a table mixes machines or commits. A case recorded
 by two shards is kept once (its newest record) and reported; cases of the whole suite that no shard recorded
 are listed.
 """
@@ -27,10 +28,6 @@ class MergeSummary:
     notes: list[str]
 
 
-def _environment_key(environment: dict) -> tuple:
-    return tuple(environment.get(key) for key in ENVIRONMENT_KEYS)
-
-
 def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> MergeSummary:
     """Write ``into``/run.json and records.jsonl from the runs; a ``SuiteError`` (exit 2) when they do not
     belong together."""
@@ -43,11 +40,6 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
             if run.get(key) != first.get(key):
                 raise SuiteError(f"{run_dir}: {key} {run.get(key)!r} differs from {run_dirs[0]}'s "
                                  f"{first.get(key)!r}: not shards of one suite")
-    environments = {_environment_key(run["environment"]) for run in runs}
-    if len(environments) > 1 and not allow_mixed:
-        differing = [key for key in ENVIRONMENT_KEYS if len({run["environment"].get(key) for run in runs}) > 1]
-        raise SuiteError(f"{run_dirs[0]} and the others were measured in different environments "
-                         f"({', '.join(differing)} differ); pass --allow-mixed to merge them anyway")
     notes, newest, seen_in = [], {}, {}
     for run_dir, run in zip(run_dirs, runs, strict=True):
         for record in RecordStore(run_dir / "records.jsonl").latest():
@@ -56,8 +48,15 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
                              "keeping the newer record")
                 if (record.finished or "") < (newest[record.id].finished or ""):
                     continue
-            record.environment = run["environment"]  # every record keeps the machine it was measured on
+            # every record keeps the stamp of the process that measured it (a shard resumed after a commit has
+            # records of two commits); a record written before records carried a stamp takes its run's
+            record.environment = record.environment or run["environment"]
             newest[record.id], seen_in[record.id] = record, run_dir
+    stamps = [run["environment"] for run in runs] + [record.environment for record in newest.values()]
+    differing = [key for key in ENVIRONMENT_KEYS if len({stamp.get(key) for stamp in stamps}) > 1]
+    if differing and not allow_mixed:
+        raise SuiteError(f"{run_dirs[0]} and the others were measured in different environments "
+                         f"({', '.join(differing)} differ); pass --allow-mixed to merge them anyway")
     expected = list(dict.fromkeys(case for run in runs for case in run.get("suite_cases", [])))
     missing = [case for case in expected if case not in newest]
     if missing:
@@ -70,7 +69,8 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
         store.append(record)  # in the suite's order, as a single-process run records them
     merged = {**first, "cases": len(expected) or len(newest), "merged_from": [str(path) for path in run_dirs],
               "command": None, "merged_commands": [run.get("command") for run in runs],
-              "merge_command": f"python -m attnbench merge {' '.join(map(str, run_dirs))} --into {into}",
+              "merge_command": f"python -m attnbench merge {' '.join(map(str, run_dirs))} --into {into}"
+                                 + (" --allow-mixed" if allow_mixed else ""),
               "environments": [run["environment"] for run in runs], "shard": None,
               "gemm_flops_per_s": {key: rate for run in runs for key, rate in run.get("gemm_flops_per_s", {}).items()}}
     (into / "run.json").write_text(json.dumps(merged, indent=2, sort_keys=True))

@@ -77,6 +77,9 @@ def test_the_ablation_table_gives_the_mean_over_seeds_and_counts_failed_seeds():
     assert table.loc["full", column] == "90.4 (mean of 5 seeds)"
     assert table.loc["bra", column] == "75.0 (mean of 4 of 5 seeds)"  # the timed-out seed is not averaged in
     assert table.loc["swin", "GMACs @32²"] == "0.040"
+    assert "images/s" not in table.columns  # the suite did not time the trained models: no empty column
+    timed = ablation_table(frame.assign(images_per_s=123.0)).set_index("mechanism")
+    assert timed.loc["bra", "images/s"] == "123.0"
     one_seed = ablation_table(frame[frame["seed"] == 0]).set_index("mechanism")
     assert one_seed.loc["full", column] == "90.0"
     assert list(training_table(frame)["seed"][:5]) == [0, 1, 2, 3, 4]

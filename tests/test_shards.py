@@ -3,6 +3,7 @@ concurrent processes, ``merge`` joins them into one run equal to a single-proces
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,35 @@ def test_merge_refuses_other_suites_and_environments_and_reports_duplicates_and_
     out = capsys.readouterr().out
     assert out.count("duplicate: ") == 8 and "missing: " in out
     assert "merges records measured on 2 machines or settings" in (tmp_path / "m/report.md").read_text()
+
+
+def test_a_shard_resumed_at_another_commit_merges_only_when_allowed_and_its_records_keep_their_commits(tmp_path,
+                                                                                                       capsys):
+    fixture = REPO / "tests/fixtures/results/fixture/run"
+    run = json.loads((fixture / "run.json").read_text())
+    lines = (fixture / "records.jsonl").read_text().splitlines()
+    stamp = {key: run["environment"][key] for key in ("device", "device_name", "threads", "torch", "hostname")}
+    started, resumed = {**stamp, "git_sha": "a" * 40, "git_dirty": False}, {**stamp, "git_sha": "b" * 40,
+                                                                            "git_dirty": False}
+    shards = [tmp_path / "shard0", tmp_path / "shard1"]
+    for index, run_dir in enumerate(shards):
+        run_dir.mkdir()
+        (run_dir / "run.json").write_text(json.dumps({**run, "environment": {**run["environment"], **started}}))
+        # shard 1 was stopped after its first record and resumed after a commit: its later records are commit b
+        mine = [json.loads(line) for line in lines[index::2]]
+        stamps = [started] * 4 if index == 0 else [started] + [resumed] * 3
+        (run_dir / "records.jsonl").write_text("".join(json.dumps({**record, "environment": environment}) + "\n"
+                                                       for record, environment in zip(mine, stamps, strict=True)))
+    into = tmp_path / "merged"
+    assert main(["merge", *map(str, shards), "--into", str(into)]) == 2
+    assert "different environments (git_sha differ); pass --allow-mixed" in capsys.readouterr().err
+    assert not into.exists()
+    assert main(["merge", *map(str, shards), "--into", str(into), "--allow-mixed"]) == 0
+    commits = sorted(record.environment["git_sha"][0] for record in RecordStore(into / "records.jsonl").load())
+    assert commits == ["a"] * 5 + ["b"] * 3
+    assert json.loads((into / "run.json").read_text())["merge_command"].endswith(" --allow-mixed")
+    report = (into / "report.md").read_text()
+    assert re.search(r"\| attnbench +\| 0\.1\.0 @ a{12} \(5 records\), b{12} \(3 records\) +\|", report)
 
 
 def _accuracy_sections(report: str) -> str:

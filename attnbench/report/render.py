@@ -4,6 +4,7 @@ section of sections.py that applies, rendered by tabulate (GitHub markdown), plo
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from tabulate import tabulate
@@ -24,14 +25,26 @@ def _threads(env: dict, records: list) -> str:
     return f"{' / '.join(map(str, used))} per case (the runner process had {env['threads']})"
 
 
+def _commits(env: dict, records: list) -> str:
+    """The commit the records were measured at; each commit with its record count when a resume or a merge mixed
+    several (every record carries its own stamp; the run's is the stamp at its start)."""
+    def commit(stamp: dict) -> str:
+        dirty = {True: " (uncommitted changes)", "unknown": " (not a git checkout)"}.get(stamp.get("git_dirty"), "")
+        return f"{(stamp.get('git_sha') or 'unknown')[:12]}{dirty}"
+
+    counts = Counter(commit(record.environment or env) for record in records)
+    if len(counts) < 2:
+        return next(iter(counts), commit(env))
+    return ", ".join(f"{name} ({count} records)" for name, count in counts.items())
+
+
 def _environment(run: dict, records: list) -> str:
     env = run["environment"]
     rates = ", ".join(f"{key} {rate / 1e9:,.1f} GFLOP/s" for key, rate in run["gemm_flops_per_s"].items())
     rows = [
         ("device", f"{env['device']} ({env['device_name']})"), ("threads", _threads(env, records)),
         ("torch", f"{env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']})"), ("python", env["python"]),
-        ("attnbench", f"{env['attnbench']} @ {(env['git_sha'] or 'unknown')[:12]}"
-                      + {True: " (uncommitted changes)", "unknown": " (not a git checkout)"}.get(env["git_dirty"], "")),
+        ("attnbench", f"{env['attnbench']} @ {_commits(env, records)}"),
         *([("timm / xformers / natten", f"{env['timm']} / {env.get('xformers') or '–'} / {env.get('natten') or '–'}")]
           if "timm" in env else []),
         *([("plug-ins", ", ".join(f"{name} {version}" for name, version in env["plugins"].items()))]

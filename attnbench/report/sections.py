@@ -70,9 +70,11 @@ class Ablation(Section):
 
     def render(self, frame, run):
         trained = self.rows(frame)
-        return ["## Attention ablation: accuracy, size and speed", "",
-                "Ours: the score of each trained model on each task; params, GMACs (FlopCounterMode ÷ 2) and "
-                "inference throughput of the first task's trained model at its input size. *Paper* columns: the "
+        timed = trained["images_per_s"].notna().any()
+        return [f"## Attention ablation: accuracy, size{' and speed' if timed else ''}", "",
+                "Ours: the score of each trained model on each task; params, GMACs (FlopCounterMode ÷ 2)"
+                f"{' and inference throughput' if timed else ''} of the first task's trained model at its input size"
+                f"{'' if timed else ' (the suite does not time it)'}. *Paper* columns: the "
                 "BiFormer paper's ablation on the full STL backbone (ImageNet-1K top-1, ADE20K mIoU), only for the "
                 "rows it reports; a proxy or generated-data column is not comparable with them.", "",
                 markdown(ablation_table(trained), index=False), "",

@@ -330,7 +330,8 @@ def ablation_table(frame: pd.DataFrame) -> pd.DataFrame:
                 first = done.iloc[0] if len(done) else row
                 cells["params (M)"] = _number(_scaled(first["params"], 1e-6), "{:.2f}")
                 cells[f"GMACs @{row['height']}²"] = _number(_scaled(first["counted_gflops_per_image"], 0.5), "{:.3f}")
-                cells["images/s"] = _number(done["images_per_s"].median() if len(done) else None, "{:,.1f}")
+                if frame["images_per_s"].notna().any():  # a suite without the throughput measure has no column
+                    cells["images/s"] = _number(done["images_per_s"].median() if len(done) else None, "{:,.1f}")
         row = model_runs.iloc[0]
         paper_row = paper_ablation_row(row)
         if paper_row is not None:
