@@ -71,10 +71,11 @@ class Ablation(Section):
     def render(self, frame, run):
         trained = self.rows(frame)
         timed = trained["images_per_s"].notna().any()
-        return [f"## Attention ablation: accuracy, size{' and speed' if timed else ''}", "",
-                "Ours: the score of each trained model on each task; params, GMACs (FlopCounterMode ÷ 2)"
-                f"{' and inference throughput' if timed else ''} of the first task's trained model at its input size"
-                f"{'' if timed else ' (the suite does not time it)'}. *Paper* columns: the "
+        measured = ("params, GMACs (FlopCounterMode ÷ 2) and inference throughput" if timed else
+                    "params and GMACs (FlopCounterMode ÷ 2; the suite does not time the trained models)")
+        return [f"## Attention ablation: {'accuracy, size and speed' if timed else 'accuracy and size'}", "",
+                f"Ours: the score of each trained model on each task; {measured} of the first task's trained model "
+                "at its input size. *Paper* columns: the "
                 "BiFormer paper's ablation on the full STL backbone (ImageNet-1K top-1, ADE20K mIoU), only for the "
                 "rows it reports; a proxy or generated-data column is not comparable with them.", "",
                 markdown(ablation_table(trained), index=False), "",
