@@ -91,3 +91,9 @@ def test_the_separation_summary_names_the_higher_mechanism_and_the_unranked_pair
     lines = accuracy.separation_summary(sweep(far, overall))
     assert lines == ["- overall: separated full > swin, bra > swin; not separated full ~ bra.",
                      "- far bin: separated full > bra, full > swin, bra > swin; not separated none."]
+
+
+def test_each_mechanism_keeps_one_colour_of_its_own_in_the_figures():
+    labels = [f"mechanism{index}" for index in range(12)]  # more than the ten colours of the default cycle
+    colours = accuracy._colours(pd.DataFrame({"label": labels * 2}))
+    assert list(colours) == labels and len(set(colours.values())) == 12

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from ..train.per_distance import BINS  # noqa: E402
 from .stats import SEPARATED, bootstrap_mean, compare_means, wilson  # noqa: E402
@@ -149,6 +150,7 @@ def distance_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
     if ok.empty:
         return None
     figure, axes = plt.subplots(figsize=(7.6, 4.2))
+    colours = _colours(group)
     for label, runs in ok.groupby("label", sort=False):
         per_seed = [json.loads(text) for text in runs["per_distance"]]
         distances = sorted({int(d) for table in per_seed for d in table}, key=int)
@@ -159,8 +161,8 @@ def distance_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
             means.append(interval.estimate)
             lows.append(interval.low if interval.n > 1 else interval.estimate)
             highs.append(interval.high if interval.n > 1 else interval.estimate)
-        line, = axes.plot(distances, means, marker="o", label=f"{label} ({len(per_seed)} seeds)")
-        axes.fill_between(distances, lows, highs, color=line.get_color(), alpha=0.2)
+        axes.plot(distances, means, marker="o", color=colours[label], label=f"{label} ({len(per_seed)} seeds)")
+        axes.fill_between(distances, lows, highs, color=colours[label], alpha=0.2)
     level = chance(group)
     if level is not None:
         axes.axhline(level, color="grey", linestyle="--", label=f"chance ({level:.0f}%)")
@@ -175,28 +177,42 @@ def cost_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
     if ok.empty:
         return None
     metric, bins = _metric(group), _bins(group)
+    # the score is a filled circle, the farthest bin a hollow triangle, both in the mechanism's colour
+    shown = [(metric, "o", "overall"), *((column, "^", f"{column[4:]} bin") for column in bins[-1:])]
     figure, axes = plt.subplots(figsize=(7.6, 4.2))
+    colours = _colours(group)
     for label, runs in ok.groupby("label", sort=False):
         gmacs = runs["counted_gflops_per_image"].mean() / 2
-        for column, marker in [(metric, "o"), *((bins[-1], "^") for _ in bins[:1])]:
+        for column, marker, _ in shown:
             values = runs[column].dropna().tolist()
             if values:
                 interval = bootstrap_mean(values)
                 error = None if interval.n < 2 else [[interval.estimate - interval.low],
                                                      [interval.high - interval.estimate]]
                 axes.errorbar([gmacs], [interval.estimate], yerr=error, marker=marker, capsize=2,
-                              label=f"{label}, {'overall' if column == metric else column[4:] + ' bin'}")
+                              color=colours[label], markerfacecolor=colours[label] if marker == "o" else "white")
+    handles = [Line2D([], [], color=colours[label], marker="s", linestyle="none", label=label)
+               for label in dict.fromkeys(ok["label"])]
+    handles += [Line2D([], [], color="black", marker=marker, markerfacecolor="black" if marker == "o" else "white",
+                       linestyle="none", label=name) for _, marker, name in shown]
     axes.set_xscale("log")
     axes.set_xlabel("GMACs per image (FlopCounterMode ÷ 2)")
-    axes.set_ylabel(f"{metric} %")
-    return _save(figure, axes, title, path)
+    axes.set_ylabel(f"{metric} % (mean over seeds, 95% CI)")
+    return _save(figure, axes, title, path, handles)
 
 
-def _save(figure, axes, title: str, path: Path) -> Path:
-    """Title, grid, the legend outside the data, written to ``path``."""
+def _colours(group: pd.DataFrame) -> dict[str, tuple]:
+    """One colour per mechanism, the same in every figure of a task and never shared (tab10, tab20 beyond ten)."""
+    labels = list(dict.fromkeys(group["label"]))
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {label: palette(index % palette.N) for index, label in enumerate(labels)}
+
+
+def _save(figure, axes, title: str, path: Path, handles: list | None = None) -> Path:
+    """Title, grid, the legend (the labelled artists, or ``handles``) outside the data, written to ``path``."""
     axes.set_title(title, fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axes.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
