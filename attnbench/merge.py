@@ -36,10 +36,13 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
     runs = [json.loads((run_dir / "run.json").read_text()) for run_dir in run_dirs]
     first = runs[0]
     for run_dir, run in zip(run_dirs, runs, strict=True):
-        for key in ("suite", "profile", "suite_digest"):
+        for key in ("suite", "profile"):
             if run.get(key) != first.get(key):
                 raise SuiteError(f"{run_dir}: {key} {run.get(key)!r} differs from {run_dirs[0]}'s "
                                  f"{first.get(key)!r}: not shards of one suite")
+        if run.get("suite_cases") and first.get("suite_cases") and run["suite_cases"] != first["suite_cases"]:
+            raise SuiteError(f"{run_dir}: its suite expands to other cases than {run_dirs[0]}'s (the suite file or "
+                             "the code that expands it changed between them): not shards of one suite")
     notes, newest, seen_in = [], {}, {}
     for run_dir, run in zip(run_dirs, runs, strict=True):
         for record in RecordStore(run_dir / "records.jsonl").latest():

@@ -101,13 +101,19 @@ def test_a_shard_resumed_at_another_commit_merges_only_when_allowed_and_its_reco
     shards = [tmp_path / "shard0", tmp_path / "shard1"]
     for index, run_dir in enumerate(shards):
         run_dir.mkdir()
-        (run_dir / "run.json").write_text(json.dumps({**run, "environment": {**run["environment"], **started}}))
+        (run_dir / "run.json").write_text(json.dumps({**run, "environment": {**run["environment"], **started},
+                                                      "suite_cases": ["x1", "x2"], "notes": ["Why x is left out."]}))
         # shard 1 was stopped after its first record and resumed after a commit: its later records are commit b
         mine = [json.loads(line) for line in lines[index::2]]
         stamps = [started] * 4 if index == 0 else [started] + [resumed] * 3
         (run_dir / "records.jsonl").write_text("".join(json.dumps({**record, "environment": environment}) + "\n"
                                                        for record, environment in zip(mine, stamps, strict=True)))
     into = tmp_path / "merged"
+    other_suite = json.loads((shards[1] / "run.json").read_text())
+    (shards[1] / "run.json").write_text(json.dumps({**other_suite, "suite_cases": ["x1", "x3"]}))
+    assert main(["merge", *map(str, shards), "--into", str(into), "--allow-mixed"]) == 2
+    assert "its suite expands to other cases than" in capsys.readouterr().err
+    (shards[1] / "run.json").write_text(json.dumps(other_suite))
     assert main(["merge", *map(str, shards), "--into", str(into)]) == 2
     assert "different environments (git_sha differ); pass --allow-mixed" in capsys.readouterr().err
     assert not into.exists()
@@ -117,6 +123,7 @@ def test_a_shard_resumed_at_another_commit_merges_only_when_allowed_and_its_reco
     assert json.loads((into / "run.json").read_text())["merge_command"].endswith(" --allow-mixed")
     report = (into / "report.md").read_text()
     assert re.search(r"\| attnbench +\| 0\.1\.0 @ a{12} \(5 records\), b{12} \(3 records\) +\|", report)
+    assert "\n- Why x is left out.\n" in report  # the suite's notes, carried through the merge
 
 
 def _accuracy_sections(report: str) -> str:

@@ -86,7 +86,7 @@ MALFORMED = {
     "not_a_mapping": ("- a\n- b\n", r"\(top level\): a suite is a mapping"),
     "missing_name": (BASE.replace("name: t\n", ""), r"name: required field is missing"),
     "missing_grid": ("name: t\n", r"grid: required field is missing"),
-    "unknown_top_key": (BASE + "grd: {}\n", r"grd: unknown key 'grd'; allowed: description, imports, device"),
+    "unknown_top_key": (BASE + "grd: {}\n", r"grd: unknown key 'grd'; allowed: description, notes, imports, device"),
     "unknown_spec_key": (BASE.replace("{name: full}", "{name: full, option: {}}"),
                          r"grid\.mechanism\[0\]\.option: unknown key 'option'; allowed: name, label, options"),
     "batch_type": (BASE.replace("  mode: [forward, forward_backward]", "  batch: [two]"),
@@ -176,3 +176,11 @@ def test_unknown_profile_and_missing_file(tmp_path, capsys):
 def test_shipped_suites_are_valid(suite):
     for profile in [None, *load_suite(suite).profiles]:
         assert expand(load_suite(suite, profile))
+
+
+def test_a_suites_notes_go_to_run_json_for_every_report(tmp_path):
+    path = tmp_path / "noted.yaml"
+    path.write_text("name: noted\nnotes: [The architecture ablation does not apply here.]\n"
+                    "grid: {mechanism: [{name: full}], shape: [{name: s, height: 8, width: 8, dim: 16, heads: 2}]}\n")
+    assert load_suite(path).run_info()["notes"] == ["The architecture ablation does not apply here."]
+    assert "notes" not in load_suite("suites/smoke.yaml").run_info()

@@ -84,6 +84,7 @@ def _header(run_dir: Path, run: dict, records: list, statuses: dict[str, int]) -
         "",
         run.get("description", "").strip(),
         "",
+        *([*(f"- {note}" for note in run["notes"]), ""] if run.get("notes") else []),
         _measured_with(run),
         f"and rendered by `python -m attnbench report {run_dir}`. {len(records)} of {run['cases']} cases recorded"
         f" ({', '.join(f'{count} {status}' for status, count in statuses.items()) or 'none'}).",

@@ -247,6 +247,8 @@ class Gate(Strict):
 
 class SuiteSettings(Strict):
     description: str = ""
+    # sentences every report of the suite prints under its description: what the suite leaves out, and why
+    notes: list[str] = []
     imports: list[str] = []  # modules imported before building mechanisms (third-party registrations)
     device: Device = "auto"
     measures: list[str] = ["params", "flops", "memory", "latency"]
@@ -305,8 +307,9 @@ class Suite(SuiteSettings):
     _selection: dict = PrivateAttr(default_factory=dict)  # how --only / --shard narrowed it (for run.json)
 
     def run_info(self) -> dict[str, Any]:
-        """What run.json records of how this suite was narrowed: the shard, and every case id of the whole
-        suite (so ``attnbench merge`` can tell which cases no shard ran)."""
-        return {**self._selection, **({"gates": [gate.model_dump() for gate in self.gates]} if self.gates else {})}
+        """What run.json records of how this suite was narrowed (the shard, and every case id of the whole suite,
+        so ``attnbench merge`` can tell which cases no shard ran), its gates and its notes."""
+        return {**self._selection, **({"gates": [gate.model_dump() for gate in self.gates]} if self.gates else {}),
+                **({"notes": self.notes} if self.notes else {})}
 
 
