@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .records import RecordStore
@@ -75,6 +76,11 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
               "merge_command": f"python -m attnbench merge {' '.join(map(str, run_dirs))} --into {into}"
                                  + (" --allow-mixed" if allow_mixed else ""),
               "environments": [run["environment"] for run in runs], "shard": None,
+              "resumed": sorted(time for run in runs for time in run.get("resumed", [])),
+              "mixed": [*(entry for run in runs for entry in run.get("mixed", [])),
+                        *([{"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "differences": [f"{key}: {', '.join(sorted({str(stamp.get(key)) for stamp in stamps}))}"
+                                            for key in differing], "by": "merge --allow-mixed"}] if differing else [])],
               "gemm_flops_per_s": {key: rate for run in runs for key, rate in run.get("gemm_flops_per_s", {}).items()}}
     (into / "run.json").write_text(json.dumps(merged, indent=2, sort_keys=True))
     return MergeSummary(len(newest), notes)

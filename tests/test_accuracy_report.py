@@ -1,8 +1,10 @@
 """The accuracy section over seeds: means with bootstrap intervals, chance, gates, pairwise verdicts, plots."""
 
 import json
+import math
 
 import pandas as pd
+import pytest
 
 from attnbench.report import accuracy
 
@@ -97,3 +99,14 @@ def test_each_mechanism_keeps_one_colour_of_its_own_in_the_figures():
     labels = [f"mechanism{index}" for index in range(12)]  # more than the ten colours of the default cycle
     colours = accuracy._colours(pd.DataFrame({"label": labels * 2}))
     assert list(colours) == labels and len(set(colours.values())) == 12
+
+
+def test_the_seed_table_counts_the_seeds_that_learned_their_training_set():
+    frame = sweep(FAR, OVERALL)
+    frame["train_loss"] = 0.2
+    frame.loc[(frame["label"] == "swin") & (frame["seed"] < 3), "train_loss"] = 1.37  # ln 4 = 1.386: guessing
+    table = accuracy.seed_table(frame).set_index("mechanism")
+    assert table.loc["swin", "learned the training set"] == "2 of 5"
+    assert table.loc["full", "learned the training set"] == "5 of 5"
+    assert accuracy.chance_loss(frame) == pytest.approx(math.log(4))
+    assert "learned the training set" not in accuracy.seed_table(sweep(FAR, OVERALL)).columns  # no losses recorded

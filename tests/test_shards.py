@@ -120,7 +120,9 @@ def test_a_shard_resumed_at_another_commit_merges_only_when_allowed_and_its_reco
     assert main(["merge", *map(str, shards), "--into", str(into), "--allow-mixed"]) == 0
     commits = sorted(record.environment["git_sha"][0] for record in RecordStore(into / "records.jsonl").load())
     assert commits == ["a"] * 5 + ["b"] * 3
-    assert json.loads((into / "run.json").read_text())["merge_command"].endswith(" --allow-mixed")
+    merged = json.loads((into / "run.json").read_text())
+    assert merged["merge_command"].endswith(" --allow-mixed")
+    assert merged["mixed"][-1]["differences"] == [f"git_sha: {'a' * 40}, {'b' * 40}"]
     report = (into / "report.md").read_text()
     assert re.search(r"\| attnbench +\| 0\.1\.0 @ a{12} \(5 records\), b{12} \(3 records\) +\|", report)
     assert "\n- Why x is left out.\n" in report  # the suite's notes, carried through the merge

@@ -24,6 +24,7 @@ class Accuracy(Measure):
         return {**{f"bin_{name}": value for name, value in (by_distance.get("bins") or {}).items()},
                 "per_distance": json.dumps(by_distance.get("per_distance")) if by_distance else None,
                 "top1": final.get("top1"), "top5": final.get("top5"), "miou": final.get("miou"),
+                "train_loss": final.get("train_loss"),  # the last epoch's mean training loss
                 "pixel_accuracy": final.get("pixel_accuracy"),
                 # the weights' moving average (train.model_ema_decay), scored after the last epoch
                 "ema_top1": (final.get("ema") or {}).get("top1"), "ema_miou": (final.get("ema") or {}).get("miou"),

@@ -1,9 +1,10 @@
 """The accuracy section over seeds: what an accuracy sweep can and cannot claim.
 
 Per task: the chance level (100 / classes); per mechanism, the mean over its seeds of the task's score (top-1
-or mIoU) and of each distance bin (the colour pointer), with a 95% percentile-bootstrap interval over seeds
-(stats.py); the suite's gates, checked before anything is called a ranking; every pair of mechanisms'
-difference (overall and in the farthest bin) with its interval, "not separated" where it contains 0; and
+or mIoU) and of each distance bin (the colour pointer), with a 95% Student-t interval over seeds (stats.py), and
+how many seeds learned their training set at all; the suite's gates, checked before anything is called a
+ranking; every pair of mechanisms' difference (overall and in the farthest bin) with its 95% Welch interval,
+"separated" only where the Welch test survives Holm's correction over the table's pairs; and
 the figures: accuracy against distance (one line per mechanism, interval bands, chance line) and accuracy
 against GMACs. One seed gives no interval: the table says so and ranks nothing.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ..train.per_distance import BINS  # noqa: E402
-from .stats import SEPARATED, bootstrap_mean, compare_means, wilson  # noqa: E402
+from .stats import SEPARATED, Comparison, Interval, compare_means, holm, mean_interval, wilson  # noqa: E402
 
 
 def _metric(group: pd.DataFrame) -> str:
@@ -43,46 +45,81 @@ def chance(group: pd.DataFrame) -> float | None:
     return 100.0 / classes.iloc[0] if len(classes) and group["task"].iloc[0] == "classification" else None
 
 
+def _percent_bounds(interval: Interval) -> tuple[float, float]:
+    """A percentage's interval as shown: inside [0, 100] (a t interval may cross the bounds); the estimate
+    itself for one value."""
+    if interval.n < 2:
+        return interval.estimate, interval.estimate
+    return max(interval.low, 0.0), min(interval.high, 100.0)
+
+
 def _interval_text(values: list[float], images: float | None = None) -> str:
-    """Mean [95% bootstrap CI over seeds]; for one seed, the Wilson interval of its ``images`` evaluations
+    """Mean [95% Student-t CI over seeds]; for one seed, the Wilson interval of its ``images`` evaluations
     (the uncertainty of the evaluation alone, not of the training), said as such."""
     if not values:
         return ""
-    interval = bootstrap_mean(values)
+    interval = mean_interval(values)
     if interval.n >= 2:
-        return f"{interval.estimate:.1f} [{interval.low:.1f}, {interval.high:.1f}]"
+        low, high = _percent_bounds(interval)
+        return f"{interval.estimate:.1f} [{low:.1f}, {high:.1f}]"
     if images:
         one = wilson(round(values[0] / 100 * images), int(images))
         return f"{values[0]:.1f} [{100 * one.low:.1f}, {100 * one.high:.1f}] (1 seed; Wilson over {images:.0f} images)"
     return f"{interval.estimate:.1f} (1 seed: no CI)"
 
 
+# a classifier whose final training loss is above this fraction of the chance loss ln(classes) (what predicting
+# the uniform distribution costs, with or without label smoothing) has not learned its training set
+LEARNED_BELOW_CHANCE_LOSS = 0.95
+
+
+def chance_loss(group: pd.DataFrame) -> float | None:
+    """ln(classes): the cross-entropy of the uniform prediction, for a classification task."""
+    level = chance(group)
+    return math.log(100.0 / level) if level else None
+
+
 def seed_table(group: pd.DataFrame) -> pd.DataFrame:
-    """One row per mechanism: seeds, the score's mean [95% CI], each bin's mean [95% CI]."""
+    """One row per mechanism: seeds, how many of them learned their training set (classification: final
+    training loss below ``LEARNED_BELOW_CHANCE_LOSS`` × ln(classes)), the score's mean [95% CI], each bin's mean
+    [95% CI]."""
     ok = group[group["status"] == "ok"]
-    metric, bins = _metric(group), _bins(group)
+    metric, bins, loss = _metric(group), _bins(group), chance_loss(group)
     rows = []
     for label, runs in group.groupby("label", sort=False):
         done = ok[ok["label"] == label]
         images = done["val_images"].iloc[0] if metric == "top1" and len(done) else None
-        row = {"mechanism": label, "seeds": f"{len(done)} of {len(runs)}",
-               f"{metric} % mean [95% CI]": _interval_text(done[metric].dropna().tolist(), images)}
+        row = {"mechanism": label, "seeds": f"{len(done)} of {len(runs)}"}
+        if loss and "train_loss" in done and done["train_loss"].notna().any():
+            learned = int((done["train_loss"] < LEARNED_BELOW_CHANCE_LOSS * loss).sum())
+            row["learned the training set"] = f"{learned} of {int(done['train_loss'].notna().sum())}"
+        row[f"{metric} % mean [95% CI]"] = _interval_text(done[metric].dropna().tolist(), images)
         for column in bins:
             row[f"{column[4:]} bin % [95% CI]"] = _interval_text(done[column].dropna().tolist())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _comparisons(group: pd.DataFrame):
+def _comparisons(group: pd.DataFrame) -> list[tuple[str, str, str, Comparison | None]]:
     """(first, second, column, Comparison or None) for every pair of mechanisms, in the suite's order, for the
-    task's score and the farthest distance bin (None: a side has no figure)."""
+    task's score and the farthest distance bin (None: a side has no figure); the pairs of one column are one
+    family, judged together by Holm's procedure."""
     ok = group[group["status"] == "ok"]
     metric, bins = _metric(group), _bins(group)
-    for first, second in itertools.combinations(list(dict.fromkeys(ok["label"])), 2):
-        for column in (metric, *bins[-1:]):
+    labels = list(dict.fromkeys(ok["label"]))
+    result = []
+    for column in (metric, *bins[-1:]):
+        pairs, compared = [], []
+        for first, second in itertools.combinations(labels, 2):
             a = ok[ok["label"] == first][column].dropna().tolist()
             b = ok[ok["label"] == second][column].dropna().tolist()
-            yield first, second, column, compare_means(a, b) if a and b else None
+            pairs.append((first, second))
+            compared.append(compare_means(a, b) if a and b else None)
+        judged = iter(holm([comparison for comparison in compared if comparison is not None]))
+        result += [(first, second, column, None if comparison is None else next(judged))
+                   for (first, second), comparison in zip(pairs, compared, strict=True)]
+    order = {pair: position for position, pair in enumerate(itertools.combinations(labels, 2))}
+    return sorted(result, key=lambda row: order[(row[0], row[1])])  # pair by pair, as the table reads
 
 
 def _difference_name(column: str, metric: str) -> str:
@@ -97,9 +134,14 @@ def pairwise_table(group: pd.DataFrame) -> pd.DataFrame:
         if comparison is None:
             continue
         interval = comparison.difference
-        ci = "no CI (1 seed)" if np.isnan(interval.low) else f"[{interval.low:+.1f}, {interval.high:+.1f}]"
+        ci = ("no CI (1 seed)" if np.isnan(interval.low) else
+              f"[{interval.low:+.1f}, {interval.high:+.1f}], Holm p {_p_text(comparison.adjusted_p)}")
         row[f"{_difference_name(column, metric)} difference"] = f"{interval.estimate:+.1f} {ci}: {comparison.verdict}"
     return pd.DataFrame(list(rows.values()))
+
+
+def _p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def separation_summary(group: pd.DataFrame) -> list[str]:
@@ -157,10 +199,11 @@ def distance_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
         means, lows, highs = [], [], []
         for d in distances:
             values = [table[str(d)] for table in per_seed if str(d) in table]
-            interval = bootstrap_mean(values)
+            interval = mean_interval(values)
             means.append(interval.estimate)
-            lows.append(interval.low if interval.n > 1 else interval.estimate)
-            highs.append(interval.high if interval.n > 1 else interval.estimate)
+            low, high = _percent_bounds(interval)
+            lows.append(low)
+            highs.append(high)
         axes.plot(distances, means, marker="o", color=colours[label], label=f"{label} ({len(per_seed)} seeds)")
         axes.fill_between(distances, lows, highs, color=colours[label], alpha=0.2)
     level = chance(group)
@@ -186,9 +229,9 @@ def cost_plot(group: pd.DataFrame, title: str, path: Path) -> Path | None:
         for column, marker, _ in shown:
             values = runs[column].dropna().tolist()
             if values:
-                interval = bootstrap_mean(values)
-                error = None if interval.n < 2 else [[interval.estimate - interval.low],
-                                                     [interval.high - interval.estimate]]
+                interval = mean_interval(values)
+                low, high = _percent_bounds(interval)
+                error = None if interval.n < 2 else [[interval.estimate - low], [high - interval.estimate]]
                 axes.errorbar([gmacs], [interval.estimate], yerr=error, marker=marker, capsize=2,
                               color=colours[label], markerfacecolor=colours[label] if marker == "o" else "white")
     handles = [Line2D([], [], color=colours[label], marker="s", linestyle="none", label=label)

@@ -98,8 +98,16 @@ class SeedStatistics(Section):
             lines += [f"## Accuracy over seeds: {task}", "",
                       f"Chance level: **{level:.1f}%** ({100 / level:.0f} classes)." if level else "",
                       f"Seeds per mechanism: {seeds.min() if len(seeds) else 0}–{seeds.max() if len(seeds) else 0}."
-                      " Intervals: 95% percentile bootstrap over seeds (10,000 resamples); a pair whose interval of "
-                      "the difference contains 0 is *not separated*: the run does not rank it.", ""]
+                      " Intervals: 95% Student-t over seeds (mean ± t·s/√n); differences: 95% Welch intervals. A pair"
+                      " is *separated* when its Welch t-test survives Holm's correction over the table's pairs of that"
+                      " quantity (at most a 5% chance of any false *separated* among them), otherwise *not separated*:"
+                      " the run does not rank it. Seeds vary the initialisation and the data order, not the data set.",
+                      *([f"A seed *learned the training set* when its final training loss fell below"
+                         f" {accuracy.LEARNED_BELOW_CHANCE_LOSS:g} × ln({100 / level:.0f}) ="
+                         f" {accuracy.LEARNED_BELOW_CHANCE_LOSS * accuracy.chance_loss(group):.3f}, the loss of"
+                         " guessing; a score of a seed that did not learn says that this recipe did not train it,"
+                         " not that the mechanism cannot do the task (a diagnostic, not a gate)."]
+                        if level and "train_loss" in group and group["train_loss"].notna().any() else []), ""]
             results = accuracy.gate_results(group, run.info.get("gates", []))
             if results:
                 verdicts = {None: "NOT CHECKED", True: "PASS", False: "FAIL"}
@@ -110,17 +118,18 @@ class SeedStatistics(Section):
                     conclusion = ("**Not every gate could be checked in this run (a part of the suite): the figures "
                                   "below are not a ranking until the merged run checks them all.**")
                 else:
-                    conclusion = "All gates hold: the task discriminates, and the separated pairs below are a ranking."
-                lines += ["Gates (written in the suite before the measurement):", "",
+                    conclusion = ("All gates hold, so the separated pairs below rank the mechanisms on this task in "
+                                  "this protocol.")
+                lines += ["Gates (from the suite file, as recorded in run.json when the run started):", "",
                           *[f"- {verdicts[ok]}: {gate['label']} {gate['metric']}: {measured}"
                             + (f" — {gate['why']}" if gate.get("why") else "") for gate, ok, measured in results],
                           "", conclusion, ""]
             lines += [markdown(accuracy.seed_table(group), index=False), ""]
             pairs = accuracy.pairwise_table(group)
             if not pairs.empty:
-                lines += ["Pairwise differences of seed means (first − second), 95% CI:", "",
-                          markdown(pairs, index=False), "", "Which pairs the run separates (95% CI of the "
-                          "difference excludes 0) and which it does not rank:", "",
+                lines += ["Pairwise differences of seed means (first − second), 95% Welch CI, Holm-adjusted p:", "",
+                          markdown(pairs, index=False), "", "Which pairs the run separates (Holm-adjusted p ≤ 0.05) "
+                          "and which it does not rank:", "",
                           *accuracy.separation_summary(group), ""]
             slug = "".join(char if char.isalnum() else "_" for char in str(task))
             for plot in (accuracy.distance_plot(group, f"{task}: accuracy against distance",

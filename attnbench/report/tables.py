@@ -371,5 +371,6 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
                      "train / val images": f"{_number(row.get('train_images'), '{:.0f}')} / "
                                            f"{_number(row.get('val_images'), '{:.0f}')}",
                      "epochs": _number(row.get("epochs"), "{:.0f}"), "final scores": score,
+                     "final train loss": _number(row.get("train_loss"), "{:.3f}"),
                      "train min": _number(row.get("train_minutes"), "{:.1f}")})
     return pd.DataFrame(rows)
