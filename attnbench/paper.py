@@ -181,7 +181,8 @@ def provenance_lines(shown: Iterable[PaperFigure]) -> list[str]:
         for other in dict.fromkeys(other for item in found for other in item.also):
             marked = marked or bool(other.mark)
             line += f"; also published: {other.cell()} ({other.status}, {other.source})"
-        lines.append(line)
+        notes = list(dict.fromkeys(item.note for item in found if item.note))
+        lines.append(line + "".join(f" (note: {note})" for note in notes))
     return [*lines, *(["", SEED_ONLY_FOOTNOTE] if marked else [])]
 
 
