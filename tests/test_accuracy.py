@@ -152,6 +152,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(datasets, tmp_path):
         run_accuracy_case(config, tmp_path / "resumed", log=crash_in_epoch_two)
     resumed = run_accuracy_case(config, tmp_path / "resumed", log=lambda line: None)
     assert resumed["accuracy"]["history"] == straight["accuracy"]["history"]  # same seed: identical records
+    assert (resumed["accuracy"]["resumed_after_epochs"], straight["accuracy"]["resumed_after_epochs"]) == ([1], [])
     first = torch.load(tmp_path / "straight/checkpoint.pt", weights_only=False)["model"]
     second = torch.load(tmp_path / "resumed/checkpoint.pt", weights_only=False)["model"]
     for name, tensor in first.items():

@@ -85,6 +85,10 @@ def test_the_ablation_table_gives_the_mean_over_seeds_and_counts_failed_seeds():
     one_seed = ablation_table(frame[frame["seed"] == 0]).set_index("mechanism")
     assert one_seed.loc["full", column] == "90.0"
     assert list(training_table(frame)["seed"][:5]) == [0, 1, 2, 3, 4]
+    frame["resumed_after_epochs"] = None
+    frame.loc[0, "resumed_after_epochs"] = "3"
+    minutes = training_table(frame)["train min"]
+    assert minutes[0] == "1.0 (resumed after epoch 3: the minutes since)" and minutes[1] == "1.0"
 
 
 def test_the_separation_summary_names_the_higher_mechanism_and_the_unranked_pairs():

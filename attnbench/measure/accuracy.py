@@ -31,4 +31,5 @@ class Accuracy(Measure):
                 "epochs": len(metrics["history"]) if "history" in metrics else None,
                 "train_images": data.get("train", {}).get("images"), "val_images": data.get("val", {}).get("images"),
                 "num_classes": data.get("num_classes"),
-                "train_minutes": metrics["train_seconds"] / 60 if "train_seconds" in metrics else None}
+                "train_minutes": metrics["train_seconds"] / 60 if "train_seconds" in metrics else None,
+                "resumed_after_epochs": ", ".join(map(str, metrics.get("resumed_after_epochs") or [])) or None}

@@ -372,5 +372,7 @@ def training_table(frame: pd.DataFrame) -> pd.DataFrame:
                                            f"{_number(row.get('val_images'), '{:.0f}')}",
                      "epochs": _number(row.get("epochs"), "{:.0f}"), "final scores": score,
                      "final train loss": _number(row.get("train_loss"), "{:.3f}"),
-                     "train min": _number(row.get("train_minutes"), "{:.1f}")})
+                     "train min": _number(row.get("train_minutes"), "{:.1f}")
+                                  + (f" (resumed after epoch {row['resumed_after_epochs']}: the minutes since)"
+                                     if isinstance(row.get("resumed_after_epochs"), str) else "")})
     return pd.DataFrame(rows)

@@ -75,6 +75,8 @@ def run_accuracy_case(case: AccuracyCase, checkpoint_dir: str | Path | None, log
         "final": {key: value for key, value in final.items() if key not in ("epoch", "lr")},
         "history": outcome["history"], "data": task.description(), "world_size": world.size,
         "steps_per_epoch": outcome["steps_per_epoch"], "train_seconds": time.time() - started,
+        # train_seconds counts this process only: after a resume, the epochs before it ran elsewhere
+        "resumed_after_epochs": outcome["resumed_after_epochs"],
     }
     metrics = {"accuracy": accuracy}
     if world.is_main:

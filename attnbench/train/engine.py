@@ -150,7 +150,8 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
                        log=print) -> dict[str, Any]:
     """Train ``task`` for ``settings.epochs``, evaluating after every epoch; resume from ``checkpoint_dir``.
 
-    Returns the history (one entry per epoch: train loss, learning rate, the task's metrics) and the model.
+    Returns the history (one entry per epoch: train loss, learning rate, the task's metrics), the model, and the
+    epochs after which this training resumed from a checkpoint (empty when it ran in one piece).
     """
     device = world.device
     seed_everything(settings.seed)
@@ -183,6 +184,7 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and settings.amp
                                   and not torch.cuda.is_bf16_supported())
     history: list[dict[str, Any]] = []
+    resumes: list[int] = []  # the epochs after which a run resumed from its checkpoint (a record says so)
     start_epoch, step = 0, 0
     path = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
     if path is not None and path.exists():
@@ -194,6 +196,7 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        resumes = [*state.get("resumes", []), state["epoch"] + 1]
         log(f"{task.name}: resumed after epoch {state['epoch'] + 1} from {path}")
     for epoch in range(start_epoch, epochs):
         started = time.time()
@@ -240,8 +243,9 @@ def train_and_evaluate(task: Task, settings: TrainSettings, world: World, checkp
             + f" ({time.time() - started:.0f} s)")
         if path is not None and world.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _save(path, {"epoch": epoch, "step": step, "history": history, "model": model.state_dict(),
+            _save(path, {"epoch": epoch, "step": step, "history": history, "resumes": resumes,
+                         "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), **({"ema": ema.module.state_dict()} if ema else {})})
         world.barrier()
-    return {"history": history, "model": model, "steps_per_epoch": steps_per_epoch}
+    return {"history": history, "model": model, "steps_per_epoch": steps_per_epoch, "resumed_after_epochs": resumes}
