@@ -213,11 +213,14 @@ def _read_previous_run(path: Path) -> dict[str, Any]:
     return {}
 
 
-def _mixing(previous: dict[str, Any], fingerprint: str, env: dict[str, Any]) -> list[str]:
-    """How resuming a run described by ``previous`` with these cases in this environment would mix records."""
+def _mixing(previous: dict[str, Any], fingerprint: str, env: dict[str, Any], gates: list | None) -> list[str]:
+    """How resuming a run described by ``previous`` with these cases in this environment would mix records (or
+    change the gates its verdicts are judged by, which are written before the measurement)."""
     differences = []
     if previous.get("cases_fingerprint") not in (None, fingerprint):
         differences.append(f"the suite's cases changed ({previous.get('cases', '?')} cases then)")
+    if previous.get("gates") != gates:
+        differences.append("the suite's gates changed (the run keeps those it started with)")
     before = previous.get("environment") or {}
     for key in COMPARED_ENVIRONMENT:
         if key in before and before[key] != env.get(key):
@@ -230,7 +233,8 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
     path = run_dir / "run.json"
     previous = _read_previous_run(path)
     fingerprint = cases_fingerprint(cases)
-    differences = _mixing(previous, fingerprint, env) if previous else []
+    info = suite.run_info()
+    differences = _mixing(previous, fingerprint, env, info.get("gates")) if previous else []
     if differences and not allow_mixed:
         raise SuiteError(f"{run_dir}: resuming would mix records ({'; '.join(differences)}): start a new run "
                          "(another --run) or pass --allow-mixed")
@@ -240,8 +244,12 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
         "created": previous.get("created", _now()), "resumed": previous.get("resumed", []),
         "environment": previous.get("environment") or env,
         "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),
-        "cases": len(cases), "cases_fingerprint": fingerprint, **suite.run_info(),
+        "cases": len(cases), "cases_fingerprint": fingerprint, **info,
     }
+    if previous:  # a resume keeps the gates the run started with: they were written before its measurements
+        run.pop("gates", None)
+        if previous.get("gates") is not None:
+            run["gates"] = previous["gates"]
     if previous:
         run["resumed"] = [*run["resumed"], _now()]
     mixed = previous.get("mixed", [])
