@@ -234,7 +234,8 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
     previous = _read_previous_run(path)
     fingerprint = cases_fingerprint(cases)
     info = suite.run_info()
-    differences = _mixing(previous, fingerprint, env, info.get("gates")) if previous else []
+    gates = info.pop("gates", None)
+    differences = _mixing(previous, fingerprint, env, gates) if previous else []
     if differences and not allow_mixed:
         raise SuiteError(f"{run_dir}: resuming would mix records ({'; '.join(differences)}): start a new run "
                          "(another --run) or pass --allow-mixed")
@@ -247,11 +248,10 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
         "cases": len(cases), "cases_fingerprint": fingerprint, **info,
     }
     if previous:  # a resume keeps the gates the run started with: they were written before its measurements
-        run.pop("gates", None)
-        if previous.get("gates") is not None:
-            run["gates"] = previous["gates"]
-    if previous:
+        gates = previous.get("gates")
         run["resumed"] = [*run["resumed"], _now()]
+    if gates is not None:
+        run["gates"] = gates
     mixed = previous.get("mixed", [])
     if differences:
         mixed = [*mixed, {"time": _now(), "differences": differences}]
