@@ -52,9 +52,12 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
                           env={**os.environ, "CI": "1", **(env or {})}, timeout=timeout)
 
 
-# ``python -m attnbench`` that prints every thread's stack on SIGUSR1, so a test that gives up on a runner can say
-# where it was (see finish())
+# ``python -m attnbench`` as a terminal starts it, and that prints every thread's stack on SIGUSR1 so a test that
+# gives up on a runner can say where it was (see finish()). A terminal's foreground process takes Ctrl-C; one
+# started from a background job of a non-interactive shell (``nohup bash .ci/run &``) inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler: the Ctrl-C test would send a signal nobody hears.
 _DUMPABLE_RUNNER = ("import faulthandler, runpy, signal; faulthandler.register(signal.SIGUSR1); "
+                    "signal.signal(signal.SIGINT, signal.default_int_handler); "
                     "runpy.run_module('attnbench', run_name='__main__', alter_sys=True)")
 
 
