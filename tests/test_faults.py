@@ -196,9 +196,7 @@ def test_a_run_onto_a_full_disk_stops_with_one_line_and_keeps_every_record_it_re
 @pytest.mark.slow
 def test_a_second_run_is_refused_and_ctrl_c_stops_the_first_with_the_resume_command(tmp_path):
     pid_file = tmp_path / "pids"
-    # the sleeper is stopped by Ctrl-C, not by its timeout: leave the second runner's start (a torch import, slow on
-    # a loaded machine) all the time it needs, so the case cannot time out first
-    suite = write_suite(tmp_path, ["test_linear", "test_spawns_sleeper"], timeout=900)
+    suite = write_suite(tmp_path, ["test_linear", "test_spawns_sleeper"], timeout=120)
     results = tmp_path / "results"
     args = ("run", str(suite), "--results-dir", str(results), "--run", "r")
     first = start(*args, env={"ATTNBENCH_TEST_PID_FILE": str(pid_file)})
