@@ -163,6 +163,15 @@ def _results_dir(path: str) -> Path:
     return results
 
 
+def _shown_path(path: Path) -> str:
+    """A path as a record shows it: relative to the working directory when it lies inside it (a shipped suite
+    resolves to an absolute path, which would name this machine's checkout), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _resume_command(args: argparse.Namespace, run_name: str, in_process: bool) -> str:
     """The command that resumes this run: the one given, with ``--run NAME`` when it had none."""
     if in_process and "WORLD_SIZE" in os.environ:
@@ -238,8 +247,8 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
         print(f"run directory: {run_dir} (to resume: {resume})", flush=True)
     try:
         with _signals_as_interrupts() as received:
-            summary = run_suite(suite, str(args.suite), results_dir, run_name, args.profile, command, in_process,
-                                args.retry_failed, args.allow_mixed, _executor(args, suite, run_dir))
+            summary = run_suite(suite, _shown_path(args.suite), results_dir, run_name, args.profile, command,
+                                in_process, args.retry_failed, args.allow_mixed, _executor(args, suite, run_dir))
     except KeyboardInterrupt:
         number = received[0] if received else signal.SIGINT
         line = (f"interrupted by {signal.Signals(number).name}: the case in progress was stopped and not recorded; "

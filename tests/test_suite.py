@@ -1,5 +1,6 @@
 """Suite files: expansion into cases and one-line errors for every malformed file."""
 
+import json
 import re
 import textwrap
 
@@ -184,3 +185,15 @@ def test_a_suites_notes_go_to_run_json_for_every_report(tmp_path):
                     "grid: {mechanism: [{name: full}], shape: [{name: s, height: 8, width: 8, dim: 16, heads: 2}]}\n")
     assert load_suite(path).run_info()["notes"] == ["The architecture ablation does not apply here."]
     assert "notes" not in load_suite("suites/smoke.yaml").run_info()
+
+
+def test_run_json_names_the_suite_file_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """A suite given by name resolves to the checkout's absolute path; the record must not carry this machine's
+    directories, only the path as seen from where the run started."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "suites").mkdir()
+    write(tmp_path / "suites", "name: rel\ndevice: cpu\nmeasures: [params]\n"
+          "grid: {mechanism: [{name: full}], shape: [{name: s, height: 4, width: 4, dim: 16, heads: 2}]}\n")
+    assert main(["run", str(tmp_path / "suites" / "suite.yaml"), "--results-dir", "results", "--run", "r"]) == 0
+    run = json.loads((tmp_path / "results" / "rel" / "r" / "run.json").read_text())
+    assert run["suite_file"] == "suites/suite.yaml"
