@@ -1,9 +1,11 @@
 """``attnbench merge RUN_DIR... --into OUT``: the shards of one suite (``run --shard I/N``), run one after the
 other, side by side or on several machines, joined into one run directory that reports as one run.
 
-Refused unless ``--allow-mixed``: runs of different suites or profiles, and runs measured in different
-environments (device, threads, torch, attnbench commit), whether they differ between the runs or between the
-records of one run (a shard resumed after a commit). Every record keeps the environment it was measured in
+Always refused: runs of different suites or profiles, runs whose suites expand to different cases, and runs judged
+by different gates or hypotheses (written before the measurement, they must be one rule for the merged report).
+Refused unless ``--allow-mixed``: runs measured in different environments (device, threads, torch, attnbench
+commit), whether they differ between the runs or between the records of one run (a shard resumed after a commit).
+Every record keeps the environment it was measured in
 (``environment`` on the record), so a merged report can say when a table mixes machines or commits. A case recorded
 by two shards is kept once (its newest record) and reported; cases of the whole suite that no shard recorded
 are listed.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from .records import RecordStore
 from .suite import SuiteError
+from .suite.schema import RULES
 
 # what two environments must share for their timings to sit in one table
 ENVIRONMENT_KEYS = ("device", "device_name", "threads", "torch", "git_sha", "hostname")
@@ -41,6 +44,10 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
             if run.get(key) != first.get(key):
                 raise SuiteError(f"{run_dir}: {key} {run.get(key)!r} differs from {run_dirs[0]}'s "
                                  f"{first.get(key)!r}: not shards of one suite")
+        for key in RULES:  # the gates and hypotheses each shard was judged by, written before its measurements
+            if run.get(key) != first.get(key):
+                raise SuiteError(f"{run_dir}: its {key} differ from {run_dirs[0]}'s (the suite file changed between "
+                                 "them): one report cannot judge both by one rule")
         if run.get("suite_cases") and first.get("suite_cases") and run["suite_cases"] != first["suite_cases"]:
             raise SuiteError(f"{run_dir}: its suite expands to other cases than {run_dirs[0]}'s (the suite file or "
                              "the code that expands it changed between them): not shards of one suite")

@@ -49,6 +49,7 @@ from .measure.gemm import gemm_flops_per_s
 from .records import Record, RecordStore, Result, write_text_atomically
 from .status import Status
 from .suite import Suite, SuiteError, expand
+from .suite.schema import RULES
 from .worker import RESULT_NOT_WRITTEN, run_case_in_process
 
 # environment keys that must agree for records to be comparable; a resume elsewhere is refused unless allowed
@@ -213,14 +214,15 @@ def _read_previous_run(path: Path) -> dict[str, Any]:
     return {}
 
 
-def _mixing(previous: dict[str, Any], fingerprint: str, env: dict[str, Any], gates: list | None) -> list[str]:
+def _mixing(previous: dict[str, Any], fingerprint: str, env: dict[str, Any], rules: dict[str, list]) -> list[str]:
     """How resuming a run described by ``previous`` with these cases in this environment would mix records (or
-    change the gates its verdicts are judged by, which are written before the measurement)."""
+    change the rules its verdicts are judged by, gates and hypotheses, which are written before the measurement)."""
     differences = []
     if previous.get("cases_fingerprint") not in (None, fingerprint):
         differences.append(f"the suite's cases changed ({previous.get('cases', '?')} cases then)")
-    if previous.get("gates") != gates:
-        differences.append("the suite's gates changed (the run keeps those it started with)")
+    for key in RULES:
+        if previous.get(key) != rules.get(key):
+            differences.append(f"the suite's {key} changed (the run keeps those it started with)")
     before = previous.get("environment") or {}
     for key in COMPARED_ENVIRONMENT:
         if key in before and before[key] != env.get(key):
@@ -234,8 +236,8 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
     previous = _read_previous_run(path)
     fingerprint = cases_fingerprint(cases)
     info = suite.run_info()
-    gates = info.pop("gates", None)
-    differences = _mixing(previous, fingerprint, env, gates) if previous else []
+    rules = {key: info.pop(key) for key in RULES if key in info}
+    differences = _mixing(previous, fingerprint, env, rules) if previous else []
     if differences and not allow_mixed:
         raise SuiteError(f"{run_dir}: resuming would mix records ({'; '.join(differences)}): start a new run "
                          "(another --run) or pass --allow-mixed")
@@ -247,11 +249,10 @@ def _write_run_json(run_dir: Path, suite: Suite, suite_path: str, profile: str |
         "gemm_flops_per_s": _gemm_rates(cases, previous.get("gemm_flops_per_s", {})),
         "cases": len(cases), "cases_fingerprint": fingerprint, **info,
     }
-    if previous:  # a resume keeps the gates the run started with: they were written before its measurements
-        gates = previous.get("gates")
+    if previous:  # a resume keeps the rules the run started with: they were written before its measurements
+        rules = {key: previous[key] for key in RULES if key in previous}
         run["resumed"] = [*run["resumed"], _now()]
-    if gates is not None:
-        run["gates"] = gates
+    run.update(rules)
     mixed = previous.get("mixed", [])
     if differences:
         mixed = [*mixed, {"time": _now(), "differences": differences}]

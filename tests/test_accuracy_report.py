@@ -1,4 +1,4 @@
-"""The accuracy section over seeds: means with bootstrap intervals, chance, gates, pairwise verdicts, plots."""
+"""The accuracy section over seeds: means with t intervals, chance, gates, hypotheses, pairwise verdicts, plots."""
 
 import json
 import math
@@ -16,7 +16,7 @@ def sweep(far: dict[str, list[float]], overall: dict[str, list[float]]) -> pd.Da
             rows.append({"label": label, "seed": seed, "status": "ok", "task": "classification", "num_classes": 4,
                          "top1": top1, "bin_near": 60.0, "bin_far": far_value, "val_images": 2400,
                          "per_distance": json.dumps({"1": 60.0, "15": far_value}),
-                         "counted_gflops_per_image": {"full": 0.2, "bra": 0.1, "swin": 0.08}[label],
+                         "counted_gflops_per_image": {"full": 0.2, "bra": 0.1, "swin": 0.08}.get(label, 0.1),
                          "shape": "colour_pointer"})
     return pd.DataFrame(rows)
 
@@ -44,6 +44,34 @@ def test_seed_table_pairs_gates_and_plots(tmp_path):
     assert [(ok, measured) for _, ok, measured in accuracy.gate_results(shard, gates)][1] == (None, "not in this run")
     assert accuracy.distance_plot(frame, "t", tmp_path / "d.png").exists()
     assert accuracy.cost_plot(frame, "t", tmp_path / "c.png").exists()
+
+
+def hypothesis(higher: str, lower: str, metric: str = "far") -> dict:
+    return {"higher": higher, "lower": lower, "metric": metric, "why": ""}
+
+
+def test_declared_hypotheses_are_supported_contradicted_or_not_and_a_missing_side_is_not_checked():
+    frame = sweep(FAR, OVERALL)
+    declared = [hypothesis("bra", "swin"), hypothesis("swin", "full"), hypothesis("full", "bra", "near"),
+                hypothesis("bra", "quadtree")]
+    verdicts = [(verdict, measured.split(" [")[0]) for _, verdict, measured in
+                accuracy.hypothesis_results(frame, declared)]
+    assert verdicts == [(accuracy.SUPPORTED, "difference +46.0"), (accuracy.CONTRADICTED, "difference -70.4"),
+                        (accuracy.NOT_SUPPORTED, "difference +0.0"),  # every near bin is 60.0: no difference
+                        (None, "not in this run")]
+
+
+def test_a_declared_hypothesis_keeps_the_power_that_all_pairs_spend():
+    """The proxy run's far bins (results/ablation/proxy-cpu): bra − swin has a Welch p near 0.006, which
+    survives Holm over one declared hypothesis but not over the 28 pairs of eight mechanisms."""
+    far = {"bra": [77.375, 68.125, 55.75, 29.375, 54.75], "swin": [25.25, 26.625, 25.25, 26.25, 24.0]}
+    for index, offset in enumerate(range(6)):  # six more mechanisms, well apart from each other
+        far[f"m{index}"] = [30.0 + 12 * offset + spread for spread in (-0.5, 0.0, 0.5, 0.2, -0.2)]
+    frame = sweep(far, far)
+    pairs = accuracy.pairwise_table(frame).set_index("pair")
+    assert pairs.loc["bra − swin", "far bin difference"].endswith(": not separated")
+    [(_, verdict, measured)] = accuracy.hypothesis_results(frame, [hypothesis("bra", "swin")])
+    assert verdict == accuracy.SUPPORTED, measured
 
 
 def test_overlapping_seeds_are_not_separated_and_one_seed_gets_wilson():
@@ -114,3 +142,17 @@ def test_the_seed_table_counts_the_seeds_that_learned_their_training_set():
     assert table.loc["full", "learned the training set"] == "5 of 5"
     assert accuracy.chance_loss(frame) == pytest.approx(math.log(4))
     assert "learned the training set" not in accuracy.seed_table(sweep(FAR, OVERALL)).columns  # no losses recorded
+
+
+def test_the_report_judges_hypotheses_only_where_the_gates_hold(tmp_path):
+    from attnbench.report.sections import Run, SeedStatistics
+
+    frame = sweep(FAR, OVERALL).assign(kind="accuracy")
+    gates = [{"label": "full", "metric": "far", "at_least": 90.0, "within_chance": None, "why": ""}]
+    info = {"gates": gates, "hypotheses": [hypothesis("bra", "swin") | {"why": "routing reaches far"}]}
+    text = "\n".join(SeedStatistics().render(frame, Run(tmp_path, info)))
+    assert "- SUPPORTED: bra > swin (far): difference +46.0 [" in text and text.count("Holm over these 1 alone") == 1
+    assert "— routing reaches far" in text and "a family of its own, apart from the hypotheses above" in text
+    failing = {**info, "gates": [{**gates[0], "at_least": 99.0}]}
+    text = "\n".join(SeedStatistics().render(frame, Run(tmp_path, failing)))
+    assert "- NOT JUDGED: bra > swin (far)" in text and "not judged: the gates above do not all hold" in text

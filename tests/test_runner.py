@@ -174,3 +174,35 @@ def test_schema_1_records_load_with_their_ids_and_typed_cases():
 def test_report_of_a_missing_run_directory_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+RULED = """
+name: ruled
+device: cpu
+grid:
+  mechanism: [{name: full}, {name: axial}]
+  shape: [{name: s, height: 4, width: 4, dim: 8, heads: 2}]
+"""
+
+
+def test_a_run_keeps_the_rules_it_started_with_and_a_resume_that_would_change_them_is_refused(tmp_path):
+    """Gates and hypotheses are written before the measurement: run.json records them when the run starts, and
+    a resume under other rules would judge earlier records by a rule written after them."""
+    from attnbench.runner import _write_run_json
+    from attnbench.suite import SuiteError, expand, load_suite
+
+    def start(extra: str, allow_mixed: bool = False) -> dict:
+        path = tmp_path / "ruled.yaml"
+        path.write_text(RULED + extra)
+        suite = load_suite(path)
+        return _write_run_json(tmp_path, suite, "ruled.yaml", None, "cmd", expand(suite), {}, allow_mixed)
+
+    declared = "hypotheses: [{higher: full, lower: axial, metric: top1, why: global reach}]\n"
+    first = start(declared)
+    assert first["hypotheses"] == [{"higher": "full", "lower": "axial", "metric": "top1", "why": "global reach"}]
+    assert "gates" not in first
+    assert start(declared)["resumed"]  # the same rules resume
+    with pytest.raises(SuiteError, match="the suite's hypotheses changed"):
+        start(declared.replace("top1", "far"))
+    kept = start(declared.replace("top1", "far"), allow_mixed=True)
+    assert kept["hypotheses"][0]["metric"] == "top1" and kept["mixed"]  # the rules the run started with

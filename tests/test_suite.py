@@ -119,6 +119,10 @@ MALFORMED = {
                         r"grid: cases 'full @ a' and 'again @ a' measure the same thing"),
     "missing_import": (BASE + "imports: [no_such_module_xyz]\n", r"imports\[0\]: cannot import 'no_such_module_xyz'"),
     "unknown_baseline": (BASE + "baseline: ful\n", r"baseline: no row labelled 'ful'; labels: full, bra"),
+    "unknown_hypothesis_row": (BASE + "hypotheses: [{higher: bra, lower: swin, metric: far}]\n",
+                               r"hypotheses\[0\]\.lower: no row labelled 'swin'; labels: full, bra"),
+    "hypothesis_one_row": (BASE + "hypotheses: [{higher: bra, lower: bra}]\n",
+                           r"hypotheses\[0\]: .*a hypothesis compares two rows, got 'bra' twice"),
     "unknown_impl": (BASE.replace("{n_win: 2, topk: 1}", "{n_win: 2, topk: 1, impl: fused}"),
                      r"grid\.mechanism\[1\]: at shape a .*impl must be one of auto, reference"),
 }

@@ -3,10 +3,11 @@
 Per task: the chance level (100 / classes); per mechanism, the mean over its seeds of the task's score (top-1
 or mIoU) and of each distance bin (the colour pointer), with a 95% Student-t interval over seeds (stats.py), and
 how many seeds learned their training set at all; the suite's gates, checked before anything is called a
-ranking; every pair of mechanisms' difference (overall and in the farthest bin) with its 95% Welch interval,
-"separated" only where the Welch test survives Holm's correction over the table's pairs; and
-the figures: accuracy against distance (one line per mechanism, interval bands, chance line) and accuracy
-against GMACs. One seed gives no interval: the table says so and ranks nothing.
+ranking; the suite's hypotheses (comparisons declared before the run, judged as their own family); every pair
+of mechanisms' difference (overall and in the farthest bin) with its 95% Welch interval, "separated" only where
+the Welch test survives Holm's correction over the table's pairs; and the figures: accuracy against distance
+(one line per mechanism, interval bands, chance line) and accuracy against GMACs. One seed gives no interval:
+the table says so and ranks nothing.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, boo
     ok, level = group[group["status"] == "ok"], chance(group)
     results = []
     for gate in gates:
-        column = gate["metric"] if gate["metric"] in ("top1", "miou") else f"bin_{gate['metric']}"
+        column = _metric_column(gate["metric"])
         values = ok[ok["label"] == gate["label"]][column].dropna().tolist() if column in ok else []
         if not (group["label"] == gate["label"]).any():  # a shard or --only left the mechanism out
             results.append((gate, None, "not in this run"))
@@ -183,6 +184,46 @@ def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, boo
         else:
             held = level is not None and abs(mean - level) <= gate["within_chance"]
             results.append((gate, held, f"{mean:.1f} (needs chance {level:.1f} ± {gate['within_chance']:g})"))
+    return results
+
+
+SUPPORTED, CONTRADICTED, NOT_SUPPORTED = "SUPPORTED", "CONTRADICTED", "NOT SUPPORTED"
+
+
+def _metric_column(metric: str) -> str:
+    """A rule's metric (``top1``, ``miou`` or a distance bin such as ``far``) -> its column in the frame."""
+    return metric if metric in ("top1", "miou") else f"bin_{metric}"
+
+
+def hypothesis_results(group: pd.DataFrame, hypotheses: list[dict]) -> list[tuple[dict, str | None, str]]:
+    """(hypothesis, verdict, what was measured) for each hypothesis the suite declared before the run: the Welch
+    test of ``higher`` − ``lower`` on the metric's seed values, Holm over the declared hypotheses alone (their own
+    family; the table of every pair is another). SUPPORTED: separated, higher above lower; CONTRADICTED:
+    separated the other way; NOT SUPPORTED: the run does not separate them; None: a side is not in this run."""
+    ok = group[group["status"] == "ok"]
+    values = {}
+    for index, hypothesis in enumerate(hypotheses):
+        column = _metric_column(hypothesis["metric"])
+        sides = [ok[ok["label"] == hypothesis[side]][column].dropna().tolist() if column in ok else []
+                 for side in ("higher", "lower")]
+        present = all((group["label"] == hypothesis[side]).any() for side in ("higher", "lower"))
+        values[index] = sides if present else None
+    tested = {index: compare_means(*sides) for index, sides in values.items() if sides and all(sides)}
+    judged = dict(zip(tested, holm(list(tested.values())), strict=True))
+    results = []
+    for index, hypothesis in enumerate(hypotheses):
+        if values[index] is None:
+            results.append((hypothesis, None, "not in this run"))
+        elif index not in judged:
+            results.append((hypothesis, NOT_SUPPORTED, "not measured"))
+        else:
+            comparison = judged[index]
+            interval = comparison.difference
+            ci = ("no CI (1 seed)" if np.isnan(interval.low) else
+                  f"[{interval.low:+.1f}, {interval.high:+.1f}], Holm p {_p_text(comparison.adjusted_p)}")
+            verdict = (NOT_SUPPORTED if comparison.verdict != SEPARATED else
+                       SUPPORTED if interval.estimate > 0 else CONTRADICTED)
+            results.append((hypothesis, verdict, f"difference {interval.estimate:+.1f} {ci}"))
     return results
 
 

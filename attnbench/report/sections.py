@@ -124,10 +124,22 @@ class SeedStatistics(Section):
                           *[f"- {verdicts[ok]}: {gate['label']} {gate['metric']}: {measured}"
                             + (f" — {gate['why']}" if gate.get("why") else "") for gate, ok, measured in results],
                           "", conclusion, ""]
+            gates_hold = all(ok for _, ok, _ in results)
+            hypotheses = accuracy.hypothesis_results(group, run.info.get("hypotheses", []))
+            if hypotheses:
+                lines += [f"Hypotheses (declared in the suite before the run, as recorded in run.json; each a Welch "
+                          f"t-test of the seed means, Holm over these {len(hypotheses)} alone"
+                          + ("" if gates_hold else "; **not judged: the gates above do not all hold**") + "):", "",
+                          *[f"- {'NOT CHECKED' if verdict is None else verdict if gates_hold else 'NOT JUDGED'}: "
+                            f"{hypothesis['higher']} > {hypothesis['lower']} ({hypothesis['metric']}): {measured}"
+                            + (f" — {hypothesis['why']}" if hypothesis.get("why") else "")
+                            for hypothesis, verdict, measured in hypotheses], ""]
             lines += [markdown(accuracy.seed_table(group), index=False), ""]
             pairs = accuracy.pairwise_table(group)
             if not pairs.empty:
-                lines += ["Pairwise differences of seed means (first − second), 95% Welch CI, Holm-adjusted p:", "",
+                lines += ["Pairwise differences of seed means (first − second), 95% Welch CI, Holm-adjusted p"
+                          + (" (every pair: a family of its own, apart from the hypotheses above)" if hypotheses
+                             else "") + ":", "",
                           markdown(pairs, index=False), "", "Which pairs the run separates (Holm-adjusted p ≤ 0.05) "
                           "and which it does not rank:", "",
                           *accuracy.separation_summary(group), ""]

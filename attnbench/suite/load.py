@@ -470,11 +470,14 @@ def _options_text(case: Any) -> str:
 
 
 def _check_gates(path: Path, suite: Suite) -> None:
+    """Every row a gate or a hypothesis names is a row of the suite."""
     labels = list(dict.fromkeys(case.label for case in expand(suite)))
-    for index, gate in enumerate(suite.gates):
-        if gate.label not in labels:
-            raise SuiteError(f"{path}: gates[{index}].label: no row labelled {gate.label!r}; "
-                             f"labels: {', '.join(labels)}")
+    named = [(f"gates[{index}].label", gate.label) for index, gate in enumerate(suite.gates)]
+    named += [(f"hypotheses[{index}].{side}", getattr(hypothesis, side))
+              for index, hypothesis in enumerate(suite.hypotheses) for side in ("higher", "lower")]
+    for field, label in named:
+        if label not in labels:
+            raise SuiteError(f"{path}: {field}: no row labelled {label!r}; labels: {', '.join(labels)}")
 
 
 def _check_baseline(path: Path, suite: Suite) -> None:

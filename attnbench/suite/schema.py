@@ -245,6 +245,29 @@ class Gate(Strict):
         return self
 
 
+# what an accuracy suite writes before its measurements and its report judges them by: run.json keeps those a run
+# started with (a resume or a merge that would change them is refused)
+RULES = ("gates", "hypotheses")
+
+
+class Hypothesis(Strict):
+    """A comparison an accuracy suite declares before its runs, its primary question: the mean over seeds of
+    ``higher``'s ``metric`` exceeds ``lower``'s. The report tests the declared hypotheses as their own family (Welch
+    t-test, Holm over these alone), so a question asked in advance keeps its power; the table of every pair stays
+    exploratory (Holm over all the pairs)."""
+
+    higher: str
+    lower: str
+    metric: str = "top1"
+    why: str = ""
+
+    @model_validator(mode="after")
+    def _two_rows(self) -> Hypothesis:
+        if self.higher == self.lower:
+            raise ValueError(f"a hypothesis compares two rows, got {self.higher!r} twice")
+        return self
+
+
 class SuiteSettings(Strict):
     description: str = ""
     # sentences every report of the suite prints under its description: what the suite leaves out, and why
@@ -262,6 +285,7 @@ class SuiteSettings(Strict):
     # gpus_per_node, tasks_per_node, cpus_per_task, mem_gb, account, qos, constraint, additional)
     slurm: dict[str, Any] = {}
     gates: list[Gate] = []  # accuracy suites: what must hold before the results are a ranking
+    hypotheses: list[Hypothesis] = []  # accuracy suites: the comparisons declared before the runs
     # model suites: autocast (bfloat16 on CPU, float16 on CUDA), channels-last tensors, torch.compile of the model
     amp: bool = False
     channels_last: bool = False
@@ -286,6 +310,7 @@ class Profile(Strict):
     baseline: str | None = None
     slurm: dict[str, Any] | None = None
     gates: list[Gate] | None = None
+    hypotheses: list[Hypothesis] | None = None
     amp: bool | None = None
     channels_last: bool | None = None
     compile: bool | None = None
@@ -308,8 +333,8 @@ class Suite(SuiteSettings):
 
     def run_info(self) -> dict[str, Any]:
         """What run.json records of how this suite was narrowed (the shard, and every case id of the whole suite,
-        so ``attnbench merge`` can tell which cases no shard ran), its gates and its notes."""
-        return {**self._selection, **({"gates": [gate.model_dump() for gate in self.gates]} if self.gates else {}),
-                **({"notes": self.notes} if self.notes else {})}
+        so ``attnbench merge`` can tell which cases no shard ran), its rules (gates, hypotheses) and its notes."""
+        rules = {key: [rule.model_dump() for rule in getattr(self, key)] for key in RULES if getattr(self, key)}
+        return {**self._selection, **rules, **({"notes": self.notes} if self.notes else {})}
 
 
