@@ -79,6 +79,9 @@ def test_overlapping_seeds_are_not_separated_and_one_seed_gets_wilson():
                   {"full": [50.0, 60.0, 55.0], "bra": [52.0, 58.0, 54.0]})
     pairs = accuracy.pairwise_table(frame)
     assert pairs["overall difference"].iloc[0].endswith(": not separated")
+    saturated = sweep({"full": [100.0, 100.0]}, {"full": [100.0, 100.0]})
+    assert accuracy.seed_table(saturated)["far bin % [95% CI]"].iloc[0] == \
+        "100.0 [100.0, 100.0] (every seed equal: no spread over seeds)"
     single = sweep({"full": [50.0]}, {"full": [50.0]})
     assert accuracy.seed_table(single)["top1 % mean [95% CI]"].iloc[0] == \
         "50.0 [48.0, 52.0] (1 seed; Wilson over 2400 images)"
