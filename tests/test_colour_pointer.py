@@ -211,3 +211,38 @@ def test_evaluation_records_accuracy_against_distance_only_where_there_is_a_side
                                0, recipe)
     assert plain.val_distances is None
     assert "per_distance" not in plain.evaluate(plain.build_model(), World(0, 1, torch.device("cpu")))
+
+
+def test_shifted_windows_reach_43_percent_of_near_partners_directly():
+    """The proxy suite's positive control for swin rests on this figure: with window 4 in block 1 and windows
+    shifted by 2 in block 2 (Swin's cyclic shift with its mask: the shifted partition of each axis is {0, 1},
+    {2..5}, {6..9}, {10..13}, {14, 15}, i.e. cell // 4 and (cell + 2) // 4), the partner shares a window with the
+    query in one of the two blocks in 95% of scenes at d = 1, 80% at d = 2, 39% at d = 3 and never beyond: 43% of
+    the near bin (d ≤ 5). A swin that learned what its windows see directly scores about 25 + 75 × 0.43 = 57% there
+    (more with two hops through a neighbour); the gate asks for 40, about half that gain above chance."""
+    import attentions
+
+    def shares_a_window(a, b, shift: int) -> bool:
+        return all((x + shift) // 4 == (y + shift) // 4 for x, y in zip(a, b, strict=True))
+
+    # the partitions are the implementation's: a token moves exactly the outputs of its own (shifted) window
+    torch.manual_seed(0)
+    tokens = torch.randn(1, GRID, GRID, 8, dtype=torch.float64)
+    for shift in (0, 2):
+        block = attentions.create("swin", dim=8, num_heads=2, window_size=4, shift_size=shift).double().eval()
+        for source in [(0, 0), (1, 2), (5, 5), (13, 14), (15, 15)]:
+            moved = tokens.clone()
+            moved[0, source[0], source[1]] += 1.0
+            changed = (block(moved) - block(tokens)).abs().sum(-1)[0] > 1e-12
+            assert all(bool(changed[cell]) == shares_a_window(cell, source, shift)
+                       for cell in np.ndindex(GRID, GRID)), (shift, source)
+    rng = np.random.default_rng(0)
+
+    reached = {}
+    for distance in range(1, 6):
+        scenes = [sample_scene(rng, distance, label % 4) for label in range(2000)]
+        reached[distance] = np.mean([shares_a_window(s["query"], s["partner"], 0)
+                                     or shares_a_window(s["query"], s["partner"], 2) for s in scenes])
+    assert reached[1] == pytest.approx(0.95, abs=0.02) and reached[2] == pytest.approx(0.80, abs=0.03)
+    assert reached[3] == pytest.approx(0.39, abs=0.03) and reached[4] == reached[5] == 0.0
+    assert np.mean(list(reached.values())) == pytest.approx(0.43, abs=0.015)
