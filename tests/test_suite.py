@@ -201,3 +201,16 @@ def test_run_json_names_the_suite_file_relative_to_the_working_directory(tmp_pat
     assert main(["run", str(tmp_path / "suites" / "suite.yaml"), "--results-dir", "results", "--run", "r"]) == 0
     run = json.loads((tmp_path / "results" / "rel" / "r" / "run.json").read_text())
     assert run["suite_file"] == "suites/suite.yaml"
+
+
+def test_a_part_of_the_suite_may_leave_out_the_rows_its_gates_and_hypotheses_name(tmp_path):
+    """--only (or a shard) runs a part of the suite; the gates and hypotheses of the whole suite still apply to the
+    merged run, and a part's report says which it could not check."""
+    rules = ("gates: [{label: full, metric: top1, at_least: 1.0}]\n"
+             "hypotheses: [{higher: full, lower: bra, metric: top1}]\n")
+    path = write(tmp_path, BASE + rules)
+    part = load_suite(path, only={"mechanism": ["bra"]})
+    assert {case.label for case in expand(part)} == {"bra"}
+    assert part.run_info()["gates"][0]["label"] == "full" and part.run_info()["hypotheses"][0]["higher"] == "full"
+    with pytest.raises(Exception, match=r"gates\[0\]\.label: no row labelled 'ful'"):
+        load_suite(write(tmp_path, BASE + rules.replace("label: full", "label: ful")), only={"mechanism": ["bra"]})
