@@ -46,6 +46,17 @@ def run_two_concurrent_shards(suite: str, results: Path) -> None:
         assert process.returncode == 0, output
 
 
+def shards_merged_and_single(suite: str, results: Path, name: str) -> tuple[dict, dict]:
+    """The suite run as two concurrent shards merged into ``name``/merged, and as one process into
+    ``name``/single: each run's records by id."""
+    run_two_concurrent_shards(suite, results)
+    assert main(["run", suite, "--results-dir", str(results), "--run", "single"]) == 0
+    assert main(["merge", str(results / name / "shard0"), str(results / name / "shard1"), "--into",
+                 str(results / name / "merged")]) == 0
+    return tuple({record.id: record for record in RecordStore(results / name / run / "records.jsonl").load()}
+                 for run in ("merged", "single"))
+
+
 def _metrics_without_timing(record):
     flops = {key: value for key, value in record.metrics.get("flops", {}).items() if key != "images"}
     return record.status, record.metrics.get("params"), flops.get("counted_flops"), flops.get("analytic_macs")
@@ -54,12 +65,7 @@ def _metrics_without_timing(record):
 @pytest.mark.slow
 def test_two_concurrent_shards_merge_into_the_single_process_run(tmp_path):
     results = tmp_path / "results"
-    run_two_concurrent_shards("suites/smoke.yaml", results)
-    assert main(["run", "suites/smoke.yaml", "--results-dir", str(results), "--run", "single"]) == 0
-    assert main(["merge", str(results / "smoke/shard0"), str(results / "smoke/shard1"), "--into",
-                 str(results / "smoke/merged")]) == 0
-    merged = {record.id: record for record in RecordStore(results / "smoke/merged/records.jsonl").load()}
-    single = {record.id: record for record in RecordStore(results / "smoke/single/records.jsonl").load()}
+    merged, single = shards_merged_and_single("suites/smoke.yaml", results, "smoke")
     assert merged.keys() == single.keys() and len(merged) == 12
     for case_id, record in single.items():
         assert _metrics_without_timing(merged[case_id]) == _metrics_without_timing(record)
@@ -151,12 +157,8 @@ def test_an_accuracy_sweep_in_two_concurrent_shards_merges_into_the_single_proce
 
     suite = write_demo_suite(tmp_path, mechanisms=("full", "swin"), seeds=(0, 1))
     results = tmp_path / "results"
-    run_two_concurrent_shards(suite, results)  # both generate the same data root: one writes, the other waits
-    assert main(["run", suite, "--results-dir", str(results), "--run", "single"]) == 0
-    assert main(["merge", str(results / "accuracy_demo/shard0"), str(results / "accuracy_demo/shard1"), "--into",
-                 str(results / "accuracy_demo/merged")]) == 0
-    merged = {record.id: record for record in RecordStore(results / "accuracy_demo/merged/records.jsonl").load()}
-    single = {record.id: record for record in RecordStore(results / "accuracy_demo/single/records.jsonl").load()}
+    # both shards generate the same data root: one writes, the other waits
+    merged, single = shards_merged_and_single(suite, results, "accuracy_demo")
     assert merged.keys() == single.keys() and len(merged) == 4
     for case_id, record in single.items():
         ours, theirs = merged[case_id].metrics, record.metrics
