@@ -137,15 +137,21 @@ def pairwise_table(group: pd.DataFrame) -> pd.DataFrame:
         row = rows.setdefault((first, second), {"pair": f"{first} − {second}"})
         if comparison is None:
             continue
-        interval = comparison.difference
-        ci = ("no CI (1 seed)" if np.isnan(interval.low) else
-              f"[{interval.low:+.1f}, {interval.high:+.1f}], Holm p {_p_text(comparison.adjusted_p)}")
-        row[f"{_difference_name(column, metric)} difference"] = f"{interval.estimate:+.1f} {ci}: {comparison.verdict}"
+        row[f"{_difference_name(column, metric)} difference"] = f"{_difference_text(comparison)}: {comparison.verdict}"
     return pd.DataFrame(list(rows.values()))
 
 
 def _p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _difference_text(comparison: Comparison) -> str:
+    """"+31.6 [+9.2, +54.0], Holm p 0.021": a judged difference of seed means with its Welch interval."""
+    interval = comparison.difference
+    if np.isnan(interval.low):
+        return f"{interval.estimate:+.1f} no CI (1 seed)"
+    bounds = f"[{interval.low:+.1f}, {interval.high:+.1f}]"
+    return f"{interval.estimate:+.1f} {bounds}, Holm p {_p_text(comparison.adjusted_p)}"
 
 
 def separation_summary(group: pd.DataFrame) -> list[str]:
@@ -166,15 +172,28 @@ def separation_summary(group: pd.DataFrame) -> list[str]:
             in verdicts.items()]
 
 
+def _metric_column(metric: str) -> str:
+    """A rule's metric (``top1``, ``miou`` or a distance bin such as ``far``) -> its column in the frame."""
+    return metric if metric in ("top1", "miou") else f"bin_{metric}"
+
+
+def _seed_values(group: pd.DataFrame, label: str, metric: str) -> list[float] | None:
+    """The finished seeds' values of ``label``'s metric; None where the run has no case of ``label`` at all (a
+    shard or --only left the mechanism out)."""
+    if not (group["label"] == label).any():
+        return None
+    ok, column = group[group["status"] == "ok"], _metric_column(metric)
+    return ok[ok["label"] == label][column].dropna().tolist() if column in ok else []
+
+
 def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, bool, str]]:
     """(gate, held, what was measured) for each gate of the suite; held is None where the run has no case of the
     gate's mechanism (a shard or ``--only`` left it out): the gate could not be checked."""
-    ok, level = group[group["status"] == "ok"], chance(group)
+    level = chance(group)
     results = []
     for gate in gates:
-        column = _metric_column(gate["metric"])
-        values = ok[ok["label"] == gate["label"]][column].dropna().tolist() if column in ok else []
-        if not (group["label"] == gate["label"]).any():  # a shard or --only left the mechanism out
+        values = _seed_values(group, gate["label"], gate["metric"])
+        if values is None:
             results.append((gate, None, "not in this run"))
             continue
         if not values:
@@ -193,40 +212,26 @@ def gate_results(group: pd.DataFrame, gates: list[dict]) -> list[tuple[dict, boo
 SUPPORTED, CONTRADICTED, NOT_SUPPORTED = "SUPPORTED", "CONTRADICTED", "NOT SUPPORTED"
 
 
-def _metric_column(metric: str) -> str:
-    """A rule's metric (``top1``, ``miou`` or a distance bin such as ``far``) -> its column in the frame."""
-    return metric if metric in ("top1", "miou") else f"bin_{metric}"
-
-
 def hypothesis_results(group: pd.DataFrame, hypotheses: list[dict]) -> list[tuple[dict, str | None, str]]:
     """(hypothesis, verdict, what was measured) for each hypothesis the suite declared before the run: the Welch
     test of ``higher`` − ``lower`` on the metric's seed values, Holm over the declared hypotheses alone (their own
     family; the table of every pair is another). SUPPORTED: separated, higher above lower; CONTRADICTED:
     separated the other way; NOT SUPPORTED: the run does not separate them; None: a side is not in this run."""
-    ok = group[group["status"] == "ok"]
-    values = {}
-    for index, hypothesis in enumerate(hypotheses):
-        column = _metric_column(hypothesis["metric"])
-        sides = [ok[ok["label"] == hypothesis[side]][column].dropna().tolist() if column in ok else []
-                 for side in ("higher", "lower")]
-        present = all((group["label"] == hypothesis[side]).any() for side in ("higher", "lower"))
-        values[index] = sides if present else None
-    tested = {index: compare_means(*sides) for index, sides in values.items() if sides and all(sides)}
+    sides = [[_seed_values(group, hypothesis[side], hypothesis["metric"]) for side in ("higher", "lower")]
+             for hypothesis in hypotheses]
+    tested = {index: compare_means(*pair) for index, pair in enumerate(sides) if all(pair)}
     judged = dict(zip(tested, holm(list(tested.values())), strict=True))
     results = []
     for index, hypothesis in enumerate(hypotheses):
-        if values[index] is None:
+        if None in sides[index]:
             results.append((hypothesis, None, "not in this run"))
         elif index not in judged:
             results.append((hypothesis, NOT_SUPPORTED, "not measured"))
         else:
             comparison = judged[index]
-            interval = comparison.difference
-            ci = ("no CI (1 seed)" if np.isnan(interval.low) else
-                  f"[{interval.low:+.1f}, {interval.high:+.1f}], Holm p {_p_text(comparison.adjusted_p)}")
             verdict = (NOT_SUPPORTED if comparison.verdict != SEPARATED else
-                       SUPPORTED if interval.estimate > 0 else CONTRADICTED)
-            results.append((hypothesis, verdict, f"difference {interval.estimate:+.1f} {ci}"))
+                       SUPPORTED if comparison.difference.estimate > 0 else CONTRADICTED)
+            results.append((hypothesis, verdict, f"difference {_difference_text(comparison)}"))
     return results
 
 

@@ -275,7 +275,7 @@ def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[st
                          "narrow it (--only) or pass --allow-large")
     _apply_data_roots(base, data_roots or {})
     _check_semantics(path, base, require_data)
-    _check_gates(path, base)  # against the whole suite: a part (--only, --shard) may leave a gated row out
+    _check_rules(path, base)  # against the whole suite: a part (--only, --shard) may leave a gated row out
     if only:
         _only(path, base, only)
     _check_distinct(path, base)
@@ -469,7 +469,7 @@ def _options_text(case: Any) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in sorted(case.options.items())) or "none"
 
 
-def _check_gates(path: Path, suite: Suite) -> None:
+def _check_rules(path: Path, suite: Suite) -> None:
     """Every row a gate or a hypothesis names is a row of the suite."""
     labels = list(dict.fromkeys(case.label for case in expand(suite)))
     named = [(f"gates[{index}].label", gate.label) for index, gate in enumerate(suite.gates)]
