@@ -81,7 +81,7 @@ def test_overlapping_seeds_are_not_separated_and_one_seed_gets_wilson():
     assert pairs["overall difference"].iloc[0].endswith(": not separated")
     saturated = sweep({"full": [100.0, 100.0]}, {"full": [100.0, 100.0]})
     assert accuracy.seed_table(saturated)["far bin % [95% CI]"].iloc[0] == \
-        "100.0 [100.0, 100.0] (every seed equal: no spread over seeds)"
+        "100.0 (all seeds equal)"
     single = sweep({"full": [50.0]}, {"full": [50.0]})
     assert accuracy.seed_table(single)["top1 % mean [95% CI]"].iloc[0] == \
         "50.0 [48.0, 52.0] (1 seed; Wilson over 2400 images)"

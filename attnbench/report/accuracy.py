@@ -55,17 +55,17 @@ def _percent_bounds(interval: Interval) -> tuple[float, float]:
 
 
 def _interval_text(values: list[float], images: float | None = None) -> str:
-    """Mean [95% Student-t CI over seeds], said as such where every seed scored the same (a zero-width interval);
+    """Mean [95% Student-t CI over seeds]; no interval where every seed scored the same (it would have zero width);
     for one seed, the Wilson interval of its ``images`` evaluations (the uncertainty of the evaluation alone, not
     of the training), said as such."""
     if not values:
         return ""
     interval = mean_interval(values)
     if interval.n >= 2:
+        if len(set(values)) == 1:  # a zero-width interval would look certain; the seeds only did not vary
+            return f"{interval.estimate:.1f} (all seeds equal)"
         low, high = _percent_bounds(interval)
-        # a zero-width interval is no certainty: the seeds did not vary, the validation set's sampling error remains
-        equal = " (every seed equal: no spread over seeds)" if len(set(values)) == 1 else ""
-        return f"{interval.estimate:.1f} [{low:.1f}, {high:.1f}]{equal}"
+        return f"{interval.estimate:.1f} [{low:.1f}, {high:.1f}]"
     if images:
         one = wilson(round(values[0] / 100 * images), int(images))
         return f"{values[0]:.1f} [{100 * one.low:.1f}, {100 * one.high:.1f}] (1 seed; Wilson over {images:.0f} images)"
