@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from attnbench.cli import main
-from attnbench.suite import expand, load_suite
+from attnbench.suite import expand, load_suite, shard
 
 
 def write(tmp_path, text, name="suite.yaml"):
@@ -214,3 +214,18 @@ def test_a_part_of_the_suite_may_leave_out_the_rows_its_gates_and_hypotheses_nam
     assert part.run_info()["gates"][0]["label"] == "full" and part.run_info()["hypotheses"][0]["higher"] == "full"
     with pytest.raises(Exception, match=r"gates\[0\]\.label: no row labelled 'ful'"):
         load_suite(write(tmp_path, BASE + rules.replace("label: full", "label: ful")), only={"mechanism": ["bra"]})
+
+
+def test_parts_run_with_different_only_values_record_the_same_whole_suite(tmp_path):
+    """``merge`` joins parts whose ``suite_cases`` agree and lists the cases no part ran: a part chosen by --only
+    (and sharded further) records every case of the suite, not only its own."""
+    path = write(tmp_path, BASE)
+    whole = [case.id for case in expand(load_suite(path))]
+    full, bra = load_suite(path, only={"mechanism": ["full"]}), load_suite(path, only={"mechanism": ["bra"]})
+    shard(bra, 1, 2)
+    assert full.run_info()["suite_cases"] == bra.run_info()["suite_cases"] == whole
+    assert {case.id for case in expand(full)} | {case.id for case in expand(load_suite(path, only={
+        "mechanism": ["bra"]}))} == set(whole)
+    plain = load_suite(path)
+    shard(plain, 0, 2)
+    assert plain.run_info()["suite_cases"] == whole

@@ -199,7 +199,7 @@ def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
         if field in ("shape", "task", "image_size"):
             return {case.column}
         return {str(getattr(case, field, ""))}
-    cases = expand(suite)
+    cases = whole = expand(suite)
     for field, values in only.items():
         if field not in ("mechanism", "model", "label", "shape", "task", "image_size", "batch", "dtype", "mode"):
             raise SuiteError(f"--only {field}=...: unknown field; use mechanism, model, label, shape, task, "
@@ -210,7 +210,9 @@ def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
             raise SuiteError(f"{path}: --only {field}={','.join(values)}: no case matches; "
                              f"{field}s: {', '.join(known)}")
         cases = kept
-    suite._selection["only"] = {field: list(values) for field, values in only.items()}
+    # the whole suite's cases stay on record, so that parts run with different --only values merge into one run
+    suite._selection.update(only={field: list(values) for field, values in only.items()},
+                            suite_cases=[case.id for case in whole])
     suite._cases = cases
 
 
@@ -239,7 +241,8 @@ def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = 
         target = min(range(count), key=lambda shard_index: (loads[shard_index], shard_index))
         loads[target] += (cost or {}).get(case.key, default)
         assigned[case.id] = target
-    suite._selection.update(shard=f"{index}/{count}", suite_cases=[case.id for case in cases])
+    suite._selection["shard"] = f"{index}/{count}"
+    suite._selection.setdefault("suite_cases", [case.id for case in cases])  # --only recorded the whole suite's
     suite._cases = [case for case in cases if assigned[case.id] == index]
 
 
