@@ -191,6 +191,12 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
         raw["zip"] = [group for group in raw.get("zip") or [] if group]
 
 
+def _record_whole_suite(suite: Suite) -> None:
+    """Before the first narrowing (--only, then --shard): keep every case id of the whole suite for run.json, so
+    that parts run with different --only or --shard values merge into one run that lists what no part ran."""
+    suite._selection.setdefault("suite_cases", [case.id for case in expand(suite)])
+
+
 def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
     """Keep the cases whose field matches one of the given values (name or label for mechanism/model)."""
     def value_of(case: Any, field: str) -> set[str]:
@@ -199,7 +205,8 @@ def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
         if field in ("shape", "task", "image_size"):
             return {case.column}
         return {str(getattr(case, field, ""))}
-    cases = whole = expand(suite)
+    _record_whole_suite(suite)
+    cases = expand(suite)
     for field, values in only.items():
         if field not in ("mechanism", "model", "label", "shape", "task", "image_size", "batch", "dtype", "mode"):
             raise SuiteError(f"--only {field}=...: unknown field; use mechanism, model, label, shape, task, "
@@ -210,9 +217,7 @@ def _only(path: Path, suite: Suite, only: dict[str, list[str]]) -> None:
             raise SuiteError(f"{path}: --only {field}={','.join(values)}: no case matches; "
                              f"{field}s: {', '.join(known)}")
         cases = kept
-    # the whole suite's cases stay on record, so that parts run with different --only values merge into one run
-    suite._selection.update(only={field: list(values) for field, values in only.items()},
-                            suite_cases=[case.id for case in whole])
+    suite._selection["only"] = {field: list(values) for field, values in only.items()}
     suite._cases = cases
 
 
@@ -232,6 +237,7 @@ def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = 
     one shard: cases are taken longest first (ties by id) and each goes to the shard with the least load."""
     if not 0 <= index < count:
         raise SuiteError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+    _record_whole_suite(suite)
     cases = expand(suite)
     known = [seconds for seconds in (cost or {}).values()]
     default = sorted(known)[len(known) // 2] if known else 1.0  # an unmeasured case costs the median
@@ -242,7 +248,6 @@ def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = 
         loads[target] += (cost or {}).get(case.key, default)
         assigned[case.id] = target
     suite._selection["shard"] = f"{index}/{count}"
-    suite._selection.setdefault("suite_cases", [case.id for case in cases])  # --only recorded the whole suite's
     suite._cases = [case for case in cases if assigned[case.id] == index]
 
 
