@@ -92,6 +92,24 @@ def _shard_costs(results_dir: Path, suite_name: str, run_name: str | None) -> di
     return _earlier_durations(results_dir, suite_name, before=created)
 
 
+def _recorded_shard_plan(results_dir: Path, suite_name: str, run_name: str | None, case_ids: list[str],
+                         count: int) -> dict[str, int] | None:
+    """The split of exactly these cases into ``count`` shards that a shard run recorded (run.json ``shard_plan``):
+    this run's own when it is resumed, else the earliest-created sibling's; None when no shard recorded one. Shards
+    started later thus take the same split instead of rebalancing by durations recorded in between (which moved
+    cases between shards: two shards ran the same case and none ran another)."""
+    found = []
+    for run_json in (results_dir / suite_name).glob("*/run.json"):
+        try:
+            run = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged run.json is reported when its own run is resumed
+        plan = run.get("shard_plan")
+        if isinstance(plan, dict) and set(plan) == set(case_ids) and str(run.get("shard", "")).endswith(f"/{count}"):
+            found.append((run_json.parent.name != run_name, str(run.get("created", "")), run_json.parent.name, plan))
+    return min(found, key=lambda entry: entry[:3])[3] if found else None
+
+
 def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
     """How long the cases took in earlier runs of this suite, where known."""
     seconds = _earlier_durations(results_dir, suite_name)
@@ -223,7 +241,10 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
         index, separator, count = args.shard.partition("/")
         if not (separator and index.isdigit() and count.isdigit() and int(count) > 0):
             raise SuiteError(f"--shard {args.shard}: expected I/N, e.g. --shard 0/4")
-        shard(suite, int(index), int(count), _shard_costs(Path(args.results_dir), suite.name, args.run))
+        results_dir, case_ids = Path(args.results_dir), [case.id for case in expand(suite)]
+        plan = _recorded_shard_plan(results_dir, suite.name, args.run, case_ids, int(count))
+        shard(suite, int(index), int(count), _shard_costs(results_dir, suite.name, args.run) if plan is None else None,
+              plan)
     cases = expand(suite)
     if args.dry_run:
         for case in cases:
@@ -417,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-large", action="store_true", help="allow a suite of more than 10,000 cases")
     run.add_argument("--shard", metavar="I/N",
                      help="run shard I of N (0-based): a deterministic share of the cases, balanced by their time in "
-                          "earlier runs; give each shard its own --run and join them with 'attnbench merge'")
+                          "earlier runs; the first shard records the split in its run.json and shards started later "
+                          "take it; give each shard its own --run and join them with 'attnbench merge'")
     run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
                      help="local: a process per case (default); slurm: a submitit job per case on a Slurm cluster; "
                           "submitit-local: the same job path on this machine (submitit's LocalExecutor)")

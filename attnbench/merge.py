@@ -82,7 +82,7 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
               "command": None, "merged_commands": [run.get("command") for run in runs],
               "merge_command": f"python -m attnbench merge {' '.join(map(str, run_dirs))} --into {into}"
                                  + (" --allow-mixed" if allow_mixed else ""),
-              "environments": [run["environment"] for run in runs], "shard": None,
+              "environments": [run["environment"] for run in runs], "shard": None, "shard_plan": None,
               "resumed": sorted(time for run in runs for time in run.get("resumed", [])),
               "mixed": [*(entry for run in runs for entry in run.get("mixed", [])),
                         *([{"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

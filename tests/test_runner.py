@@ -179,9 +179,13 @@ def test_report_of_a_missing_run_directory_exits_2(tmp_path, capsys):
 RULED = """
 name: ruled
 device: cpu
+measures: [accuracy]
 grid:
-  mechanism: [{name: full}, {name: axial}]
-  shape: [{name: s, height: 4, width: 4, dim: 8, heads: 2}]
+  model:
+    - {name: attnbench_isotropic_proxy, label: full, options: {attention: full}}
+    - {name: attnbench_isotropic_proxy, label: axial, options: {attention: axial}}
+  task:
+    - {name: pointer, task: classification, image_size: 32, data: {dataset: colour_pointer, root: absent}}
 """
 
 
@@ -194,7 +198,7 @@ def test_a_run_keeps_the_rules_it_started_with_and_a_resume_that_would_change_th
     def start(extra: str, allow_mixed: bool = False) -> dict:
         path = tmp_path / "ruled.yaml"
         path.write_text(RULED + extra)
-        suite = load_suite(path)
+        suite = load_suite(path, require_data=False)
         return _write_run_json(tmp_path, suite, "ruled.yaml", None, "cmd", expand(suite), {}, allow_mixed)
 
     declared = "hypotheses: [{higher: full, lower: axial, metric: top1, why: global reach}]\n"
@@ -206,3 +210,5 @@ def test_a_run_keeps_the_rules_it_started_with_and_a_resume_that_would_change_th
         start(declared.replace("top1", "far"))
     kept = start(declared.replace("top1", "far"), allow_mixed=True)
     assert kept["hypotheses"][0]["metric"] == "top1" and kept["mixed"]  # the rules the run started with
+    with pytest.raises(SuiteError, match="the suite's gates changed"):
+        start(declared + "gates: [{label: full, metric: far, at_least: 90.0}]\n")

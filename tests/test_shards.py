@@ -187,3 +187,28 @@ def test_a_resumed_shard_keeps_its_cases_whatever_its_siblings_recorded_since(tm
     assert _shard_costs(tmp_path, "suite", "part0") == {}
     (resumed / "run.json").write_text(json.dumps({"created": "9999-01-01T00:00:00+00:00"}))
     assert len(_shard_costs(tmp_path, "suite", "part0")) == len({record.case.key for record in records})
+
+
+def test_a_shard_started_after_its_sibling_takes_the_siblings_recorded_split(tmp_path, capsys):
+    """Shards started at different times once overlapped: the later one balanced by durations its sibling had
+    recorded since, so both ran some cases and none ran others. The first shard's run.json records its split
+    (``shard_plan``) and a later shard, dry run included, takes it."""
+    ids = [case.id for case in expand(load_suite("suites/smoke.yaml"))]
+    plan = {case_id: (1 if position == 3 else 0) for position, case_id in enumerate(ids)}  # no balancer's choice
+    sibling = tmp_path / "smoke" / "part0"
+    sibling.mkdir(parents=True)
+    (sibling / "run.json").write_text(json.dumps({"shard": "0/2", "shard_plan": plan, "created": "2026-01-01"}))
+
+    def listed(shard_arg: str) -> list[str]:
+        assert main(["run", "suites/smoke.yaml", "--results-dir", str(tmp_path), "--shard", shard_arg,
+                     "--run", "part1", "--dry-run"]) == 0
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.split()[0] in ids]
+
+    assert listed("1/2") == [ids[3]]
+    assert listed("1/3") != [ids[3]]  # a split into 3 is not this one: balanced anew
+    suite = load_suite("suites/smoke.yaml")
+    shard(suite, 0, 2, plan=plan)
+    assert [case.id for case in expand(suite)] == [i for i in ids if i != ids[3]]
+    assert suite.run_info()["shard_plan"] == plan
+    with pytest.raises(SuiteError, match="the recorded split does not cover these cases"):
+        shard(load_suite("suites/smoke.yaml"), 0, 2, plan={ids[0]: 0})

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from attnbench.cli import main
-from attnbench.suite import expand, load_suite, shard
+from attnbench.suite import SuiteError, expand, load_suite, shard
 
 
 def write(tmp_path, text, name="suite.yaml"):
@@ -206,14 +206,45 @@ def test_run_json_names_the_suite_file_relative_to_the_working_directory(tmp_pat
 def test_a_part_of_the_suite_may_leave_out_the_rows_its_gates_and_hypotheses_name(tmp_path):
     """--only (or a shard) runs a part of the suite; the gates and hypotheses of the whole suite still apply to the
     merged run, and a part's report says which it could not check."""
-    rules = ("gates: [{label: full, metric: top1, at_least: 1.0}]\n"
+    rules = ("gates: [{label: full, metric: far, at_least: 1.0}]\n"
              "hypotheses: [{higher: full, lower: bra, metric: top1}]\n")
-    path = write(tmp_path, BASE + rules)
-    part = load_suite(path, only={"mechanism": ["bra"]})
+    path = write(tmp_path, ACCURACY + rules)
+    part = load_suite(path, only={"label": ["bra"]}, require_data=False)
     assert {case.label for case in expand(part)} == {"bra"}
     assert part.run_info()["gates"][0]["label"] == "full" and part.run_info()["hypotheses"][0]["higher"] == "full"
     with pytest.raises(Exception, match=r"gates\[0\]\.label: no row labelled 'ful'"):
-        load_suite(write(tmp_path, BASE + rules.replace("label: full", "label: ful")), only={"mechanism": ["bra"]})
+        load_suite(write(tmp_path, ACCURACY + rules.replace("label: full", "label: ful")), only={"label": ["bra"]},
+                   require_data=False)
+
+
+ACCURACY = """
+name: acc
+device: cpu
+measures: [accuracy]
+grid:
+  model:
+    - {name: attnbench_isotropic_proxy, label: full, options: {attention: full}}
+    - {name: attnbench_isotropic_proxy, label: bra, options: {attention: bra}}
+  task:
+    - {name: pointer, task: classification, image_size: 32, data: {dataset: colour_pointer, root: absent}}
+"""
+
+
+@pytest.mark.parametrize(("rules", "message"), [
+    ("gates: [{label: full, metric: farr, at_least: 90.0}]\n",
+     r"gates\[0\]\.metric: 'farr' is not scored by this suite's tasks; metrics: top1, near, mid, far"),
+    ("hypotheses: [{higher: bra, lower: full, metric: miou}]\n",
+     r"hypotheses\[0\]\.metric: 'miou' is not scored by this suite's tasks; metrics: top1, near, mid, far"),
+])
+def test_a_rule_on_a_metric_no_task_scores_is_refused_before_any_training(tmp_path, rules, message):
+    with pytest.raises(SuiteError, match=message):
+        load_suite(write(tmp_path, ACCURACY + rules), require_data=False)
+    imagenet = ACCURACY.replace("dataset: colour_pointer", "dataset: imagenet")
+    with pytest.raises(SuiteError, match=r"gates\[0\]\.metric: 'far' is not scored .*; metrics: top1$"):
+        load_suite(write(tmp_path, imagenet + "gates: [{label: full, metric: far, at_least: 90.0}]\n"),
+                   require_data=False)
+    with pytest.raises(SuiteError, match=r"gates: gates and hypotheses judge accuracy, and this suite trains nothing"):
+        load_suite(write(tmp_path, BASE + "gates: [{label: full, metric: top1, at_least: 1.0}]\n"))
 
 
 def test_parts_run_with_different_only_values_record_the_same_whole_suite(tmp_path):

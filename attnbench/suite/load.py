@@ -231,24 +231,38 @@ def count_cases(suite: Suite) -> int:
     return count
 
 
-def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = None) -> None:
-    """Keep shard ``index`` of ``count`` (0-based) of the suite's cases: a deterministic split, balanced by
-    ``cost`` (case key -> seconds from earlier runs) where known, else by count. Every case lands in exactly
-    one shard: cases are taken longest first (ties by id) and each goes to the shard with the least load."""
+def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = None,
+          plan: dict[str, int] | None = None) -> None:
+    """Keep shard ``index`` of ``count`` (0-based) of the suite's cases. Every case lands in exactly one shard.
+
+    With ``plan`` (case id -> shard, the split a sibling shard recorded in its run.json) that split is kept, so
+    shards started at different times never overlap, whatever durations their siblings recorded in between.
+    Without it the split is made here: balanced by ``cost`` (case key -> seconds from earlier runs) where known,
+    else by count; cases are taken longest first (ties by id) and each goes to the shard with the least load.
+    The split is recorded as ``shard_plan`` in run.json, for the siblings started later."""
     if not 0 <= index < count:
         raise SuiteError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
     _record_whole_suite(suite)
     cases = expand(suite)
-    known = [seconds for seconds in (cost or {}).values()]
-    default = sorted(known)[len(known) // 2] if known else 1.0  # an unmeasured case costs the median
-    ordered = sorted(cases, key=lambda case: (-(cost or {}).get(case.key, default), case.id))
-    loads, assigned = [0.0] * count, {}
-    for case in ordered:
-        target = min(range(count), key=lambda shard_index: (loads[shard_index], shard_index))
-        loads[target] += (cost or {}).get(case.key, default)
-        assigned[case.id] = target
+    if plan is None:
+        plan = _balanced_split(cases, count, cost or {})
+    elif set(plan) != {case.id for case in cases} or not set(plan.values()) <= set(range(count)):
+        raise SuiteError(f"--shard {index}/{count}: the recorded split does not cover these cases in {count} shards")
     suite._selection["shard"] = f"{index}/{count}"
-    suite._cases = [case for case in cases if assigned[case.id] == index]
+    suite._selection["shard_plan"] = dict(plan)
+    suite._cases = [case for case in cases if plan[case.id] == index]
+
+
+def _balanced_split(cases: list[Any], count: int, cost: dict[str, float]) -> dict[str, int]:
+    """Case id -> shard: longest first (an unmeasured case costs the median), each to the least loaded shard."""
+    known = sorted(cost.values())
+    default = known[len(known) // 2] if known else 1.0
+    loads, assigned = [0.0] * count, {}
+    for case in sorted(cases, key=lambda case: (-cost.get(case.key, default), case.id)):
+        target = min(range(count), key=lambda shard_index: (loads[shard_index], shard_index))
+        loads[target] += cost.get(case.key, default)
+        assigned[case.id] = target
+    return assigned
 
 
 def load_suite(path: str | Path, profile: str | None = None, data_roots: dict[str, str] | None = None,
@@ -478,7 +492,8 @@ def _options_text(case: Any) -> str:
 
 
 def _check_rules(path: Path, suite: Suite) -> None:
-    """Every row a gate or a hypothesis names is a row of the suite."""
+    """Every row a gate or a hypothesis names is a row of the suite, and its metric one that a task of the suite
+    scores (a misspelt metric would otherwise be judged "not measured" after hours of training)."""
     labels = list(dict.fromkeys(case.label for case in expand(suite)))
     named = [(f"gates[{index}].label", gate.label) for index, gate in enumerate(suite.gates)]
     named += [(f"hypotheses[{index}].{side}", getattr(hypothesis, side))
@@ -486,6 +501,28 @@ def _check_rules(path: Path, suite: Suite) -> None:
     for field, label in named:
         if label not in labels:
             raise SuiteError(f"{path}: {field}: no row labelled {label!r}; labels: {', '.join(labels)}")
+    metrics = _scored_metrics(suite)
+    for kind, rules in (("gates", suite.gates), ("hypotheses", suite.hypotheses)):
+        for index, rule in enumerate(rules):
+            if not metrics:
+                raise SuiteError(f"{path}: {kind}: gates and hypotheses judge accuracy, and this suite trains "
+                                 "nothing (no task axis)")
+            if rule.metric not in metrics:
+                raise SuiteError(f"{path}: {kind}[{index}].metric: {rule.metric!r} is not scored by this suite's "
+                                 f"tasks; metrics: {', '.join(metrics)}")
+
+
+def _scored_metrics(suite: Suite) -> list[str]:
+    """The metrics the suite's tasks record: top1 (classification), miou (segmentation), and the distance bins
+    of the colour-pointer task (attnbench/train/per_distance.py)."""
+    from ..train.per_distance import BINS
+
+    metrics: dict[str, None] = {}
+    for task in [task for axes in (suite.grid, *suite.zip) for task in axes.task or []]:
+        metrics["top1" if task.task == "classification" else "miou"] = None
+        if task.data.dataset == "colour_pointer":
+            metrics.update(dict.fromkeys(BINS))
+    return list(metrics)
 
 
 def _check_baseline(path: Path, suite: Suite) -> None:
