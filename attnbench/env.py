@@ -65,10 +65,13 @@ def cpu_model() -> str:
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
-    """Versions, device, threads and numerics flags; git sha and whether the tree had uncommitted changes."""
+    """Versions, device, threads and numerics flags; git sha and whether the code had uncommitted changes (changes
+    to tracked files outside results/)."""
     cuda = device == "cuda" and torch.cuda.is_available()
     sha = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if sha else None
+    # results/ holds measurements, not code: a resumed run appends to its committed records.jsonl, and that must
+    # not mark the code it runs as uncommitted
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results") if sha else None
     return {
         "attnbench": attnbench.__version__,
         "git_sha": sha or "unknown",  # "unknown": not run from a git checkout (e.g. a pip-installed copy)

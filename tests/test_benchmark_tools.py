@@ -216,6 +216,28 @@ def test_environment_names_the_libraries_plugins_and_load(monkeypatch, tmp_path)
     assert stamp["git_sha"] == "unknown" and stamp["git_dirty"] == "unknown"
 
 
+def test_a_change_under_results_does_not_mark_the_code_uncommitted(monkeypatch, tmp_path):
+    """A resumed run appends to its committed records.jsonl: the tree differs from the commit, the code does not."""
+    import attnbench.env as env
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "records.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(env, "REPO_ROOT", tmp_path)
+    assert env.environment("cpu")["git_dirty"] is False
+    (tmp_path / "results" / "records.jsonl").write_text("{}\n{}\n")
+    assert env.environment("cpu")["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert env.environment("cpu")["git_dirty"] is True
+
+
 # 8. reports and plots
 def test_complexity_tables_are_separate_and_failures_show_everywhere(tmp_path):
     text = build_report(copy_run(tmp_path, "run")).read_text()
