@@ -21,7 +21,7 @@ import attentions
 
 from .data.errors import DataError
 from .records import RecordStore
-from .suite import SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
+from .suite import Suite, SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
 from .suite.load import data_root_problem
 
 
@@ -83,31 +83,41 @@ def _earlier_durations(results_dir: Path, suite_name: str, before: str | None = 
     return seconds
 
 
-def _shard_costs(results_dir: Path, suite_name: str, run_name: str | None) -> dict[str, float]:
-    """The durations that balance ``--shard``: for a shard run being resumed, only those recorded before the run
-    was created, so that it keeps the cases it started with (its sibling shards' records, written since, would
-    move cases between shards); for a new run, all of them."""
-    run_json = results_dir / suite_name / run_name / "run.json" if run_name else None
-    created = json.loads(run_json.read_text()).get("created") if run_json and run_json.is_file() else None
-    return _earlier_durations(results_dir, suite_name, before=created)
+def _shard_split(results_dir: Path, suite: Suite, run_name: str | None,
+                 count: int) -> tuple[dict[str, int] | None, dict[str, float]]:
+    """What ``--shard I/count`` splits the suite's cases by, as (recorded split, durations).
 
-
-def _recorded_shard_plan(results_dir: Path, suite_name: str, run_name: str | None, case_ids: list[str],
-                         count: int) -> dict[str, int] | None:
-    """The split of exactly these cases into ``count`` shards that a shard run recorded (run.json ``shard_plan``):
-    this run's own when it is resumed, else the earliest-created sibling's; None when no shard recorded one. Shards
-    started later thus take the same split instead of rebalancing by durations recorded in between (which moved
-    cases between shards: two shards ran the same case and none ran another)."""
-    found = []
-    for run_json in (results_dir / suite_name).glob("*/run.json"):
+    A shard run records its split in run.json (``shard_plan``); a shard of the same cases into ``count`` parts takes
+    this run's own split when it is resumed, else the earliest-created sibling's. Where no sibling recorded one (a
+    first shard, or siblings from before splits were recorded) the split balances the durations of earlier runs
+    finished before the first sibling started (a first shard: all of them). Either way shards started at different
+    times agree: durations that a sibling recorded since never move a case between shards (which made two shards run
+    the same case and none run another)."""
+    case_ids = [case.id for case in expand(suite)]
+    info = suite.run_info()
+    whole, only = info.get("suite_cases", case_ids), info.get("only")
+    recorded, started = [], []
+    for run_json in (results_dir / suite.name).glob("*/run.json"):
         try:
             run = json.loads(run_json.read_text())
         except (OSError, ValueError):
             continue  # a damaged run.json is reported when its own run is resumed
+        if not isinstance(run, dict) or not str(run.get("shard", "")).endswith(f"/{count}"):
+            continue
         plan = run.get("shard_plan")
-        if isinstance(plan, dict) and set(plan) == set(case_ids) and str(run.get("shard", "")).endswith(f"/{count}"):
-            found.append((run_json.parent.name != run_name, str(run.get("created", "")), run_json.parent.name, plan))
-    return min(found, key=lambda entry: entry[:3])[3] if found else None
+        if _is_split_of(plan, case_ids, count):
+            recorded.append((run_json.parent.name != run_name, str(run.get("created", "")), run_json.parent.name, plan))
+        elif plan is None and run.get("suite_cases") == whole and run.get("only") == only and run.get("created"):
+            started.append(str(run["created"]))  # a sibling shard from before splits were recorded
+    if recorded:
+        return min(recorded, key=lambda entry: entry[:3])[3], {}
+    return None, _earlier_durations(results_dir, suite.name, before=min(started) if started else None)
+
+
+def _is_split_of(plan: object, case_ids: list[str], count: int) -> bool:
+    """Whether ``plan`` (read from a run.json) assigns exactly these cases to shards 0..count-1."""
+    return (isinstance(plan, dict) and set(plan) == set(case_ids)
+            and all(type(index) is int and 0 <= index < count for index in plan.values()))
 
 
 def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
@@ -241,10 +251,8 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
         index, separator, count = args.shard.partition("/")
         if not (separator and index.isdigit() and count.isdigit() and int(count) > 0):
             raise SuiteError(f"--shard {args.shard}: expected I/N, e.g. --shard 0/4")
-        results_dir, case_ids = Path(args.results_dir), [case.id for case in expand(suite)]
-        plan = _recorded_shard_plan(results_dir, suite.name, args.run, case_ids, int(count))
-        shard(suite, int(index), int(count), _shard_costs(results_dir, suite.name, args.run) if plan is None else None,
-              plan)
+        plan, costs = _shard_split(Path(args.results_dir), suite, args.run, int(count))
+        shard(suite, int(index), int(count), costs, plan)
     cases = expand(suite)
     if args.dry_run:
         for case in cases:

@@ -71,7 +71,9 @@ def test_two_concurrent_shards_merge_into_the_single_process_run(tmp_path):
         assert _metrics_without_timing(merged[case_id]) == _metrics_without_timing(record)
         assert merged[case_id].environment["hostname"]
     run = json.loads((results / "smoke/merged/run.json").read_text())
-    assert run["cases"] == 12 and len(run["merged_from"]) == 2
+    assert run["cases"] == 12 and len(run["merged_from"]) == 2 and run["shard_plan"] is None
+    plans = [json.loads((results / f"smoke/shard{index}/run.json").read_text())["shard_plan"] for index in range(2)]
+    assert plans[0] == plans[1] and sorted(plans[0]) == sorted(single)  # both shards recorded the one split
     report = (results / "smoke/merged/report.md").read_text()
     assert "12 of 12 cases recorded" in report
 
@@ -172,21 +174,49 @@ def test_an_accuracy_sweep_in_two_concurrent_shards_merges_into_the_single_proce
     assert _accuracy_sections(merged_report) == _accuracy_sections(single_report)
 
 
-def test_a_resumed_shard_keeps_its_cases_whatever_its_siblings_recorded_since(tmp_path):
-    from attnbench.cli import _shard_costs
+def test_a_shard_balances_only_by_durations_recorded_before_its_first_sibling_started(tmp_path):
+    """Siblings from before splits were recorded (no ``shard_plan``): a shard, resumed or new, balances by the
+    durations finished before the first of them started, not by those its siblings recorded since."""
+    from attnbench.cli import _shard_split
 
     fixture = REPO / "tests/fixtures/results/fixture/run"
     records = RecordStore(fixture / "records.jsonl").latest()
     finished = sorted(record.finished for record in records)
-    sibling, resumed = tmp_path / "suite/part1", tmp_path / "suite/part0"
-    for run_dir in (sibling, resumed):
-        run_dir.mkdir(parents=True)
-    (sibling / "records.jsonl").write_bytes((fixture / "records.jsonl").read_bytes())
-    assert len(_shard_costs(tmp_path, "suite", "part0")) == len({record.case.key for record in records})  # new run
-    (resumed / "run.json").write_text(json.dumps({"created": finished[0]}))  # created before the sibling's records
-    assert _shard_costs(tmp_path, "suite", "part0") == {}
-    (resumed / "run.json").write_text(json.dumps({"created": "9999-01-01T00:00:00+00:00"}))
-    assert len(_shard_costs(tmp_path, "suite", "part0")) == len({record.case.key for record in records})
+    suite = load_suite("suites/smoke.yaml")
+    suite.name = "suite"
+    recorder = tmp_path / "suite/other"
+    recorder.mkdir(parents=True)
+    (recorder / "records.jsonl").write_bytes((fixture / "records.jsonl").read_bytes())
+    every_duration = len({record.case.key for record in records})
+    plan, durations = _shard_split(tmp_path, suite, "part1", 2)
+    assert plan is None and len(durations) == every_duration  # a first shard: all of them
+    sibling = tmp_path / "suite/part0"
+    sibling.mkdir()
+    legacy = {"shard": "0/2", "suite_cases": [case.id for case in expand(suite)], "created": finished[0]}
+    (sibling / "run.json").write_text(json.dumps(legacy))  # started before those records finished
+    assert _shard_split(tmp_path, suite, "part1", 2) == (None, {})
+    assert len(_shard_split(tmp_path, suite, "part1", 3)[1]) == every_duration  # a split into 3 is another family
+    (sibling / "run.json").write_text(json.dumps({**legacy, "created": "9999-01-01T00:00:00+00:00"}))
+    assert len(_shard_split(tmp_path, suite, "part1", 2)[1]) == every_duration
+
+
+def test_a_resumed_shard_keeps_its_own_split_and_a_damaged_sibling_split_is_ignored(tmp_path):
+    from attnbench.cli import _shard_split
+
+    suite = load_suite("suites/smoke.yaml")
+    ids = [case.id for case in expand(suite)]
+    own, sibling = ({case_id: position % 2 for position, case_id in enumerate(ids)},
+                    {case_id: 1 - position % 2 for position, case_id in enumerate(ids)})
+    for name, created, plan in (("part0", "2026-02-01", own), ("early", "2026-01-01", sibling)):
+        (tmp_path / "smoke" / name).mkdir(parents=True)
+        (tmp_path / "smoke" / name / "run.json").write_text(
+            json.dumps({"shard": "0/2", "shard_plan": plan, "created": created}))
+    assert _shard_split(tmp_path, suite, "part0", 2)[0] == own  # its own, though a sibling's is older
+    assert _shard_split(tmp_path, suite, "part1", 2)[0] == sibling  # a new shard: the earliest sibling's
+    for damaged in ([], None, {**sibling, ids[0]: "0"}, {**sibling, ids[0]: [0]}, {**sibling, ids[0]: 2}):
+        (tmp_path / "smoke" / "early" / "run.json").write_text(json.dumps(
+            damaged if not isinstance(damaged, dict) else {"shard": "0/2", "shard_plan": damaged, "created": "2026"}))
+        assert _shard_split(tmp_path, suite, "part1", 2)[0] == own
 
 
 def test_a_shard_started_after_its_sibling_takes_the_siblings_recorded_split(tmp_path, capsys):

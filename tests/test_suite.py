@@ -232,19 +232,40 @@ grid:
 
 @pytest.mark.parametrize(("rules", "message"), [
     ("gates: [{label: full, metric: farr, at_least: 90.0}]\n",
-     r"gates\[0\]\.metric: 'farr' is not scored by this suite's tasks; metrics: top1, near, mid, far"),
+     r"gates\[0\]\.metric: 'farr' is not scored by every task of this suite .*; metrics: top1, near, mid, far"),
     ("hypotheses: [{higher: bra, lower: full, metric: miou}]\n",
-     r"hypotheses\[0\]\.metric: 'miou' is not scored by this suite's tasks; metrics: top1, near, mid, far"),
+     r"hypotheses\[0\]\.metric: 'miou' is not scored by every task of this suite .*; metrics: top1, near, mid, far"),
 ])
 def test_a_rule_on_a_metric_no_task_scores_is_refused_before_any_training(tmp_path, rules, message):
     with pytest.raises(SuiteError, match=message):
         load_suite(write(tmp_path, ACCURACY + rules), require_data=False)
+    far_gate = "gates: [{label: full, metric: far, at_least: 90.0}]\n"
     imagenet = ACCURACY.replace("dataset: colour_pointer", "dataset: imagenet")
     with pytest.raises(SuiteError, match=r"gates\[0\]\.metric: 'far' is not scored .*; metrics: top1$"):
-        load_suite(write(tmp_path, imagenet + "gates: [{label: full, metric: far, at_least: 90.0}]\n"),
-                   require_data=False)
+        load_suite(write(tmp_path, imagenet + far_gate), require_data=False)
+    both = ACCURACY + "    - {name: in, task: classification, image_size: 32, data: {dataset: imagenet, root: absent}}\n"
+    assert load_suite(write(tmp_path, both + far_gate.replace("far", "top1")), require_data=False).gates
+    with pytest.raises(SuiteError, match=r"'far' is not scored by every task of this suite .*; metrics: top1$"):
+        load_suite(write(tmp_path, both + far_gate), require_data=False)  # the ImageNet table would fail it
     with pytest.raises(SuiteError, match=r"gates: gates and hypotheses judge accuracy, and this suite trains nothing"):
         load_suite(write(tmp_path, BASE + "gates: [{label: full, metric: top1, at_least: 1.0}]\n"))
+
+
+def test_a_within_chance_gate_needs_a_task_with_a_chance_level(tmp_path):
+    segmentation = """
+name: seg
+device: cpu
+measures: [accuracy]
+grid:
+  model: [{name: biformer_stl, label: bra}]
+  task:
+    - {name: ade, task: segmentation, image_size: 64, data: {dataset: ade20k, root: absent}}
+"""
+    assert load_suite(write(tmp_path, segmentation + "gates: [{label: bra, metric: miou, at_least: 1.0}]\n"),
+                      require_data=False).gates
+    with pytest.raises(SuiteError, match=r"gates\[0\]\.within_chance: a segmentation task has no chance level"):
+        load_suite(write(tmp_path, segmentation + "gates: [{label: bra, metric: miou, within_chance: 5.0}]\n"),
+                   require_data=False)
 
 
 def test_parts_run_with_different_only_values_record_the_same_whole_suite(tmp_path):

@@ -504,25 +504,37 @@ def _check_rules(path: Path, suite: Suite) -> None:
     metrics = _scored_metrics(suite)
     for kind, rules in (("gates", suite.gates), ("hypotheses", suite.hypotheses)):
         for index, rule in enumerate(rules):
-            if not metrics:
+            if metrics is None:
                 raise SuiteError(f"{path}: {kind}: gates and hypotheses judge accuracy, and this suite trains "
                                  "nothing (no task axis)")
             if rule.metric not in metrics:
-                raise SuiteError(f"{path}: {kind}[{index}].metric: {rule.metric!r} is not scored by this suite's "
-                                 f"tasks; metrics: {', '.join(metrics)}")
+                raise SuiteError(f"{path}: {kind}[{index}].metric: {rule.metric!r} is not scored by every task of "
+                                 f"this suite (each task's table is judged by every rule); metrics: "
+                                 f"{', '.join(metrics) or 'none in common'}")
+            if getattr(rule, "within_chance", None) is not None and not _has_chance_level(suite):
+                raise SuiteError(f"{path}: gates[{index}].within_chance: a segmentation task has no chance level; "
+                                 "use at_least")
 
 
-def _scored_metrics(suite: Suite) -> list[str]:
-    """The metrics the suite's tasks record: top1 (classification), miou (segmentation), and the distance bins
-    of the colour-pointer task (attnbench/train/per_distance.py)."""
+def _tasks(suite: Suite) -> list[Any]:
+    return [task for axes in (suite.grid, *suite.zip) for task in axes.task or []]
+
+
+def _scored_metrics(suite: Suite) -> list[str] | None:
+    """The metrics every task of the suite records (None: the suite has no task): top1 (classification), miou
+    (segmentation), and the distance bins of the colour-pointer task (attnbench/train/per_distance.py)."""
     from ..train.per_distance import BINS
 
-    metrics: dict[str, None] = {}
-    for task in [task for axes in (suite.grid, *suite.zip) for task in axes.task or []]:
-        metrics["top1" if task.task == "classification" else "miou"] = None
-        if task.data.dataset == "colour_pointer":
-            metrics.update(dict.fromkeys(BINS))
-    return list(metrics)
+    common: list[str] | None = None
+    for task in _tasks(suite):
+        scored = ["top1", *BINS] if task.data.dataset == "colour_pointer" else [
+            "top1" if task.task == "classification" else "miou"]
+        common = scored if common is None else [metric for metric in common if metric in scored]
+    return common
+
+
+def _has_chance_level(suite: Suite) -> bool:
+    return all(task.task == "classification" for task in _tasks(suite))
 
 
 def _check_baseline(path: Path, suite: Suite) -> None:
