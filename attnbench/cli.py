@@ -23,6 +23,8 @@ from .data.errors import DataError
 from .records import RecordStore
 from .suite import Suite, SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
 from .suite.load import data_root_problem
+from .versus_official import MODELS as OFFICIAL_MODELS
+from .versus_official import STAGE_TOPK as OFFICIAL_STAGE_TOPK
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -392,6 +394,32 @@ def _suites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _versus_official(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import versus_official
+    from .suite import resolve_device
+
+    root = Path(args.official_root)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or Path("results/versus_official") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    command = "python -m attnbench " + shlex.join(args.argv)
+    try:
+        versus_official.official_module(root, "ops.bra_legacy")
+        versus_official.run(root, out, args.layers, args.models, args.batch, args.mode, args.model_mode,
+                            getattr(torch, args.dtype), torch.device(resolve_device(args.device)), args.rounds,
+                            args.warmup, command)
+    except versus_official.OfficialCodeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except versus_official.NotTheSameFunction as error:
+        print(f"error: not the same function, nothing timed: {error}", file=sys.stderr)
+        return 1
+    print(f"report:  {out / 'report.md'}")
+    return 0
+
+
 def _env(args: argparse.Namespace) -> int:
     from .env import environment
     from .suite import resolve_device
@@ -520,6 +548,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     suites = commands.add_parser("suites", help="list the suites shipped with attnbench (run them by name)")
     suites.set_defaults(handler=_suites)
+
+    versus = commands.add_parser(
+        "versus-official", help="time our BRA and BiFormer models against the official code, in one process",
+        description="Import the official BiFormer code from OFFICIAL_ROOT (a checkout of rayleizhu/BiFormer; needs "
+                    "einops, and fairscale for the models), check that ours computes the same function with the same "
+                    "weights, then time both interleaved in one process; rows.jsonl and report.md in --out.")
+    versus.add_argument("official_root",
+                        help="a checkout of rayleizhu/BiFormer (ops/bra_legacy.py, models/biformer.py)")
+    versus.add_argument("--out", help="output directory (default results/versus_official/<timestamp>); a rerun into "
+                                      "it skips the rows already measured")
+    versus.add_argument("--layers", nargs="*", default=list(OFFICIAL_STAGE_TOPK), choices=list(OFFICIAL_STAGE_TOPK),
+                        metavar="STAGE", help="BiFormer-T stages to compare (default: all four)")
+    versus.add_argument("--models", nargs="*", default=list(OFFICIAL_MODELS), choices=OFFICIAL_MODELS,
+                        help="official models to compare (default: both)")
+    versus.add_argument("--batch", nargs="+", type=int, default=[32, 64])
+    versus.add_argument("--mode", nargs="+", choices=["forward", "forward_backward"],
+                        default=["forward", "forward_backward"], help="for the layers")
+    versus.add_argument("--model-mode", nargs="+", choices=["forward", "train_step"],
+                        default=["forward", "train_step"], help="for the models (train_step: forward, "
+                                                                 "cross-entropy, backward, AdamW)")
+    versus.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    versus.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    versus.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    versus.add_argument("--rounds", type=int, default=15, help="timed rounds, each calling both sides once")
+    versus.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    versus.set_defaults(handler=_versus_official)
 
     env = commands.add_parser("env", help="print the environment that records are stamped with")
     env.set_defaults(handler=_env)

@@ -1,0 +1,353 @@
+"""``python -m attnbench versus-official ROOT``: our BRA and BiFormer models against the official code, in one process.
+
+The official code (a checkout of rayleizhu/BiFormer at ROOT: ``ops/bra_legacy.py``, ``models/biformer.py``; it needs
+einops, and fairscale for the models) is imported from ROOT, never copied here. Each comparison builds the official
+module and ours with the same weights (the official state_dict loaded into ours with ``strict=True``), checks that
+they compute the same function (float64: outputs and every gradient within ``FLOAT64_TOLERANCE``; float32 outputs
+within ``FLOAT32_TOLERANCE`` for a layer; relative to the output's largest magnitude), and only then times them
+**interleaved**: every round calls each side once, alternating which goes first, so load that comes and goes on the
+machine falls on both sides alike. The speed-up is the median over rounds of the per-round ratio official ÷ ours,
+with its inter-quartile range; a side whose own spread (IQR ÷ median) exceeds ``UNSTABLE_SPREAD`` is flagged.
+
+Layers are BiFormer-T's stages at 224² (attnbench/presets.py; n_win 7, LCE 5, top-k 1/4/16/49 as in
+suites/bra_impl.yaml); for them the report also gives our forward's useful FLOP/s (attentions/bra.py's MAC count)
+as a fraction of the dense GEMM rate measured in the same process. Models are BiFormer-T/S: inference, and one
+training step (forward, cross-entropy, backward, AdamW) with an optimizer per side.
+
+Rows are appended to ``rows.jsonl`` as they are measured, so a killed run keeps them and a rerun into the same
+directory skips them; ``report.md`` is written at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from .env import environment, load_average
+from .measure.gemm import gemm_flops_per_s
+from .presets import PRESETS
+
+FLOAT64_TOLERANCE = 1e-10
+FLOAT32_TOLERANCE = 1e-5
+UNSTABLE_SPREAD = 0.10
+STAGE_TOPK = {"biformer_t.stage1": 1, "biformer_t.stage2": 4, "biformer_t.stage3": 16, "biformer_t.stage4": 49}
+MODELS = ("biformer_tiny", "biformer_small")
+
+
+class OfficialCodeError(RuntimeError):
+    """The official code could not be imported from the given root."""
+
+
+class NotTheSameFunction(AssertionError):
+    """Ours does not compute what the official code computes: nothing is timed."""
+
+
+@dataclass
+class Row:
+    """One comparison: what (layer or model), its size, the two medians, the paired ratio, our roofline."""
+
+    what: str
+    name: str
+    batch: int
+    mode: str
+    dtype: str
+    official_ms: float
+    ours_ms: float
+    official_spread: float  # IQR / median of the side's own rounds
+    ours_spread: float
+    speedup: float  # median over rounds of official ÷ ours
+    speedup_iqr: tuple[float, float]
+    rounds: int
+    max_difference: float  # float32 forward, relative to the output's largest magnitude
+    ours_gemm_fraction: float | None  # layers, forward: our useful FLOP/s ÷ the same process's GEMM rate
+    load_before: list[float] | None
+    load_after: list[float] | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.what}/{self.name}/b{self.batch}/{self.mode}/{self.dtype}"
+
+    @property
+    def unstable(self) -> bool:
+        return max(self.official_spread, self.ours_spread) > UNSTABLE_SPREAD
+
+
+@contextlib.contextmanager
+def _on_path(root: Path) -> Iterator[None]:
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+
+
+def official_module(root: Path, module: str) -> Any:
+    """Import ``module`` (``ops.bra_legacy`` or ``models.biformer``) from the official checkout at ``root``."""
+    if not (root / "ops" / "bra_legacy.py").is_file():
+        raise OfficialCodeError(f"{root}: not a checkout of rayleizhu/BiFormer (no ops/bra_legacy.py)")
+    top = module.split(".")[0]
+    for name in [name for name in sys.modules if name == top or name.startswith(top + ".")]:
+        origin = getattr(sys.modules[name], "__file__", None) or ""
+        if not Path(origin).resolve().is_relative_to(root.resolve()):
+            del sys.modules[name]  # a package of that name from elsewhere (another checkout, another project)
+    with _on_path(root), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's deprecation and registry-overwrite warnings
+        try:
+            return importlib.import_module(module)
+        except ImportError as error:
+            raise OfficialCodeError(f"{root}: importing the official {module} failed: {error} "
+                                    "(it needs einops, and fairscale for the models: pip install einops fairscale)"
+                                    ) from error
+
+
+def official_commit(root: Path) -> str:
+    head = root / ".git" / "HEAD"
+    if not head.is_file():
+        return "unknown (not a git checkout)"
+    ref = head.read_text().strip()
+    if ref.startswith("ref: "):
+        path = root / ".git" / ref[5:]
+        return path.read_text().strip() if path.is_file() else ref[5:]
+    return ref
+
+
+def _layer_pair(root: Path, preset: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    from attentions.registry import create
+
+    shape = PRESETS[preset]
+    options = {"n_win": 7, "topk": STAGE_TOPK[preset], "side_dwconv": 5}
+    official = official_module(root, "ops.bra_legacy").BiLevelRoutingAttention(shape.dim, shape.heads, **options)
+    ours = create("bra", shape.dim, shape.heads, **options)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    return official.to(dtype), ours.to(dtype)
+
+
+def _model_pair(root: Path, name: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    from .models import biformer
+
+    official = getattr(official_module(root, "models.biformer"), name)()
+    ours = getattr(biformer, name)()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    return official.to(dtype), ours.to(dtype)
+
+
+def _input(what: str, name: str, batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    if what == "layer":
+        shape = PRESETS[name]
+        return torch.randn(batch, shape.height, shape.width, shape.dim, generator=generator, dtype=dtype)
+    return torch.randn(batch, 3, 224, 224, generator=generator, dtype=dtype)
+
+
+def _largest_difference(official: nn.Module, ours: nn.Module, x: torch.Tensor, backward: bool) -> float:
+    """The largest difference of outputs (and, with ``backward``, of the input's and every parameter's gradient),
+    each relative to the larger of 1 and the official tensor's largest magnitude."""
+    pairs = []
+    outputs = []
+    for module in (official, ours):
+        module.zero_grad(set_to_none=True)
+        leaf = x.detach().clone().requires_grad_(backward)
+        out = module(leaf)
+        if backward:
+            out.backward(torch.ones_like(out) / out.numel() ** 0.5)
+            grads = dict(module.named_parameters())  # matched by name: the two modules register them in other orders
+            outputs.append([out.detach(), leaf.grad, *(grads[name].grad for name in sorted(grads))])
+        else:
+            outputs.append([out.detach()])
+    for a, b in zip(*outputs, strict=True):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return float("inf")
+            continue
+        pairs.append(((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item())
+    return max(pairs)
+
+
+def check_same_function(official: nn.Module, ours: nn.Module, x: torch.Tensor, tolerance: float,
+                        backward: bool) -> float:
+    """The largest relative difference on ``x``; ``NotTheSameFunction`` if it exceeds ``tolerance``."""
+    with torch.set_grad_enabled(backward):
+        difference = _largest_difference(official, ours, x, backward)
+    if not difference <= tolerance:
+        raise NotTheSameFunction(f"outputs differ: largest relative difference {difference:.3g} > {tolerance:g} "
+                                f"({x.dtype}, {'forward and backward' if backward else 'forward'})")
+    return difference
+
+
+def _step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """One call of ``mode`` on ``module``: forward (no grad, eval mode), forward+backward, or (models) an AdamW
+    training step (train mode)."""
+    module.train(mode != "forward")
+    if mode == "forward":
+        def forward() -> None:
+            with torch.no_grad():
+                module(x)
+        return forward
+    if mode == "forward_backward":
+        seed = None
+
+        def forward_backward() -> None:
+            nonlocal seed
+            module.zero_grad(set_to_none=True)
+            out = module(x)
+            seed = torch.randn_like(out) if seed is None else seed
+            out.backward(seed)
+        return forward_backward
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    labels = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(module(x), labels).backward()
+        optimizer.step()
+    return train_step
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(first: Callable[[], None], second: Callable[[], None], rounds: int, warmup: int,
+                      device: torch.device) -> tuple[list[float], list[float]]:
+    """Seconds of each call of ``first`` and ``second``, ``rounds`` rounds after ``warmup``; the order alternates."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for round_index in range(warmup + rounds):
+        order = (0, 1) if round_index % 2 == 0 else (1, 0)
+        for side in order:
+            _synchronize(device)
+            start = time.perf_counter()
+            (first, second)[side]()
+            _synchronize(device)
+            if round_index >= warmup:
+                times[side].append(time.perf_counter() - start)
+    return times
+
+
+def _spread(samples: list[float]) -> float:
+    quartiles = statistics.quantiles(samples, n=4)
+    return (quartiles[2] - quartiles[0]) / statistics.median(samples)
+
+
+def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.device,
+            rounds: int, warmup: int, gemm_rate: float | None) -> Row:
+    """Check, then time, one comparison (``what``: 'layer' with a BiFormer-T stage preset, or 'model')."""
+    pair = _layer_pair if what == "layer" else _model_pair
+    generator = torch.Generator().manual_seed(0)
+    check_batch = min(batch, 2)
+    official, ours = (module.to(device) for module in pair(root, name, torch.float64))
+    check_same_function(official, ours, _input(what, name, check_batch, torch.float64, generator).to(device),
+                        FLOAT64_TOLERANCE, backward=True)
+    official, ours = (module.to(device).to(dtype) for module in (official, ours))
+    x = _input(what, name, batch, dtype, generator).to(device)
+    if what == "layer":
+        difference = check_same_function(official, ours, x[:check_batch], FLOAT32_TOLERANCE, backward=False)
+    else:  # a deep model's float32 rounding is reported, not bounded: float64 above is the check
+        with torch.no_grad():
+            difference = _largest_difference(official, ours, x[:check_batch], backward=False)
+    load_before = load_average()
+    official_times, our_times = interleaved_times(_step(official, x, mode), _step(ours, x, mode), rounds, warmup,
+                                                  device)
+    ratios = sorted(a / b for a, b in zip(official_times, our_times, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4)
+    fraction = None
+    if what == "layer" and mode == "forward" and gemm_rate:
+        shape = PRESETS[name]
+        fraction = ours.macs(shape.height, shape.width).flops * batch / statistics.median(our_times) / gemm_rate
+    return Row(what, name, batch, mode, str(dtype).removeprefix("torch."), 1e3 * statistics.median(official_times),
+               1e3 * statistics.median(our_times), _spread(official_times), _spread(our_times),
+               statistics.median(ratios), (quartiles[0], quartiles[2]), rounds, difference, fraction, load_before,
+               load_average())
+
+
+def render(rows: list[Row], run: dict[str, Any]) -> str:
+    """The markdown report: one table, then the conditions it was measured in."""
+    table = []
+    for row in rows:
+        flag = " ⚠" if row.unstable else ""
+        table.append([row.what, row.name, row.batch, row.mode, row.dtype, f"{row.official_ms:.1f}{flag}",
+                      f"{row.ours_ms:.1f}{flag}",
+                      f"{row.speedup:.2f}× [{row.speedup_iqr[0]:.2f}, {row.speedup_iqr[1]:.2f}]{flag}",
+                      _fraction_text(row.ours_gemm_fraction),
+                      f"{row.max_difference:.1e}", f"{row.load_before} → {row.load_after}"])
+    env = run["environment"]
+    return "\n".join([
+        "# attnbench against the official BiFormer code, one process, interleaved",
+        "",
+        f"Measured with `{run['command']}`. Official code: {run['official_root']} at {run['official_commit']} "
+        "(rayleizhu/BiFormer; imported, not copied). Every row was first checked to compute the same function "
+        f"(float64 outputs and gradients within {FLOAT64_TOLERANCE:g}; float32 layer outputs within "
+        f"{FLOAT32_TOLERANCE:g}, relative to the output's largest magnitude), then timed in {run['rounds']} "
+        f"interleaved rounds after {run['warmup']} warm-up rounds.",
+        "",
+        tabulate(table, headers=["what", "name", "batch", "mode", "dtype", "official ms", "ours ms",
+                                 "speed-up (median of per-round ratios [IQR])", "ours / GEMM rate",
+                                 "float32 difference", "load average before → after"], tablefmt="github"),
+        "",
+        f"⚠: a side's own spread (IQR ÷ median of its rounds) exceeded {UNSTABLE_SPREAD:.0%}: the figure is printed, "
+        "not trusted. *ours / GEMM rate*: our forward's useful FLOP/s (the MACs attentions/bra.py counts) over the "
+        f"dense {run['gemm_size']}³ GEMM rate measured in the same process "
+        + ("(not measured: no layer forward in this run)" if run["gemm_flops_per_s"] is None
+           else f"({run['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+        + ". A model's float32 difference is reported, not bounded (float64 is the check).",
+        "",
+        f"Device {env['device']} ({env.get('device_name')}), {run['threads']} threads, torch {env['torch']}, "
+        f"attnbench {env['git_sha'][:12]}{' (uncommitted changes)' if env.get('git_dirty') is True else ''}, "
+        f"started {run['started']}.",
+        "",
+    ])
+
+
+def _fraction_text(fraction: float | None) -> str:
+    if fraction is None:
+        return "–"
+    return f"{fraction:.0%}" + (" ⚠ above the GEMM rate: cannot be right" if fraction > 1 else "")
+
+
+def run(root: Path, out: Path, layers: list[str], models: list[str], batches: list[int], modes: list[str],
+        model_modes: list[str], dtype: torch.dtype, device: torch.device, rounds: int, warmup: int,
+        command: str) -> list[Row]:
+    """Every comparison asked for, appended to ``out``/rows.jsonl as measured (rows already there are kept, not
+    measured again); ``out``/report.md at the end."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    done = {}
+    if rows_path.exists():
+        for line in rows_path.read_text().splitlines():
+            values = json.loads(line)
+            values["speedup_iqr"] = tuple(values["speedup_iqr"])
+            row = Row(**values)
+            done[row.key] = row
+    gemm = gemm_flops_per_s(device, dtype) if layers and "forward" in modes else None
+    run_info = {"command": command, "official_root": str(root), "official_commit": official_commit(root),
+                "rounds": rounds, "warmup": warmup, "threads": torch.get_num_threads(), "gemm_size": 2048,
+                "gemm_flops_per_s": gemm, "environment": environment(device.type),
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    plan = [("layer", name, batch, mode) for name in layers for batch in batches for mode in modes]
+    plan += [("model", name, batch, mode) for name in models for batch in batches for mode in model_modes]
+    rows = []
+    for what, name, batch, mode in plan:
+        key = f"{what}/{name}/b{batch}/{mode}/{str(dtype).removeprefix('torch.')}"
+        if key not in done:
+            done[key] = compare(root, what, name, batch, mode, dtype, device, rounds, warmup, gemm)
+            with rows_path.open("a") as handle:
+                handle.write(json.dumps(asdict(done[key])) + "\n")
+            print(f"{key}: official {done[key].official_ms:.1f} ms, ours {done[key].ours_ms:.1f} ms, "
+                  f"{done[key].speedup:.2f}×", flush=True)
+        rows.append(done[key])
+    (out / "report.md").write_text(render(rows, run_info))
+    return rows

@@ -1,0 +1,54 @@
+"""``python -m attnbench versus-official``: checks before it times, times interleaved, keeps what it measured.
+
+The official BiFormer code is not shipped; stand-ins under tests/fixtures play it (one computing the same function,
+one computing another). The comparison against the real code is run by hand (README: fast BRA)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from attnbench.cli import main
+from attnbench.versus_official import interleaved_times
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SMALL = ["--layers", "biformer_t.stage4", "--models", "--batch", "2", "--rounds", "3", "--warmup", "1",
+         "--threads", "1"]
+
+
+def test_a_matching_official_code_is_timed_row_by_row_and_a_rerun_keeps_the_rows(tmp_path, capsys):
+    out = tmp_path / "versus"
+    assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *SMALL]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(row["name"], row["mode"]) for row in rows] == [("biformer_t.stage4", "forward"),
+                                                           ("biformer_t.stage4", "forward_backward")]
+    for row in rows:
+        assert row["rounds"] == 3 and row["official_ms"] > 0 and row["ours_ms"] > 0 and row["speedup"] > 0
+        assert row["max_difference"] <= 1e-5 and len(row["load_before"]) == 3
+    assert 0 < rows[0]["ours_gemm_fraction"] and rows[1]["ours_gemm_fraction"] is None  # forward only
+    report = (out / "report.md").read_text()
+    assert "float64 outputs and gradients within 1e-10" in report and "| layer" in report
+    assert json.loads((out / "run.json").read_text())["official_commit"] == "unknown (not a git checkout)"
+    capsys.readouterr()
+    assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *SMALL]) == 0
+    assert "official" not in capsys.readouterr().out.split("report:")[0]  # nothing measured again
+    assert len((out / "rows.jsonl").read_text().splitlines()) == 2
+
+
+def test_official_code_that_computes_another_function_is_not_timed(tmp_path, capsys):
+    out = tmp_path / "versus"
+    assert main(["versus-official", str(FIXTURES / "official_wrong"), "--out", str(out), *SMALL]) == 1
+    assert "not the same function, nothing timed: outputs differ" in capsys.readouterr().err
+    assert not (out / "rows.jsonl").exists()
+
+
+def test_a_directory_that_is_not_the_official_checkout_exits_2(tmp_path, capsys):
+    assert main(["versus-official", str(tmp_path), "--out", str(tmp_path / "o"), *SMALL]) == 2
+    assert f"error: {tmp_path}: not a checkout of rayleizhu/BiFormer (no ops/bra_legacy.py)" in capsys.readouterr().err
+
+
+def test_interleaved_rounds_alternate_the_order_and_time_each_side_once_per_round():
+    calls = []
+    first, second = interleaved_times(lambda: calls.append("a"), lambda: calls.append("b"), rounds=4, warmup=1,
+                                      device=torch.device("cpu"))
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"] and len(first) == len(second) == 4
