@@ -408,8 +408,7 @@ def _versus_official(args: argparse.Namespace) -> int:
     try:
         versus_official.official_module(root, "ops.bra_legacy")
         versus_official.run(root, out, args.layers, args.models, args.batch, args.mode, args.model_mode,
-                            getattr(torch, args.dtype), torch.device(resolve_device(args.device)), args.rounds,
-                            args.warmup, command)
+                            torch.device(resolve_device(args.device)), args.rounds, args.warmup, command)
     except versus_official.OfficialCodeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -550,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     suites.set_defaults(handler=_suites)
 
     versus = commands.add_parser(
-        "versus-official", help="time our BRA and BiFormer models against the official code, in one process",
+        "versus-official", help="time our BRA and BiFormer models against the official code, in one process (float32)",
         description="Import the official BiFormer code from OFFICIAL_ROOT (a checkout of rayleizhu/BiFormer; needs "
                     "einops, and fairscale for the models), check that ours computes the same function with the same "
                     "weights, then time both interleaved in one process; rows.jsonl and report.md in --out.")
@@ -559,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     versus.add_argument("--out", help="output directory (default results/versus_official/<timestamp>); a rerun into "
                                       "it skips the rows already measured")
     versus.add_argument("--layers", nargs="*", default=list(OFFICIAL_STAGE_TOPK), choices=list(OFFICIAL_STAGE_TOPK),
-                        metavar="STAGE", help="BiFormer-T stages to compare (default: all four)")
+                        metavar="STAGE", help="BiFormer-T's BRA stages to compare (default: 1-3; its stage 4 is dense "
+                                              "attention with LePE, compared within the models)")
     versus.add_argument("--models", nargs="*", default=list(OFFICIAL_MODELS), choices=OFFICIAL_MODELS,
                         help="official models to compare (default: both)")
     versus.add_argument("--batch", nargs="+", type=int, default=[32, 64])
@@ -568,10 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     versus.add_argument("--model-mode", nargs="+", choices=["forward", "train_step"],
                         default=["forward", "train_step"], help="for the models (train_step: forward, "
                                                                  "cross-entropy, backward, AdamW)")
-    versus.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     versus.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     versus.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    versus.add_argument("--rounds", type=int, default=15, help="timed rounds, each calling both sides once")
+    versus.add_argument("--rounds", type=int, default=15, help="timed rounds, each calling both sides once (>= 4)")
     versus.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     versus.set_defaults(handler=_versus_official)
 

@@ -9,13 +9,19 @@ within ``FLOAT32_TOLERANCE`` for a layer; relative to the output's largest magni
 machine falls on both sides alike. The speed-up is the median over rounds of the per-round ratio official ÷ ours,
 with its inter-quartile range; a side whose own spread (IQR ÷ median) exceeds ``UNSTABLE_SPREAD`` is flagged.
 
-Layers are BiFormer-T's stages at 224² (attnbench/presets.py; n_win 7, LCE 5, top-k 1/4/16/49 as in
-suites/bra_impl.yaml); for them the report also gives our forward's useful FLOP/s (attentions/bra.py's MAC count)
-as a fraction of the dense GEMM rate measured in the same process. Models are BiFormer-T/S: inference, and one
-training step (forward, cross-entropy, backward, AdamW) with an optimizer per side.
+Layers are BiFormer-T's BRA stages 1–3 at 224² (attnbench/presets.py) with the options the official model gives
+them (models/biformer.py: n_win 7, top-k 1/4/16, LCE 5, qk_dim = dim; its stage 4 is dense attention with LePE, not
+BRA, and is compared within the models); for them the report also gives our forward's useful FLOP/s
+(attentions/bra.py's MAC count) as a fraction of the dense GEMM rate measured in the same process. Models are
+BiFormer-T/S: inference, and one training step (forward, cross-entropy, backward, AdamW) with an optimizer per side.
+The float64 check runs forward and backward in train mode, the float32 check forward in eval mode, the modes the
+rows are timed in. On CUDA our ``impl='auto'`` may time xFormers, whose backward has no float64 kernels to check.
 
 Rows are appended to ``rows.jsonl`` as they are measured, so a killed run keeps them and a rerun into the same
-directory skips them; ``report.md`` is written at the end.
+directory skips them; ``run.json`` keeps the conditions of the first run (device, threads, rounds, the official
+checkout) and a rerun under others is refused. ``report.md`` is written at the end. Importing the official models
+re-registers ``biformer_*`` in timm's registry (theirs replaces ours) for the rest of the process: the command is a
+process of its own.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ from .presets import PRESETS
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5
 UNSTABLE_SPREAD = 0.10
-STAGE_TOPK = {"biformer_t.stage1": 1, "biformer_t.stage2": 4, "biformer_t.stage3": 16, "biformer_t.stage4": 49}
+MIN_ROUNDS = 4  # below this the quartiles of the rounds are no spread at all
+# the BRA stages of BiFormer-T (rayleizhu/BiFormer models/biformer.py @ 1697bbb: topks [1, 4, 16, -2])
+STAGE_TOPK = {"biformer_t.stage1": 1, "biformer_t.stage2": 4, "biformer_t.stage3": 16}
 MODELS = ("biformer_tiny", "biformer_small")
 
 
@@ -81,9 +89,6 @@ class Row:
     def key(self) -> str:
         return f"{self.what}/{self.name}/b{self.batch}/{self.mode}/{self.dtype}"
 
-    @property
-    def unstable(self) -> bool:
-        return max(self.official_spread, self.ours_spread) > UNSTABLE_SPREAD
 
 
 @contextlib.contextmanager
@@ -153,27 +158,32 @@ def _input(what: str, name: str, batch: int, dtype: torch.dtype, generator: torc
 
 
 def _largest_difference(official: nn.Module, ours: nn.Module, x: torch.Tensor, backward: bool) -> float:
-    """The largest difference of outputs (and, with ``backward``, of the input's and every parameter's gradient),
-    each relative to the larger of 1 and the official tensor's largest magnitude."""
-    pairs = []
-    outputs = []
+    """The largest normwise relative difference (∞-norm) of the outputs and, with ``backward``, of the input's
+    gradient and of the parameters' gradients taken as one vector (so a gradient that is zero by construction, a
+    bias before a norm, is judged on the scale of the others, not on its own rounding noise); train mode with
+    ``backward``, else eval mode."""
+    sides = []
     for module in (official, ours):
+        module.train(backward)
         module.zero_grad(set_to_none=True)
         leaf = x.detach().clone().requires_grad_(backward)
         out = module(leaf)
+        groups = {"output": out.detach()}
         if backward:
-            out.backward(torch.ones_like(out) / out.numel() ** 0.5)
-            grads = dict(module.named_parameters())  # matched by name: the two modules register them in other orders
-            outputs.append([out.detach(), leaf.grad, *(grads[name].grad for name in sorted(grads))])
-        else:
-            outputs.append([out.detach()])
-    for a, b in zip(*outputs, strict=True):
-        if a is None or b is None:
-            if (a is None) != (b is None):
-                return float("inf")
-            continue
-        pairs.append(((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item())
-    return max(pairs)
+            # a random seed, the same for both: the sum of the logits has no gradient through train-mode BatchNorm
+            seed = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+            out.backward(seed.to(out.device))
+            params = dict(module.named_parameters())  # matched by name: the two register them in other orders
+            missing = [name for name in sorted(params) if params[name].grad is None]
+            groups["input gradient"] = leaf.grad
+            groups["parameter gradients"] = torch.cat([params[name].grad.flatten() for name in sorted(params)
+                                                       if name not in missing])
+            groups["parameters without a gradient"] = missing
+        sides.append(groups)
+    if backward and sides[0].pop("parameters without a gradient") != sides[1].pop("parameters without a gradient"):
+        return float("inf")
+    return max(((sides[0][key] - sides[1][key]).abs().max()
+                / sides[0][key].abs().max().clamp(min=torch.finfo(x.dtype).tiny)).item() for key in sides[0])
 
 
 def check_same_function(official: nn.Module, ours: nn.Module, x: torch.Tensor, tolerance: float,
@@ -207,7 +217,7 @@ def _step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
             out.backward(seed)
         return forward_backward
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    labels = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -237,9 +247,15 @@ def interleaved_times(first: Callable[[], None], second: Callable[[], None], rou
     return times
 
 
+def _quartiles(samples: list[float]) -> tuple[float, float]:
+    """First and third quartile, interpolated within the samples (never beyond them)."""
+    quartiles = statistics.quantiles(samples, n=4, method="inclusive")
+    return quartiles[0], quartiles[2]
+
+
 def _spread(samples: list[float]) -> float:
-    quartiles = statistics.quantiles(samples, n=4)
-    return (quartiles[2] - quartiles[0]) / statistics.median(samples)
+    low, high = _quartiles(samples)
+    return (high - low) / statistics.median(samples)
 
 
 def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.device,
@@ -261,15 +277,14 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
     load_before = load_average()
     official_times, our_times = interleaved_times(_step(official, x, mode), _step(ours, x, mode), rounds, warmup,
                                                   device)
-    ratios = sorted(a / b for a, b in zip(official_times, our_times, strict=True))
-    quartiles = statistics.quantiles(ratios, n=4)
+    ratios = [a / b for a, b in zip(official_times, our_times, strict=True)]
     fraction = None
     if what == "layer" and mode == "forward" and gemm_rate:
         shape = PRESETS[name]
         fraction = ours.macs(shape.height, shape.width).flops * batch / statistics.median(our_times) / gemm_rate
     return Row(what, name, batch, mode, str(dtype).removeprefix("torch."), 1e3 * statistics.median(official_times),
                1e3 * statistics.median(our_times), _spread(official_times), _spread(our_times),
-               statistics.median(ratios), (quartiles[0], quartiles[2]), rounds, difference, fraction, load_before,
+               statistics.median(ratios), _quartiles(ratios), rounds, difference, fraction, load_before,
                load_average())
 
 
@@ -277,10 +292,12 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
     """The markdown report: one table, then the conditions it was measured in."""
     table = []
     for row in rows:
-        flag = " ⚠" if row.unstable else ""
-        table.append([row.what, row.name, row.batch, row.mode, row.dtype, f"{row.official_ms:.1f}{flag}",
-                      f"{row.ours_ms:.1f}{flag}",
-                      f"{row.speedup:.2f}× [{row.speedup_iqr[0]:.2f}, {row.speedup_iqr[1]:.2f}]{flag}",
+        official_flag, our_flag = (" ⚠" if spread > UNSTABLE_SPREAD else "" for spread in (row.official_spread,
+                                                                                          row.ours_spread))
+        table.append([row.what, row.name, row.batch, row.mode, row.dtype, f"{row.official_ms:.1f}{official_flag}",
+                      f"{row.ours_ms:.1f}{our_flag}",
+                      f"{row.speedup:.2f}× [{row.speedup_iqr[0]:.2f}, {row.speedup_iqr[1]:.2f}]"
+                      + (" ⚠" if official_flag or our_flag else ""),
                       _fraction_text(row.ours_gemm_fraction),
                       f"{row.max_difference:.1e}", f"{row.load_before} → {row.load_after}"])
     env = run["environment"]
@@ -290,16 +307,16 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
         f"Measured with `{run['command']}`. Official code: {run['official_root']} at {run['official_commit']} "
         "(rayleizhu/BiFormer; imported, not copied). Every row was first checked to compute the same function "
         f"(float64 outputs and gradients within {FLOAT64_TOLERANCE:g}; float32 layer outputs within "
-        f"{FLOAT32_TOLERANCE:g}, relative to the output's largest magnitude), then timed in {run['rounds']} "
-        f"interleaved rounds after {run['warmup']} warm-up rounds.",
+        f"{FLOAT32_TOLERANCE:g}; each relative to the official tensor's largest magnitude), then timed in "
+        f"{run['rounds']} interleaved rounds after {run['warmup']} warm-up rounds.",
         "",
         tabulate(table, headers=["what", "name", "batch", "mode", "dtype", "official ms", "ours ms",
                                  "speed-up (median of per-round ratios [IQR])", "ours / GEMM rate",
                                  "float32 difference", "load average before → after"], tablefmt="github"),
         "",
-        f"⚠: a side's own spread (IQR ÷ median of its rounds) exceeded {UNSTABLE_SPREAD:.0%}: the figure is printed, "
-        "not trusted. *ours / GEMM rate*: our forward's useful FLOP/s (the MACs attentions/bra.py counts) over the "
-        f"dense {run['gemm_size']}³ GEMM rate measured in the same process "
+        f"⚠: the side's own spread (IQR ÷ median of its rounds) exceeded {UNSTABLE_SPREAD:.0%} (on the speed-up: "
+        "either side's): the figure is printed, not trusted. *ours / GEMM rate*: our forward's useful FLOP/s (the "
+        f"MACs attentions/bra.py counts) over the dense {run['gemm_size']}³ GEMM rate measured in the same process "
         + ("(not measured: no layer forward in this run)" if run["gemm_flops_per_s"] is None
            else f"({run['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
         + ". A model's float32 difference is reported, not bounded (float64 is the check).",
@@ -318,12 +335,24 @@ def _fraction_text(fraction: float | None) -> str:
 
 
 def run(root: Path, out: Path, layers: list[str], models: list[str], batches: list[int], modes: list[str],
-        model_modes: list[str], dtype: torch.dtype, device: torch.device, rounds: int, warmup: int,
-        command: str) -> list[Row]:
-    """Every comparison asked for, appended to ``out``/rows.jsonl as measured (rows already there are kept, not
-    measured again); ``out``/report.md at the end."""
+        model_modes: list[str], device: torch.device, rounds: int, warmup: int, command: str) -> list[Row]:
+    """Every comparison asked for, float32, appended to ``out``/rows.jsonl as measured (rows already there are kept,
+    not measured again); ``out``/report.md at the end. ``OfficialCodeError`` if ``out`` holds rows measured under
+    other conditions."""
+    if rounds < MIN_ROUNDS or warmup < 1:
+        raise OfficialCodeError(f"--rounds {rounds} --warmup {warmup}: needs at least {MIN_ROUNDS} rounds (a spread) "
+                                "and 1 warm-up round (first-call costs)")
+    dtype = torch.float32
     out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
+    conditions = {"official_root": str(root.resolve()), "official_commit": official_commit(root),
+                  "device": str(device), "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup}
+    run_path, rows_path = out / "run.json", out / "rows.jsonl"
+    run_info = json.loads(run_path.read_text()) if run_path.exists() else {}
+    differing = [f"{key} {run_info[key]} then, {value} now" for key, value in conditions.items()
+                 if run_info and run_info.get(key) != value]
+    if differing:
+        raise OfficialCodeError(f"{out}: its rows were measured under other conditions ({'; '.join(differing)}); "
+                                "choose another --out")
     done = {}
     if rows_path.exists():
         for line in rows_path.read_text().splitlines():
@@ -331,19 +360,22 @@ def run(root: Path, out: Path, layers: list[str], models: list[str], batches: li
             values["speedup_iqr"] = tuple(values["speedup_iqr"])
             row = Row(**values)
             done[row.key] = row
-    gemm = gemm_flops_per_s(device, dtype) if layers and "forward" in modes else None
-    run_info = {"command": command, "official_root": str(root), "official_commit": official_commit(root),
-                "rounds": rounds, "warmup": warmup, "threads": torch.get_num_threads(), "gemm_size": 2048,
-                "gemm_flops_per_s": gemm, "environment": environment(device.type),
-                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
     plan = [("layer", name, batch, mode) for name in layers for batch in batches for mode in modes]
     plan += [("model", name, batch, mode) for name in models for batch in batches for mode in model_modes]
+    keys = [f"{what}/{name}/b{batch}/{mode}/float32" for what, name, batch, mode in plan]
+    if not run_info:
+        run_info = {**conditions, "command": command, "gemm_size": 2048, "gemm_flops_per_s": None,
+                    "environment": environment(device.type),
+                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if run_info["gemm_flops_per_s"] is None and any(key not in done for key in keys if key.endswith("/forward/float32")
+                                                    and key.startswith("layer/")):
+        run_info["gemm_flops_per_s"] = gemm_flops_per_s(device, dtype)
+    run_path.write_text(json.dumps(run_info, indent=2))
     rows = []
-    for what, name, batch, mode in plan:
-        key = f"{what}/{name}/b{batch}/{mode}/{str(dtype).removeprefix('torch.')}"
+    for (what, name, batch, mode), key in zip(plan, keys, strict=True):
         if key not in done:
-            done[key] = compare(root, what, name, batch, mode, dtype, device, rounds, warmup, gemm)
+            done[key] = compare(root, what, name, batch, mode, dtype, device, rounds, warmup,
+                                run_info["gemm_flops_per_s"])
             with rows_path.open("a") as handle:
                 handle.write(json.dumps(asdict(done[key])) + "\n")
             print(f"{key}: official {done[key].official_ms:.1f} ms, ours {done[key].ours_ms:.1f} ms, "

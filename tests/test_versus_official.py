@@ -6,13 +6,14 @@ one computing another). The comparison against the real code is run by hand (REA
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from attnbench.cli import main
-from attnbench.versus_official import interleaved_times
+from attnbench.versus_official import STAGE_TOPK, interleaved_times
 
 FIXTURES = Path(__file__).parent / "fixtures"
-SMALL = ["--layers", "biformer_t.stage4", "--models", "--batch", "2", "--rounds", "3", "--warmup", "1",
+SMALL = ["--layers", "biformer_t.stage3", "--models", "--batch", "2", "--rounds", "4", "--warmup", "1",
          "--threads", "1"]
 
 
@@ -20,10 +21,10 @@ def test_a_matching_official_code_is_timed_row_by_row_and_a_rerun_keeps_the_rows
     out = tmp_path / "versus"
     assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *SMALL]) == 0
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    assert [(row["name"], row["mode"]) for row in rows] == [("biformer_t.stage4", "forward"),
-                                                           ("biformer_t.stage4", "forward_backward")]
+    assert [(row["name"], row["mode"]) for row in rows] == [("biformer_t.stage3", "forward"),
+                                                           ("biformer_t.stage3", "forward_backward")]
     for row in rows:
-        assert row["rounds"] == 3 and row["official_ms"] > 0 and row["ours_ms"] > 0 and row["speedup"] > 0
+        assert row["rounds"] == 4 and row["official_ms"] > 0 and row["ours_ms"] > 0 and row["speedup"] > 0
         assert row["max_difference"] <= 1e-5 and len(row["load_before"]) == 3
     assert 0 < rows[0]["ours_gemm_fraction"] and rows[1]["ours_gemm_fraction"] is None  # forward only
     report = (out / "report.md").read_text()
@@ -33,13 +34,31 @@ def test_a_matching_official_code_is_timed_row_by_row_and_a_rerun_keeps_the_rows
     assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *SMALL]) == 0
     assert "official" not in capsys.readouterr().out.split("report:")[0]  # nothing measured again
     assert len((out / "rows.jsonl").read_text().splitlines()) == 2
+    other_threads = [*SMALL[:-1], "2"]  # --threads 2
+    assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *other_threads]) == 2
+    assert "its rows were measured under other conditions (threads 1 then, 2 now); choose another --out" in \
+        capsys.readouterr().err
 
 
-def test_official_code_that_computes_another_function_is_not_timed(tmp_path, capsys):
+@pytest.mark.parametrize("stand_in", ["official_wrong", "official_wrong_backward"])
+def test_official_code_that_computes_another_function_or_gradient_is_not_timed(tmp_path, capsys, stand_in):
     out = tmp_path / "versus"
-    assert main(["versus-official", str(FIXTURES / "official_wrong"), "--out", str(out), *SMALL]) == 1
+    assert main(["versus-official", str(FIXTURES / stand_in), "--out", str(out), *SMALL]) == 1
     assert "not the same function, nothing timed: outputs differ" in capsys.readouterr().err
     assert not (out / "rows.jsonl").exists()
+
+
+def test_the_layers_are_the_bra_stages_of_biformer_t_with_its_top_k():
+    from attnbench.models.biformer import RELEASED
+
+    stages = [f"biformer_t.stage{index}" for index, topk in enumerate(RELEASED["topks"], 1) if topk > 0]
+    assert STAGE_TOPK == {stage: topk for stage, topk in zip(stages, RELEASED["topks"], strict=False)}
+
+
+def test_too_few_rounds_for_a_spread_exit_2_before_anything_runs(tmp_path, capsys):
+    few = [arg if arg != "4" else "3" for arg in SMALL]  # --rounds 3
+    assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(tmp_path / "o"), *few]) == 2
+    assert "needs at least 4 rounds" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_a_directory_that_is_not_the_official_checkout_exits_2(tmp_path, capsys):
