@@ -22,7 +22,7 @@ import attentions
 from .data.errors import DataError
 from .records import RecordStore
 from .suite import Suite, SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
-from .suite.load import data_root_problem
+from .suite.load import data_root_problem, is_split_of, suite_tasks
 from .versus_official import MODELS as OFFICIAL_MODELS
 from .versus_official import STAGE_TOPK as OFFICIAL_STAGE_TOPK
 
@@ -107,19 +107,13 @@ def _shard_split(results_dir: Path, suite: Suite, run_name: str | None,
         if not isinstance(run, dict) or not str(run.get("shard", "")).endswith(f"/{count}"):
             continue
         plan = run.get("shard_plan")
-        if _is_split_of(plan, case_ids, count):
+        if is_split_of(plan, case_ids, count):
             recorded.append((run_json.parent.name != run_name, str(run.get("created", "")), run_json.parent.name, plan))
         elif plan is None and run.get("suite_cases") == whole and run.get("only") == only and run.get("created"):
             started.append(str(run["created"]))  # a sibling shard from before splits were recorded
     if recorded:
         return min(recorded, key=lambda entry: entry[:3])[3], {}
     return None, _earlier_durations(results_dir, suite.name, before=min(started) if started else None)
-
-
-def _is_split_of(plan: object, case_ids: list[str], count: int) -> bool:
-    """Whether ``plan`` (read from a run.json) assigns exactly these cases to shards 0..count-1."""
-    return (isinstance(plan, dict) and set(plan) == set(case_ids)
-            and all(type(index) is int and 0 <= index < count for index in plan.values()))
 
 
 def _estimate(results_dir: Path, suite_name: str, cases: list) -> str:
@@ -261,7 +255,7 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
             print(f"{case.id}  {case.describe()}")
         print(f"{len(cases)} cases of suite {suite.name!r} ({args.suite}), profile {args.profile or '(none)'}; "
               f"{_estimate(Path(args.results_dir), suite.name, cases)}")
-        for task in [task for axes in (suite.grid, *suite.zip) for task in axes.task or []]:
+        for task in suite_tasks(suite):
             problem = data_root_problem(task)
             if problem:
                 print(f"note: task {task.name}: {problem} (needed to run, not for this dry run)")
@@ -473,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-large", action="store_true", help="allow a suite of more than 10,000 cases")
     run.add_argument("--shard", metavar="I/N",
                      help="run shard I of N (0-based): a deterministic share of the cases, balanced by their time in "
-                          "earlier runs; the first shard records the split in its run.json and shards started later "
-                          "take it; give each shard its own --run and join them with 'attnbench merge'")
+                          "earlier runs; every shard records the split in its run.json and a shard started later "
+                          "takes its first sibling's; give each shard its own --run and join them with "
+                          "'attnbench merge'")
     run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
                      help="local: a process per case (default); slurm: a submitit job per case on a Slurm cluster; "
                           "submitit-local: the same job path on this machine (submitit's LocalExecutor)")

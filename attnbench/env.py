@@ -19,12 +19,14 @@ from attentions.registry import ENTRY_POINT_GROUP
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _git(*args: str) -> str | None:
-    """A git command's output in the checkout attnbench runs from; None outside a checkout (an installed copy)."""
-    if not (REPO_ROOT / ".git").exists():
+def git_output(*args: str, root: Path | None = None) -> str | None:
+    """A git command's output in the checkout ``root`` (default: the one attnbench runs from); None outside a
+    checkout (an installed copy) or when git fails."""
+    root = root or REPO_ROOT
+    if not (root / ".git").exists():
         return None
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -68,10 +70,11 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     """Versions, device, threads and numerics flags; git sha and whether the code had uncommitted changes (changes
     to tracked files outside results/)."""
     cuda = device == "cuda" and torch.cuda.is_available()
-    sha = _git("rev-parse", "HEAD")
+    sha = git_output("rev-parse", "HEAD")
     # results/ holds measurements, not code: a resumed run appends to its committed records.jsonl, and that must
     # not mark the code it runs as uncommitted
-    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results") if sha else None
+    status = git_output("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results") \
+        if sha else None
     return {
         "attnbench": attnbench.__version__,
         "git_sha": sha or "unknown",  # "unknown": not run from a git checkout (e.g. a pip-installed copy)

@@ -43,7 +43,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from .env import environment, load_average
+from .env import environment, git_output, load_average
 from .measure.gemm import gemm_flops_per_s
 from .presets import PRESETS
 
@@ -120,14 +120,7 @@ def official_module(root: Path, module: str) -> Any:
 
 
 def official_commit(root: Path) -> str:
-    head = root / ".git" / "HEAD"
-    if not head.is_file():
-        return "unknown (not a git checkout)"
-    ref = head.read_text().strip()
-    if ref.startswith("ref: "):
-        path = root / ".git" / ref[5:]
-        return path.read_text().strip() if path.is_file() else ref[5:]
-    return ref
+    return git_output("rev-parse", "HEAD", root=root) or "unknown (not a git checkout)"
 
 
 def _layer_pair(root: Path, preset: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:

@@ -246,11 +246,18 @@ def shard(suite: Suite, index: int, count: int, cost: dict[str, float] | None = 
     cases = expand(suite)
     if plan is None:
         plan = _balanced_split(cases, count, cost or {})
-    elif set(plan) != {case.id for case in cases} or not set(plan.values()) <= set(range(count)):
+    elif not is_split_of(plan, [case.id for case in cases], count):
         raise SuiteError(f"--shard {index}/{count}: the recorded split does not cover these cases in {count} shards")
     suite._selection["shard"] = f"{index}/{count}"
     suite._selection["shard_plan"] = dict(plan)
     suite._cases = [case for case in cases if plan[case.id] == index]
+
+
+def is_split_of(plan: object, case_ids: list[str], count: int) -> bool:
+    """Whether ``plan`` (case id -> shard, e.g. read from a run.json) assigns exactly these cases to shards
+    0..count-1."""
+    return (isinstance(plan, dict) and set(plan) == set(case_ids)
+            and all(type(index) is int and 0 <= index < count for index in plan.values()))
 
 
 def _balanced_split(cases: list[Any], count: int, cost: dict[str, float]) -> dict[str, int]:
@@ -503,20 +510,23 @@ def _check_rules(path: Path, suite: Suite) -> None:
             raise SuiteError(f"{path}: {field}: no row labelled {label!r}; labels: {', '.join(labels)}")
     metrics = _scored_metrics(suite)
     for kind, rules in (("gates", suite.gates), ("hypotheses", suite.hypotheses)):
+        if rules and metrics is None:
+            raise SuiteError(f"{path}: {kind}: gates and hypotheses judge accuracy, and this suite trains nothing "
+                             "(no task axis)")
         for index, rule in enumerate(rules):
-            if metrics is None:
-                raise SuiteError(f"{path}: {kind}: gates and hypotheses judge accuracy, and this suite trains "
-                                 "nothing (no task axis)")
             if rule.metric not in metrics:
                 raise SuiteError(f"{path}: {kind}[{index}].metric: {rule.metric!r} is not scored by every task of "
                                  f"this suite (each task's table is judged by every rule); metrics: "
                                  f"{', '.join(metrics) or 'none in common'}")
-            if getattr(rule, "within_chance", None) is not None and not _has_chance_level(suite):
-                raise SuiteError(f"{path}: gates[{index}].within_chance: a segmentation task has no chance level; "
-                                 "use at_least")
+    chanceless = not all(task.task == "classification" for task in suite_tasks(suite))
+    for index, gate in enumerate(suite.gates):
+        if gate.within_chance is not None and chanceless:
+            raise SuiteError(f"{path}: gates[{index}].within_chance: a segmentation task has no chance level; "
+                             "use at_least")
 
 
-def _tasks(suite: Suite) -> list[Any]:
+def suite_tasks(suite: Suite) -> list[Any]:
+    """Every task of the suite's grid and zip groups."""
     return [task for axes in (suite.grid, *suite.zip) for task in axes.task or []]
 
 
@@ -526,15 +536,11 @@ def _scored_metrics(suite: Suite) -> list[str] | None:
     from ..train.per_distance import BINS
 
     common: list[str] | None = None
-    for task in _tasks(suite):
+    for task in suite_tasks(suite):
         scored = ["top1", *BINS] if task.data.dataset == "colour_pointer" else [
             "top1" if task.task == "classification" else "miou"]
         common = scored if common is None else [metric for metric in common if metric in scored]
     return common
-
-
-def _has_chance_level(suite: Suite) -> bool:
-    return all(task.task == "classification" for task in _tasks(suite))
 
 
 def _check_baseline(path: Path, suite: Suite) -> None:
