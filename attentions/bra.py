@@ -225,8 +225,8 @@ class BiLevelRoutingAttention(AttentionMechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C).
 
-        Images are independent, so the batch runs by image (``attentions/by_image.py``): in inference over one
-        worker thread per core, each taking its images in groups whose qkv activations fit in
+        Images are independent, so the batch runs by image (``attentions/by_image.py``): in eval-mode inference
+        over one worker thread per intra-op thread, each taking its images in groups whose qkv activations fit in
         ``BATCH_CHUNK_BYTES``; single-threaded in such groups; otherwise whole. With ``impl='reference'``, the
         official computation, it runs in one piece. The result is the same function, image by image."""
         self.check_input(x)
@@ -234,7 +234,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
             return self._forward(x)
         padded_h, padded_w = self._padded_size(x.shape[1], x.shape[2])
         per_image = padded_h * padded_w * (2 * self.qk_dim + self.dim) * x.element_size()
-        return by_image(self._forward, x, per_image, BATCH_CHUNK_BYTES)
+        return by_image(self._forward, x, per_image, BATCH_CHUNK_BYTES, allow_workers=not self.training)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape

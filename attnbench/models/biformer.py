@@ -59,12 +59,12 @@ class BiFormerBlock(nn.Module):
 
         Every op of a block is per image (LayerNorm, not BatchNorm), so the batch runs by image
         (``attentions/by_image.py``; with impl='reference' it runs as the official code, in one piece): in
-        inference over one worker thread per core, each taking its images in groups whose MLP activations fit in
-        ``BLOCK_CHUNK_BYTES``; single-threaded in such groups; otherwise whole."""
+        eval-mode inference over one worker thread per intra-op thread, each taking its images in groups whose MLP
+        activations fit in ``BLOCK_CHUNK_BYTES``; single-threaded in such groups; otherwise whole."""
         if not self.group_batch:
             return self._forward(x)
         per_image = x[0].numel() * self.mlp_ratio * x.element_size()
-        return by_image(self._forward, x, per_image, BLOCK_CHUNK_BYTES)
+        return by_image(self._forward, x, per_image, BLOCK_CHUNK_BYTES, allow_workers=not self.training)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "pos_embed"):
