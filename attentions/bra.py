@@ -48,25 +48,13 @@ from torch import nn
 from . import bra_kernels
 from ._common import conv_nhwc, depthwise_conv, depthwise_conv_macs, pad_bottom_right
 from .base import AttentionMechanism, MacCount, check_heads
+from .by_image import by_image
 from .registry import register
 
 KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
 PARAM_ATTENTION_MODES = ("qkvo", "qkv")
 # bytes of qkv activations one group of images may take in forward (see BiLevelRoutingAttention.forward)
 BATCH_CHUNK_BYTES = 8 * 2**20
-# Image groups pay off single-threaded (stage-1 forward went from 1.9× to 3.3× the official code at batch 64, 1
-# thread) but cost 2–5× at 2 threads on a loaded machine (many small parallel ops wait on descheduled threads;
-# BiFormer-T batch 4 inference 1.9 s grouped against 0.41 s whole, load 4 on 2 cores): groups are used only up
-# to this many threads.
-GROUP_MAX_THREADS = 1
-
-
-def images_per_group(batch: int, bytes_per_image: float, budget: float) -> int:
-    """How many images of a batch run together: all of them above ``GROUP_MAX_THREADS`` threads, else as many
-    as fit in ``budget`` bytes."""
-    if torch.get_num_threads() > GROUP_MAX_THREADS:
-        return batch
-    return max(1, int(budget // bytes_per_image))
 
 
 class FusedQKV(nn.Module):
@@ -237,18 +225,16 @@ class BiLevelRoutingAttention(AttentionMechanism):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C).
 
-        Images are independent, so single-threaded the batch runs in groups whose qkv activations fit in
-        ``BATCH_CHUNK_BYTES`` (``images_per_group``; with ``impl='reference'``, the official computation, in one
-        piece): every intermediate of a group stays in cache and is reused from the heap, where one whole-batch
-        buffer of tens of MB is page-faulted anew by every op on CPU. The result is the same function, image by
-        image."""
+        Images are independent, so the batch runs by image (``attentions/by_image.py``): in eval-mode inference
+        over one worker thread per intra-op thread, each taking its images in groups whose qkv activations fit in
+        ``BATCH_CHUNK_BYTES``; single-threaded in such groups; otherwise whole. With ``impl='reference'``, the
+        official computation, it runs in one piece. The result is the same function, image by image."""
         self.check_input(x)
+        if self.impl == "reference":
+            return self._forward(x)
         padded_h, padded_w = self._padded_size(x.shape[1], x.shape[2])
         per_image = padded_h * padded_w * (2 * self.qk_dim + self.dim) * x.element_size()
-        step = x.shape[0] if self.impl == "reference" else images_per_group(x.shape[0], per_image, BATCH_CHUNK_BYTES)
-        if step >= x.shape[0]:
-            return self._forward(x)
-        return torch.cat([self._forward(group) for group in x.split(step)])
+        return by_image(self._forward, x, per_image, BATCH_CHUNK_BYTES, allow_workers=not self.training)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape

@@ -181,9 +181,9 @@ def test_cuda_backends_equal_reference(impl, dtype):
 @pytest.mark.parametrize("impl", ("auto", "gather"))
 def test_batch_in_groups_equals_one_piece_float64(monkeypatch, impl):
     """A batch run in groups of images (BATCH_CHUNK_BYTES) is the same function, outputs and grads."""
-    from attentions import bra
+    from attentions import bra, by_image
 
     module, reference = paired(impl, n_win=4, topk=3, auto_pad=True)
     monkeypatch.setattr(bra, "BATCH_CHUNK_BYTES", 2 * 12 * 12 * 96 * 8)  # two images per group, three groups
-    monkeypatch.setattr(bra, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
+    monkeypatch.setattr(by_image, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
     assert_same_function_float64(module, reference, torch.randn(5, 10, 11, 32, dtype=torch.float64))

@@ -8,6 +8,7 @@ import timm
 import torch
 
 import attentions
+import attentions.by_image
 from attnbench.measure.flops import count_flops
 from attnbench.models import load_checkpoint
 from attnbench.models.biformer import BiFormer
@@ -146,7 +147,7 @@ def test_blocks_run_in_groups_of_images_as_the_same_function(monkeypatch):
     plain.load_state_dict(model.state_dict())
     x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     monkeypatch.setattr(biformer, "BLOCK_CHUNK_BYTES", 2 * 16 * 16 * 16 * 3 * 8)  # 2 images per group, stage 1
-    monkeypatch.setattr(attentions.bra, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
+    monkeypatch.setattr(attentions.by_image, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
     out, expected = model(x), plain(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     out.square().sum().backward()

@@ -87,7 +87,9 @@ def measure_peak_memory(step: Callable[[], object], device: torch.device, state_
         step()
     return PeakMemory(tracker.peak, state_bytes,
                       "cpu: peak bytes of tensor storages alive during the step, followed per ATen op by a "
-                      "dispatch mode (kernel-internal scratch not seen)")
+                      "dispatch mode (kernel-internal scratch not seen; a module that splits inference over "
+                      "worker threads, attentions/by_image.py, runs on one thread under it: whole above one "
+                      "intra-op thread, in groups at one)")
 
 
 @register_measure

@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from attentions.bra import images_per_group
+from attentions.by_image import by_image
 
 from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
@@ -57,15 +57,14 @@ class BiFormerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W).
 
-        Every op of a block is per image (LayerNorm, not BatchNorm), so single-threaded the batch runs in groups
-        whose MLP activations fit in ``BLOCK_CHUNK_BYTES`` (attentions/bra.py ``images_per_group``; with
-        impl='reference' it runs as the official code, in one piece): a group's intermediates stay in cache and
-        are reused from the heap, where whole-batch buffers are page-faulted anew by every op on CPU."""
-        per_image = x[0].numel() * self.mlp_ratio * x.element_size()
-        step = images_per_group(x.shape[0], per_image, BLOCK_CHUNK_BYTES) if self.group_batch else x.shape[0]
-        if step >= x.shape[0]:
+        Every op of a block is per image (LayerNorm, not BatchNorm), so the batch runs by image
+        (``attentions/by_image.py``; with impl='reference' it runs as the official code, in one piece): in
+        eval-mode inference over one worker thread per intra-op thread, each taking its images in groups whose MLP
+        activations fit in ``BLOCK_CHUNK_BYTES``; single-threaded in such groups; otherwise whole."""
+        if not self.group_batch:
             return self._forward(x)
-        return torch.cat([self._forward(group) for group in x.split(step)])
+        per_image = x[0].numel() * self.mlp_ratio * x.element_size()
+        return by_image(self._forward, x, per_image, BLOCK_CHUNK_BYTES, allow_workers=not self.training)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "pos_embed"):

@@ -1,0 +1,125 @@
+"""Running a batch of independent images in cache-sized groups, and over worker threads in inference.
+
+BRA's ops (and those of a BiFormer block) act on each image alone, and on CPU the whole-batch versions are many
+small memory-bound ops: each is forked over the OpenMP threads and joined again, and each fresh multi-MB buffer
+is page-faulted anew. Two ways around it, both computing the same function image by image:
+
+* **groups**: images run a few at a time, so a group's intermediates stay in cache and are reused from the heap;
+* **workers**: in inference (an eval-mode module, grad disabled) with N > 1 intra-op threads
+  (``torch.get_num_threads()``), the batch is cut into N parts, each run in groups by its own worker thread with
+  one intra-op thread. The threads then work on different images with no join per op.
+
+Workers are used only where the caller allows them (eval mode: a train-mode module may draw random numbers,
+e.g. DropPath, whose order threads would scramble) and where work on another thread would not escape it: not
+with grad enabled (autograd), under autocast, under a dispatch or function mode (FLOP counters, the memory
+tracker of attnbench/measure/memory.py: they see their own thread only, so under them the batch runs on the
+caller's thread), under the profiler, inside a functorch transform (vmap, grad), while tracing or compiling, off
+CPU, inside a worker, while the interpreter shuts down, or where ATen's parallel backend is not OpenMP (there
+``torch.set_num_threads`` is process-wide, not per thread). Forward hooks of modules run inside ``fn`` fire once
+per group, from the worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+# Groups on the caller's thread pay off single-threaded but cost 2–5× at 2 threads on a loaded machine (many
+# small parallel ops wait on descheduled threads; BiFormer-T batch 4 inference 1.9 s grouped against 0.41 s
+# whole, load 4 on 2 cores): without workers, groups are used only up to this many intra-op threads.
+GROUP_MAX_THREADS = 1
+_OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+# one pool per (process, thread count): a fork builds its own; pools of other counts stay, idle
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+_in_worker = threading.local()
+
+
+def _start_worker() -> None:
+    """Give a worker thread one intra-op thread, for good: ATen initialises a thread's count lazily, from the
+    process default, at its first parallel op, so that is done first and then overridden."""
+    _in_worker.active = True
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _worker_pool(count: int) -> ThreadPoolExecutor:
+    """``count`` threads that each run ATen with one intra-op thread (per thread under OpenMP)."""
+    key = (os.getpid(), count)
+    with _pools_lock:
+        if key not in _pools:
+            pool = ThreadPoolExecutor(count, thread_name_prefix="attentions-image", initializer=_start_worker)
+            started = threading.Barrier(count)
+            list(pool.map(lambda _: started.wait(), range(count)))  # every worker exists and has one thread
+            # set_num_threads(1) also set the default that threads started later inherit: give it back (a thread
+            # whose first ATen op fell between the two keeps one thread)
+            torch.set_num_threads(count)
+            _pools[key] = pool
+        return _pools[key]
+
+
+def workers_usable(x: torch.Tensor) -> bool:
+    """Whether a batch ``x`` may be split over worker threads, as far as the context goes (see the module
+    docstring; the caller's own condition, eval mode, is ``by_image``'s ``allow_workers``)."""
+    return (_OPENMP and x.device.type == "cpu" and x.shape[0] > 1 and torch.get_num_threads() > 1
+            and not getattr(_in_worker, "active", False)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not is_in_torch_dispatch_mode() and not torch._C._is_torch_function_mode_enabled()
+            and not torch.autograd.profiler._is_profiler_enabled
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def in_groups(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,
+              budget: float) -> torch.Tensor:
+    """``fn(x)`` for a batch ``x`` (B, ...) of independent images, computed as ``torch.cat`` of ``fn`` on groups of
+    images whose ``bytes_per_image`` fit in ``budget`` bytes (at least one image a group)."""
+    step = max(1, int(budget // bytes_per_image))
+    if step >= x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(group) for group in x.split(step)])
+
+
+def _on_workers(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,
+                budget: float) -> torch.Tensor:
+    threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()
+
+    def run_part(part: torch.Tensor) -> torch.Tensor:
+        # inference_mode(False) would enable grad, so it goes first
+        with torch.inference_mode(inference), torch.no_grad():
+            return in_groups(fn, part, bytes_per_image, budget)
+
+    parts = x.tensor_split(min(threads, x.shape[0]))
+    pool = _worker_pool(threads)
+    futures: list[Future] = []
+    try:
+        for part in parts:
+            futures.append(pool.submit(run_part, part))
+    except RuntimeError:  # the interpreter is shutting down and takes no new work: the rest runs here
+        pass
+    try:
+        outputs = [future.result() for future in futures]
+    except BaseException:  # an error, Ctrl-C or a timeout: no part may outlive the call
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
+    return torch.cat(outputs + [run_part(part) for part in parts[len(futures):]])
+
+
+def by_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,
+             budget: float, allow_workers: bool = True) -> torch.Tensor:
+    """``fn(x)`` for a batch ``x`` (B, ...) whose images ``fn`` treats independently, run the fastest way the
+    context allows: over worker threads in groups (if ``allow_workers`` and ``workers_usable``), in groups on
+    this thread (single-threaded), or whole."""
+    if allow_workers and workers_usable(x):
+        return _on_workers(fn, x, bytes_per_image, budget)
+    if torch.get_num_threads() <= GROUP_MAX_THREADS:
+        return in_groups(fn, x, bytes_per_image, budget)
+    return fn(x)
