@@ -226,15 +226,17 @@ class BiLevelRoutingAttention(AttentionMechanism):
         """(B, H, W, C) -> (B, H, W, C).
 
         Images are independent, so the batch runs by image (``attentions/by_image.py``): in eval-mode inference
-        over one worker thread per intra-op thread, each taking its images in groups whose qkv activations fit in
-        ``BATCH_CHUNK_BYTES``; single-threaded in such groups; otherwise whole. With ``impl='reference'``, the
-        official computation, it runs in one piece. The result is the same function, image by image."""
+        over one worker thread per intra-op thread (not for the compiled impls), each taking its images in groups
+        whose qkv activations fit in ``BATCH_CHUNK_BYTES``; single-threaded in such groups; otherwise whole. With
+        ``impl='reference'``, the official computation, it runs in one piece. The result is the same function,
+        image by image."""
         self.check_input(x)
         if self.impl == "reference":
             return self._forward(x)
         padded_h, padded_w = self._padded_size(x.shape[1], x.shape[2])
         per_image = padded_h * padded_w * (2 * self.qk_dim + self.dim) * x.element_size()
-        return by_image(self._forward, x, per_image, BATCH_CHUNK_BYTES, allow_workers=not self.training)
+        workers = not self.training and not bra_kernels.runs_compiled(self.impl)
+        return by_image(self._forward, x, per_image, BATCH_CHUNK_BYTES, allow_workers=workers)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape

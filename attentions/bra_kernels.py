@@ -297,6 +297,13 @@ BACKENDS = {backend.name: backend for backend in (
 IMPLS = ("auto", *BACKENDS)
 
 
+def runs_compiled(impl: str) -> bool:
+    """Whether ``impl`` runs through ``torch.compile``. Such code must not run on ``attentions/by_image.py``'s
+    worker threads: Dynamo's compile and guard checks are not thread-safe (two workers entering a compiled
+    FlexAttention at once aborted the process, torch 2.14.1, CPU, batch 64). ``auto`` never picks one."""
+    return impl in BACKENDS and BACKENDS[impl].compiled
+
+
 def _has_c_compiler() -> bool:
     return bool(shutil.which("g++") or shutil.which("c++") or shutil.which("cc"))
 

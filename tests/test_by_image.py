@@ -191,3 +191,29 @@ def test_biformer_on_workers_equals_the_reference_float64(two_threads, monkeypat
     x = torch.randn(5, 3, 64, 64, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ("compile", "flex"))
+def test_compiled_impls_stay_on_the_callers_thread(two_threads, monkeypatch, impl):
+    """Dynamo is not thread-safe (two workers in a compiled FlexAttention aborted the process): a BRA layer or a
+    BiFormer block on a compiled impl runs its batch on the caller's thread. The compiled backend is stood in for by
+    the gather (same declaration, compiled=True), so the test needs no compiler."""
+    import dataclasses
+
+    from attentions import bra_kernels
+
+    stand_in = dataclasses.replace(bra_kernels.BACKENDS["gather"], name=impl, compiled=True)
+    monkeypatch.setitem(bra_kernels.BACKENDS, impl, stand_in)
+    monkeypatch.setattr(bra_kernels, "_has_c_compiler", lambda: True)
+    assert bra_kernels.runs_compiled(impl) and not bra_kernels.runs_compiled("auto")
+    torch.manual_seed(0)
+    layer = attentions.create("bra", dim=32, num_heads=2, n_win=2, topk=2, impl=impl).eval()
+    block = BiFormer(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), head_dim=16, n_win=2, topks=(1, 2, 3, -2),
+                     mlp_ratios=(2, 2, 2, 2), num_classes=10, impl=impl).eval().stages[0][0]
+    threads = set()
+    for module in (layer.qkv, block.attn.qkv, block.mlp):
+        module.register_forward_hook(lambda *_: threads.add(threading.current_thread().name))
+    with torch.inference_mode():
+        layer(torch.randn(4, 8, 8, 32))
+        block(torch.randn(4, 16, 16, 16))
+    assert threads == {threading.current_thread().name}

@@ -23,6 +23,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from attentions import bra_kernels
 from attentions.by_image import by_image
 
 from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
@@ -48,6 +49,7 @@ class BiFormerBlock(nn.Module):
         self.mlp = mlp(dim, mlp_ratio, dwconv_slot=True, dwconv=mlp_dwconv)
         self.mlp_ratio = mlp_ratio
         self.group_batch = impl != "reference"  # the reference path runs as the official code: one piece
+        self.workers_safe = not bra_kernels.runs_compiled(impl)  # compiled code must stay off worker threads
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if layer_scale_init_value > 0:
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -59,12 +61,14 @@ class BiFormerBlock(nn.Module):
 
         Every op of a block is per image (LayerNorm, not BatchNorm), so the batch runs by image
         (``attentions/by_image.py``; with impl='reference' it runs as the official code, in one piece): in
-        eval-mode inference over one worker thread per intra-op thread, each taking its images in groups whose MLP
-        activations fit in ``BLOCK_CHUNK_BYTES``; single-threaded in such groups; otherwise whole."""
+        eval-mode inference over one worker thread per intra-op thread (not with a compiled impl), each taking
+        its images in groups whose MLP activations fit in ``BLOCK_CHUNK_BYTES``; single-threaded in such groups;
+        otherwise whole."""
         if not self.group_batch:
             return self._forward(x)
         per_image = x[0].numel() * self.mlp_ratio * x.element_size()
-        return by_image(self._forward, x, per_image, BLOCK_CHUNK_BYTES, allow_workers=not self.training)
+        workers = not self.training and self.workers_safe
+        return by_image(self._forward, x, per_image, BLOCK_CHUNK_BYTES, allow_workers=workers)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "pos_embed"):
