@@ -21,9 +21,10 @@ per group, from the worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
@@ -38,6 +39,19 @@ _OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _in_worker = threading.local()
+_workers_off = 0  # how many ``no_workers`` blocks are open
+
+
+@contextlib.contextmanager
+def no_workers() -> Iterator[None]:
+    """Within the block, no batch goes to worker threads (in any thread): it runs as if they were not usable, whole
+    above ``GROUP_MAX_THREADS`` intra-op threads. For timing the two paths against each other."""
+    global _workers_off
+    _workers_off += 1
+    try:
+        yield
+    finally:
+        _workers_off -= 1
 
 
 def _start_worker() -> None:
@@ -66,7 +80,7 @@ def _worker_pool(count: int) -> ThreadPoolExecutor:
 def workers_usable(x: torch.Tensor) -> bool:
     """Whether a batch ``x`` may be split over worker threads, as far as the context goes (see the module
     docstring; the caller's own condition, eval mode, is ``by_image``'s ``allow_workers``)."""
-    return (_OPENMP and x.device.type == "cpu" and x.shape[0] > 1 and torch.get_num_threads() > 1
+    return (_OPENMP and not _workers_off and x.device.type == "cpu" and x.shape[0] > 1 and torch.get_num_threads() > 1
             and not getattr(_in_worker, "active", False)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not is_in_torch_dispatch_mode() and not torch._C._is_torch_function_mode_enabled()

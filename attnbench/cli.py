@@ -20,6 +20,7 @@ import yaml
 import attentions
 
 from .data.errors import DataError
+from .kernel_bound import STAGE_TOPK as BOUND_STAGE_TOPK
 from .records import RecordStore
 from .suite import Suite, SuiteError, expand, load_suite, resolve_suite, shard, shipped_suites
 from .suite.load import data_root_problem, is_split_of, suite_tasks
@@ -413,6 +414,23 @@ def _versus_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernel_bound(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import kernel_bound
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or Path("results/kernel_bound") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        kernel_bound.run(out, args.stages, args.batch, "python -m attnbench " + shlex.join(args.argv))
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report:  {out / 'report.md'}")
+    return 0
+
+
 def _env(args: argparse.Namespace) -> int:
     from .env import environment
     from .suite import resolve_device
@@ -568,6 +586,18 @@ def build_parser() -> argparse.ArgumentParser:
     versus.add_argument("--rounds", type=int, default=15, help="timed rounds, each calling both sides once (>= 4)")
     versus.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     versus.set_defaults(handler=_versus_official)
+
+    bound = commands.add_parser(
+        "kernel-bound", help="time BRA's ATen kernels alone (CPU): how near the GEMM rate a BRA made of them can get",
+        description="Time each ATen kernel that does BRA's useful work alone, at one thread, at BiFormer-T's "
+                    "stage shapes; report the FLOP rate a BRA made only of them would reach (the kernel bound) "
+                    "over the GEMM rate, beside our BRA's measured rate, in one process "
+                    "(attnbench/kernel_bound.py).")
+    bound.add_argument("--out", help="output directory, new or empty (default results/kernel_bound/<timestamp>)")
+    bound.add_argument("--stages", nargs="+", default=list(BOUND_STAGE_TOPK), choices=list(BOUND_STAGE_TOPK))
+    bound.add_argument("--batch", nargs="+", type=int, default=[32, 64], help="batches to time our BRA at")
+    bound.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bound.set_defaults(handler=_kernel_bound)
 
     env = commands.add_parser("env", help="print the environment that records are stamped with")
     env.set_defaults(handler=_env)

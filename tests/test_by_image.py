@@ -217,3 +217,15 @@ def test_compiled_impls_stay_on_the_callers_thread(two_threads, monkeypatch, imp
         layer(torch.randn(4, 8, 8, 32))
         block(torch.randn(4, 16, 16, 16))
     assert threads == {threading.current_thread().name}
+
+
+def test_no_workers_keeps_the_batch_on_the_callers_thread_and_ends_with_its_block(two_threads):
+    fn, x = ThreadRecorder(), torch.randn(6, 3)
+    with torch.no_grad():
+        with by_image.no_workers():
+            with by_image.no_workers():
+                by_image.by_image(fn, x, bytes_per_image=10, budget=20)
+            by_image.by_image(fn, x, bytes_per_image=10, budget=20)  # the outer block still holds
+        assert [(name, size) for name, _, size, _ in fn.calls] == [(threading.current_thread().name, 6)] * 2
+        by_image.by_image(fn, x, bytes_per_image=10, budget=20)
+    assert all(name.startswith("attentions-image") for name, *_ in fn.calls[2:])
