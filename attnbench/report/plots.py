@@ -1,4 +1,5 @@
-"""Plots of a run against token count (log–log): throughput, peak memory and FLOPs, one line per mechanism."""
+"""Plots of a run: against token count (log–log: throughput, peak memory and FLOPs, one line per mechanism), and
+whole models' throughput against their GMACs."""
 
 from __future__ import annotations
 
@@ -85,3 +86,39 @@ def make_plots(frame: pd.DataFrame, title: str, directory: Path) -> list[Path]:
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def throughput_against_gmacs(frame: pd.DataFrame, title: str, directory: Path) -> Path | None:
+    """One point per model (GMACs per image, images/s; error bar: half the IQR; flagged timings hollow), with the
+    lines of equal FLOP rate through the fastest and slowest points: a model below another's line does less with
+    each MAC. None when fewer than two models finished."""
+    ok = frame[(frame["status"] == "ok") & (pd.to_numeric(frame["images_per_s"], errors="coerce") > 0)]
+    if len(ok) < 2:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    gmacs = ok["counted_gflops_per_image"].astype(float) / 2
+    figure, axes = plt.subplots(figsize=(8.6, 4.8))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pP*Xh"
+    for index, ((_, row), x) in enumerate(zip(ok.iterrows(), gmacs, strict=True)):
+        flagged = isinstance(row.get("flags"), str) and bool(row.get("flags"))
+        colour = colours[index % len(colours)]
+        axes.errorbar([x], [row["images_per_s"]], yerr=_error(ok.loc[[row.name]], "images_per_s"),
+                      marker=markers[index % len(markers)], capsize=2, color=colour,
+                      markerfacecolor="white" if flagged else colour, label=row["label"] + (" ⚠" if flagged else ""))
+    rates = ok["images_per_s"].astype(float) * gmacs
+    span = [gmacs.min() * 0.8, gmacs.max() * 1.25]
+    for rate in (rates.max(), rates.min()):
+        axes.plot(span, [rate / x for x in span], ":", color="grey", linewidth=0.9)
+        axes.annotate(f"{rate:.0f} GMAC/s", (span[0], rate / span[0]), fontsize=7, color="grey", va="bottom")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("GMACs per image (FlopCounterMode ÷ 2)")
+    axes.set_ylabel("throughput (images/s)")
+    axes.set_title(title + " (hollow, ⚠: flagged timing)", fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.tight_layout()
+    path = directory / f"models_{_slug(title)}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

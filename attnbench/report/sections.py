@@ -18,7 +18,7 @@ from tabulate import tabulate
 from ..measure import MEASURES
 from ..paper import figure
 from .flags import footnote
-from .plots import make_plots
+from .plots import make_plots, throughput_against_gmacs
 from .tables import (
     ablation_table,
     bra_formula_table,
@@ -162,8 +162,12 @@ class Models(Section):
             lines += [f"## Models: {title}", "",
                       "Ours: params, GMACs (FlopCounterMode ÷ 2, the paper's convention) and GFLOPs per image, latency "
                       "per batch and throughput. *Paper* columns: the published figures (ImageNet-1K top-1 is the "
-                      "paper's; this table measures no accuracy).", "", markdown(model_table(group), index=False), "",
-                      *footnote(group)]
+                      "paper's; this table measures no accuracy). *Of GEMM rate*: the FLOP rate the throughput "
+                      "means (GFLOPs × images/s) over the dense GEMM rate measured in the same run.", "",
+                      markdown(model_table(group), index=False), "", *footnote(group)]
+            plot = throughput_against_gmacs(group, title, run.directory / "plots")
+            if plot is not None:
+                lines += [f"![{plot.stem}](plots/{plot.name})", ""]
         return lines
 
 

@@ -239,7 +239,8 @@ def _gap(ours, theirs) -> str:
 
 
 def model_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Whole models: ours (params, GMACs and GFLOPs per image by FlopCounterMode, latency, throughput) beside
+    """Whole models: ours (params, GMACs and GFLOPs per image by FlopCounterMode, latency, throughput, and the
+    FLOP rate that throughput means over the run's dense GEMM rate) beside
     the paper's params, GMACs and ImageNet top-1 (seed-only figures marked), with our gap to its size figures."""
     rows, shown = [], []
     for _, row in frame.iterrows():
@@ -254,6 +255,7 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
             "ms / batch": _number(row["median_ms"], "{:.1f}") + _number(_scaled(row["iqr_ms"], 0.5), " (±{:.1f})")
             + _mark(row, True),
             "images/s": _number(row["images_per_s"], "{:,.1f}") + _mark(row, True),
+            "of GEMM rate": _number(_scaled(row.get("fraction_of_gemm"), 100), "{:.1f}%") + _mark(row, True),
         }
         rows.append({
             "model": row["label"], "input": row["shape"], **{key: failed or cell for key, cell in ours.items()},
