@@ -47,11 +47,13 @@ def no_workers() -> Iterator[None]:
     """Within the block, no batch goes to worker threads (in any thread): it runs as if they were not usable, whole
     above ``GROUP_MAX_THREADS`` intra-op threads. For timing the two paths against each other."""
     global _workers_off
-    _workers_off += 1
+    with _pools_lock:
+        _workers_off += 1
     try:
         yield
     finally:
-        _workers_off -= 1
+        with _pools_lock:
+            _workers_off -= 1
 
 
 def _start_worker() -> None:
