@@ -7,12 +7,15 @@ of g images (each g of ``GROUPS`` tried, the fastest kept), on random contiguous
 prefers. Left out on purpose: the region pooling, the gather of the routed keys and values, every layout copy and
 padding, which BRA also needs. The stage's **kernel bound** is then
 
-    bound = (Σ_parts FLOPs ÷ Σ_parts time at one thread) × threads ÷ GEMM rate(threads)
+    bound = (Σ_parts FLOPs ÷ Σ_parts time at one thread) ÷ GEMM rate(one thread)
 
-the FLOP rate of a BRA that did nothing but these kernels, back to back, on ``threads`` worker threads that scale
-perfectly, over the dense 2048³ GEMM rate measured in the same process at ``threads`` threads (the denominator of the
-suites' roofline and of versus-official's *ours / GEMM rate*). No BRA built from these kernels can beat it on this
-machine; beating it takes kernels of its own (fusing the gather into the attention, or the LCE into the projection).
+the share of the dense 2048³ GEMM rate (measured in the same process, at one thread) that a BRA doing nothing but
+these kernels back to back would reach; on N worker threads it is the share of the N-thread GEMM rate (the
+denominator of the suites' roofline and of versus-official's *ours / GEMM rate*) if the kernels scale over threads
+as the GEMM does. The attention part takes the fastest of the kernels BRA's backends use: SDPA on gathered blocks,
+matmul-softmax-matmul on them, or SDPA over every token with the routing's block mask (the ``dense`` backend: more
+FLOPs done, only the useful ones counted). No BRA built from these kernels can beat the bound on this machine;
+beating it takes kernels of its own (fusing the gather into the attention, or the LCE into the projection).
 Our default BRA (``impl='auto'``, eval, ``inference_mode``, at ``threads`` threads) is timed beside it in the same
 process, at each batch asked for, and again with its worker threads turned off (``attentions.by_image.no_workers``).
 """
@@ -58,7 +61,7 @@ class PartRow:
     group: int
     us_per_image: float
     spread: float
-    fraction_of_thread_gemm: float  # the kernel's FLOP/s ÷ (GEMM rate(threads) ÷ threads)
+    fraction_of_thread_gemm: float  # the kernel's useful FLOP/s ÷ the GEMM rate at one thread
 
 
 @dataclass
@@ -108,6 +111,16 @@ def part_kernels(stage: str, group: int, generator: torch.Generator) -> dict[str
     def attention() -> object:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
+    # the dense backend's form: every token's query against every token, the routing as a block mask
+    q_all = randn(group, heads, tokens, head_dim)
+    k_all, v_all = randn(group, heads, tokens, head_dim), randn(group, heads, tokens, head_dim)
+    routed = torch.zeros(group, regions, regions, dtype=torch.bool)
+    routed.scatter_(2, torch.rand(group, regions, regions, generator=generator).topk(topk, dim=-1).indices, True)
+    mask = routed.repeat_interleave(per_region, 1).repeat_interleave(per_region, 2)[:, None]
+
+    def attention_dense() -> object:
+        return F.scaled_dot_product_attention(q_all, k_all, v_all, attn_mask=mask, scale=scale)
+
     def attention_bmm() -> object:
         scores = torch.bmm(q.flatten(0, 1) * scale, k.flatten(0, 1).transpose(1, 2))
         return torch.bmm(scores.softmax(-1), v.flatten(0, 1))
@@ -117,6 +130,7 @@ def part_kernels(stage: str, group: int, generator: torch.Generator) -> dict[str
         "routing": ("bmm + topk", routing),
         "attention": ("scaled_dot_product_attention", attention),
         "attention (bmm)": ("bmm, softmax, bmm", attention_bmm),
+        "attention (dense)": ("scaled_dot_product_attention, block mask", attention_dense),
         "out_proj": ("linear", lambda: F.linear(x, w_out, b_out)),
         "local_context": ("depthwise conv2d 5×5, channels_last", lambda: F.conv2d(image, w_lce, b_lce, padding=2,
                                                                                     groups=c)),
@@ -125,19 +139,19 @@ def part_kernels(stage: str, group: int, generator: torch.Generator) -> dict[str
 
 # the MAC parts of attentions/bra.py each kernel does (the attention kernels do scores and values together)
 KERNEL_PARTS = {"qkv": ("qkv",), "routing": ("routing",), "attention": ("attn_scores", "attn_values"),
-                "attention (bmm)": ("attn_scores", "attn_values"), "out_proj": ("out_proj",),
+                "attention (bmm)": ("attn_scores", "attn_values"), "attention (dense)": ("attn_scores", "attn_values"),
+                "out_proj": ("out_proj",),
                 "local_context": ("local_context",)}
 
 
 def measure_parts(stage: str, max_group: int, thread_gemm: float) -> list[PartRow]:
-    """Every kernel of ``stage`` at one thread, best group of at most ``max_group`` images; both attention kernels
-    are kept in the rows (the bound uses the faster)."""
+    """Every kernel of ``stage`` at one thread, best group of at most ``max_group`` images; every attention kernel
+    is kept in the rows (the bound uses the fastest)."""
     parts = stage_module(stage).macs(PRESETS[stage].height, PRESETS[stage].width).parts
     generator = torch.Generator().manual_seed(0)
     best: dict[str, PartRow] = {}
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+
+    def measure() -> None:
         with torch.inference_mode():
             for group in (g for g in GROUPS if g <= max_group):
                 for name, (kernel, call) in part_kernels(stage, group, generator).items():
@@ -148,14 +162,24 @@ def measure_parts(stage: str, max_group: int, thread_gemm: float) -> list[PartRo
                         best[name] = PartRow(stage, name, kernel, macs, group, per_image * 1e6,
                                              latency.iqr_s / latency.median_s,
                                              2 * macs / per_image / thread_gemm)
-    finally:
-        torch.set_num_threads(before)
+
+    _one_thread(measure)
     return list(best.values())
 
 
+def _one_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with one intra-op thread, the count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def bound(rows: list[PartRow], thread_gemm: float) -> float:
-    """The kernel bound of one stage's rows: its FLOPs over the summed best times, as a fraction of a thread's
-    GEMM rate (the faster attention kernel counts)."""
+    """The kernel bound of one stage's rows: its FLOPs over the summed best times, as a fraction of the one-thread
+    GEMM rate (the fastest attention kernel counts)."""
     attention = min((row for row in rows if row.part.startswith("attention")), key=lambda row: row.us_per_image)
     chosen = [row for row in rows if not row.part.startswith("attention")] + [attention]
     flops = sum(2 * row.macs_per_image for row in chosen)
@@ -180,8 +204,7 @@ def measure_ours(stage: str, batch: int, gemm_rate: float) -> OursRow:
 
 def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> str:
     """The markdown report: the bound and ours per stage, then every kernel."""
-    threads, gemm = run["threads"], run["gemm_flops_per_s"]
-    thread_gemm = gemm / threads
+    threads, gemm, thread_gemm = run["threads"], run["gemm_flops_per_s"], run["one_thread_gemm_flops_per_s"]
     summary = []
     for stage in dict.fromkeys(row.stage for row in parts):
         stage_bound = bound([row for row in parts if row.stage == stage], thread_gemm)
@@ -199,24 +222,26 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
         "# BRA's kernel bound: how near the GEMM rate its ATen kernels allow (CPU)",
         "",
         f"Measured with `{run['command']}` (method: attnbench/kernel_bound.py). Dense {GEMM_SIZE}³ GEMM rate in this "
-        f"process at {threads} threads: {gemm / 1e9:.1f} GFLOP/s ({thread_gemm / 1e9:.1f} per thread).",
+        f"process: {gemm / 1e9:.1f} GFLOP/s at {threads} threads, {thread_gemm / 1e9:.1f} at one.",
         "",
         tabulate(summary, headers=["stage", "batch", "kernel bound", "ours ms", "ours / GEMM rate", "ours / bound",
                                    "ours without workers, ms", "workers' speed-up", "load average before → after"],
                  tablefmt="github"),
         "",
-        "*kernel bound*: the FLOP rate of a BRA that ran only its kernels below, back to back, on "
-        f"{threads} perfectly scaling worker threads (one intra-op thread each), over the GEMM rate; no BRA made of "
-        "these kernels can exceed it here. *ours*: the default BRA (impl='auto', eval, inference_mode) in the same "
-        "process, useful FLOP/s (the MACs attentions/bra.py counts) over the same GEMM rate; *without workers*: the "
+        "*kernel bound*: the share of the one-thread GEMM rate that a BRA running only its kernels below, back to "
+        "back, would reach (the fastest attention kernel counts); on worker threads that scale as the GEMM does, "
+        f"the share of the {threads}-thread rate. No BRA made of these kernels can exceed it here. *ours*: the "
+        "default BRA (impl='auto', eval, inference_mode) in the same "
+        f"process, useful FLOP/s (the MACs attentions/bra.py counts) over the {threads}-thread GEMM rate; *without "
+        "workers*: the "
         "same module and input under `attentions.by_image.no_workers()` (the batch whole on the caller's "
         f"{threads} threads), timed right after. ⚠: spread (IQR ÷ median) above {UNSTABLE_SPREAD:.0%}, printed, not "
         "trusted.",
         "",
         "Every kernel alone, one intra-op thread, best group of images (*group*):",
         "",
-        tabulate(kernels, headers=["stage", "part", "kernel", "MMACs / image", "group", "µs / image",
-                                   "FLOP/s ÷ one thread's GEMM rate"], tablefmt="github"),
+        tabulate(kernels, headers=["stage", "part", "kernel", "useful MMACs / image", "group", "µs / image",
+                                   "useful FLOP/s ÷ one-thread GEMM rate"], tablefmt="github"),
         "",
         f"Device {env['device']} ({env.get('device_name')}), {threads} threads, torch {env['torch']}, "
         f"attnbench {env['git_sha'][:12]}{' (uncommitted changes)' if env.get('git_dirty') is True else ''}, "
@@ -234,20 +259,22 @@ def run(out: Path, stages: list[str], batches: list[int], command: str) -> tuple
     threads = torch.get_num_threads()
     run_info = {"command": command, "threads": threads, "environment": environment("cpu"),
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "gemm_flops_per_s": gemm_flops_per_s(torch.device("cpu"), torch.float32)}
+                "gemm_flops_per_s": gemm_flops_per_s(torch.device("cpu"), torch.float32),
+                "one_thread_gemm_flops_per_s": _one_thread(lambda: gemm_flops_per_s(torch.device("cpu"),
+                                                                                     torch.float32))}
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
     parts: list[PartRow] = []
     ours: list[OursRow] = []
     with (out / "rows.jsonl").open("a") as handle:
         for stage in stages:
-            stage_parts = measure_parts(stage, max(1, min(batches) // threads), run_info["gemm_flops_per_s"] / threads)
+            stage_parts = measure_parts(stage, max(1, min(batches) // threads), run_info["one_thread_gemm_flops_per_s"])
             stage_ours = [measure_ours(stage, batch, run_info["gemm_flops_per_s"]) for batch in batches]
             for row in (*stage_parts, *stage_ours):
                 handle.write(json.dumps({"kind": type(row).__name__, **asdict(row)}) + "\n")
             handle.flush()
             parts += stage_parts
             ours += stage_ours
-            stage_bound = bound(stage_parts, run_info["gemm_flops_per_s"] / threads)
+            stage_bound = bound(stage_parts, run_info["one_thread_gemm_flops_per_s"])
             print(f"{stage}: kernel bound {stage_bound:.0%}; ours "
                   + ", ".join(f"b{row.batch} {row.gemm_fraction:.0%}" for row in stage_ours), flush=True)
     (out / "report.md").write_text(render(parts, ours, run_info))
