@@ -73,19 +73,24 @@ def make_plots(frame: pd.DataFrame, title: str, directory: Path) -> list[Path]:
             bottom = data[column].astype(float).min()
             axes.scatter(failed["tokens"], [bottom] * len(failed), marker="x", color="red", zorder=5,
                          label="failed (" + ", ".join(sorted(set(failed["status"]))) + ")")
-        axes.set_xscale("log")
-        axes.set_yscale("log")
-        axes.set_xlabel("tokens (H·W)" + ("" if curve else " — stages differ in C: points, not a curve"))
-        axes.set_ylabel(ylabel)
-        axes.set_title(title, fontsize=9)
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-        figure.tight_layout()
-        path = directory / f"{name}_{_slug(title)}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        xlabel = "tokens (H·W)" + ("" if curve else " — stages differ in C: points, not a curve")
+        paths.append(_save_log_log(figure, axes, xlabel, ylabel, title, directory / f"{name}_{_slug(title)}.png"))
     return paths
+
+
+def _save_log_log(figure, axes, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Log–log axes with their labels, grid and a legend beside them; written to ``path`` and closed."""
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def throughput_against_gmacs(frame: pd.DataFrame, title: str, directory: Path) -> Path | None:
@@ -110,15 +115,5 @@ def throughput_against_gmacs(frame: pd.DataFrame, title: str, directory: Path) -
     for rate in (rates.max(), rates.min()):
         axes.plot(span, [rate / x for x in span], ":", color="grey", linewidth=0.9)
         axes.annotate(f"{rate:.0f} GMAC/s", (span[0], rate / span[0]), fontsize=7, color="grey", va="bottom")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.set_xlabel("GMACs per image (FlopCounterMode ÷ 2)")
-    axes.set_ylabel("throughput (images/s)")
-    axes.set_title(title + " (hollow, ⚠: flagged timing)", fontsize=9)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    figure.tight_layout()
-    path = directory / f"models_{_slug(title)}.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save_log_log(figure, axes, "GMACs per image (FlopCounterMode ÷ 2)", "throughput (images/s)",
+                         title + " (hollow, ⚠: flagged timing)", directory / f"models_{_slug(title)}.png")
