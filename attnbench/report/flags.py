@@ -27,6 +27,11 @@ def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
+def is_flagged(row: pd.Series) -> bool:
+    """Whether ``row``'s timing carries a flag (``add_flags`` wrote a reason)."""
+    return isinstance(row.get("flags"), str) and bool(row.get("flags"))
+
+
 def reasons(row: pd.Series, cores: int | None) -> list[str]:
     """Why the timing of this case (a frame row) is not to be trusted; empty when it is."""
     if row.get("status") != "ok" or not _present(row.get("median_ms")):

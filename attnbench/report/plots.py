@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .flags import is_flagged  # noqa: E402
+
 PLOTS = [
     ("images_per_s", "throughput (images/s)", "throughput"),
     ("peak_mib", "peak memory (MiB)", "memory"),
@@ -105,7 +107,7 @@ def throughput_against_gmacs(frame: pd.DataFrame, title: str, directory: Path) -
     figure, axes = plt.subplots(figsize=(8.6, 4.8))
     colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pP*Xh"
     for index, ((_, row), x) in enumerate(zip(ok.iterrows(), gmacs, strict=True)):
-        flagged = isinstance(row.get("flags"), str) and bool(row.get("flags"))
+        flagged = is_flagged(row)
         colour = colours[index % len(colours)]
         axes.errorbar([x], [row["images_per_s"]], yerr=_error(ok.loc[[row.name]], "images_per_s"),
                       marker=markers[index % len(markers)], capsize=2, color=colour,

@@ -15,7 +15,7 @@ import attentions
 
 from ..paper import PaperFigure, bra_paper_macs, figure, paper_figures
 from ..status import Status
-from .flags import MARK
+from .flags import MARK, is_flagged
 
 GROUP = ["device", "dtype", "mode", "batch"]
 
@@ -48,7 +48,7 @@ def _pivot(frame: pd.DataFrame, cell: Callable[[pd.Series], str], columns: str =
 
 
 def _mark(row: pd.Series, timing: bool) -> str:
-    return f" {MARK}" if timing and isinstance(row.get("flags"), str) and row.get("flags") else ""
+    return f" {MARK}" if timing and is_flagged(row) else ""
 
 
 def _shape_header(frame: pd.DataFrame) -> dict[str, str]:
