@@ -18,6 +18,8 @@ FLOPs done, only the useful ones counted). No BRA built from these kernels can b
 beating it takes kernels of its own (fusing the gather into the attention, or the LCE into the projection).
 Our default BRA (``impl='auto'``, eval, ``inference_mode``, at ``threads`` threads) is timed beside it in the same
 process, at each batch asked for, and again with its worker threads turned off (``attentions.by_image.no_workers``).
+The memory side of the roofline is given beside it: the bytes our forward's ops move per image under the traffic model
+of attnbench/measure/traffic.py, and the ceiling that traffic sets at the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from attentions import by_image
 from .env import environment, load_average
 from .measure.gemm import GEMM_SIZE, gemm_flops_per_s
 from .measure.latency import measure_latency
+from .measure.traffic import COPY_BYTES, attainable_fraction, copy_bandwidth, count_traffic
 from .presets import PRESETS
 
 # BiFormer-T's top-k per stage (models/biformer.py, biformer_tiny: topks [1, 4, 16, -2]; -2, full attention over
@@ -74,8 +77,10 @@ class OursRow:
     ms: float
     spread: float
     gemm_fraction: float
-    whole_ms: float  # the same, with attentions.by_image.no_workers(): the batch whole on the caller's thread
+    whole_ms: float  # the same, with attentions.by_image.no_workers(): the batch whole on the caller's threads
     whole_spread: float
+    traffic_per_image: float  # bytes moved per image under attnbench/measure/traffic.py's model
+    memory_ceiling: float  # the roofline's ceiling for that traffic, as a share of the GEMM rate
     load_before: list[float]
     load_after: list[float]
 
@@ -187,8 +192,9 @@ def bound(rows: list[PartRow], thread_gemm: float) -> float:
     return flops / (sum(row.us_per_image for row in chosen) * 1e-6) / thread_gemm
 
 
-def measure_ours(stage: str, batch: int, gemm_rate: float) -> OursRow:
-    """Our default BRA forward at ``stage`` and ``batch``, eval and inference_mode, at the process's threads."""
+def measure_ours(stage: str, batch: int, gemm_rate: float, bandwidth: float) -> OursRow:
+    """Our default BRA forward at ``stage`` and ``batch``, eval and inference_mode, at the process's threads; its
+    traffic (counted on two images) and the memory ceiling that traffic sets at copy ``bandwidth``."""
     module = stage_module(stage)
     shape = PRESETS[stage]
     x = torch.randn(batch, shape.height, shape.width, shape.dim, generator=torch.Generator().manual_seed(1))
@@ -197,10 +203,11 @@ def measure_ours(stage: str, batch: int, gemm_rate: float) -> OursRow:
         latency = measure_latency(lambda: module(x), torch.device("cpu"), min_samples=7, max_time_s=6.0)
         with by_image.no_workers():
             whole = measure_latency(lambda: module(x), torch.device("cpu"), min_samples=7, max_time_s=6.0)
-    flops = 2 * module.macs(shape.height, shape.width).total * batch
+        traffic = count_traffic(lambda: module(x[:2])).total / 2
+    flops = 2 * module.macs(shape.height, shape.width).total
     return OursRow(stage, batch, latency.median_s * 1e3, latency.iqr_s / latency.median_s,
-                   flops / latency.median_s / gemm_rate, whole.median_s * 1e3, whole.iqr_s / whole.median_s,
-                   before, load_average())
+                   flops * batch / latency.median_s / gemm_rate, whole.median_s * 1e3, whole.iqr_s / whole.median_s,
+                   traffic, attainable_fraction(flops, traffic, bandwidth, gemm_rate), before, load_average())
 
 
 def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> str:
@@ -214,6 +221,7 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
             summary.append([stage, row.batch, f"{stage_bound:.0%}", f"{row.ms:.1f}{flag}",
                             f"{row.gemm_fraction:.0%}{flag}", f"{row.gemm_fraction / stage_bound:.0%}",
                             f"{row.whole_ms:.1f}{whole_flag}", f"{row.whole_ms / row.ms:.2f}×",
+                            f"{row.traffic_per_image / 1e6:.1f}", f"{row.memory_ceiling:.0%}",
                             f"{row.load_before} → {row.load_after}"])
     kernels = [[row.stage, row.part, row.kernel, f"{row.macs_per_image / 1e6:.2f}", row.group,
                 f"{row.us_per_image:.0f}" + (" ⚠" if row.spread > UNSTABLE_SPREAD else ""),
@@ -224,10 +232,13 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
         "",
         f"Measured with `{run['command']}` (method: attnbench/kernel_bound.py). Dense {GEMM_SIZE}³ GEMM rate in this "
         f"process: {gemm / 1e9:.1f} GFLOP/s at {threads} threads, {thread_gemm / 1e9:.1f} at one (the best of "
-        f"{_rates(run['gemm_tries'])} and of {_rates(run['one_thread_gemm_tries'])}, measured first).",
+        f"{_rates(run['gemm_tries'])} and of {_rates(run['one_thread_gemm_tries'])}, measured first). Copy "
+        f"bandwidth (read + written, {COPY_BYTES // 2**20} MiB tensors): {run['copy_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"at {threads} threads (the best of {_rates(run['copy_tries'])}).",
         "",
         tabulate(summary, headers=["stage", "batch", "kernel bound", "ours ms", "ours / GEMM rate", "ours / bound",
-                                   "ours without workers, ms", "workers' speed-up", "load average before → after"],
+                                   "ours without workers, ms", "workers' speed-up", "ours' traffic, MB / image",
+                                   "memory ceiling", "load average before → after"],
                  tablefmt="github"),
         "",
         "*kernel bound*: the share of the one-thread GEMM rate that a BRA running only its kernels below, back to "
@@ -237,8 +248,12 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
         f"process, useful FLOP/s (the MACs attentions/bra.py counts) over the {threads}-thread GEMM rate; *without "
         "workers*: the "
         "same module and input under `attentions.by_image.no_workers()` (the batch whole on the caller's "
-        f"{threads} threads), timed right after. ⚠: spread (IQR ÷ median) above {UNSTABLE_SPREAD:.0%}, printed, not "
-        "trusted.",
+        f"{threads} threads), timed right after. *ours' traffic*: the bytes our forward's ATen ops read and write "
+        "per image if each streamed its inputs and outputs through memory once (attnbench/measure/traffic.py; "
+        "what a fused kernel would not move); *memory ceiling*: the roofline's ceiling for that traffic at the "
+        "copy bandwidth, min(1, FLOPs ÷ bytes × bandwidth ÷ GEMM rate): below 100%, ours could not reach the "
+        "GEMM rate without moving fewer bytes. ⚠: spread (IQR ÷ median) above "
+        f"{UNSTABLE_SPREAD:.0%}, printed, not trusted.",
         "",
         "Every kernel alone, one intra-op thread, best group of images (*group*):",
         "",
@@ -246,6 +261,7 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
                                    "useful FLOP/s ÷ one-thread GEMM rate"], tablefmt="github"),
         "",
         f"Device {env['device']} ({env.get('device_name')}), {threads} threads, torch {env['torch']}, "
+        f"allocator {env.get('allocator', 'not recorded')}, "
         f"attnbench {env['git_sha'][:12]}{' (uncommitted changes)' if env.get('git_dirty') is True else ''}, "
         f"started {run['started']}.",
         "",
@@ -269,6 +285,8 @@ def run(out: Path, stages: list[str], batches: list[int], command: str) -> tuple
                 "gemm_tries": [gemm_flops_per_s(torch.device("cpu"), torch.float32) for _ in range(GEMM_TRIES)],
                 "one_thread_gemm_tries": _one_thread(lambda: [gemm_flops_per_s(torch.device("cpu"), torch.float32)
                                                               for _ in range(GEMM_TRIES)])}
+    run_info["copy_tries"] = copy_bandwidth("cpu")
+    run_info["copy_bytes_per_s"] = max(run_info["copy_tries"])
     run_info["gemm_flops_per_s"] = max(run_info["gemm_tries"])
     run_info["one_thread_gemm_flops_per_s"] = max(run_info["one_thread_gemm_tries"])
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
@@ -277,7 +295,8 @@ def run(out: Path, stages: list[str], batches: list[int], command: str) -> tuple
     with (out / "rows.jsonl").open("a") as handle:
         for stage in stages:
             stage_parts = measure_parts(stage, max(1, min(batches) // threads), run_info["one_thread_gemm_flops_per_s"])
-            stage_ours = [measure_ours(stage, batch, run_info["gemm_flops_per_s"]) for batch in batches]
+            stage_ours = [measure_ours(stage, batch, run_info["gemm_flops_per_s"], run_info["copy_bytes_per_s"])
+                          for batch in batches]
             for row in (*stage_parts, *stage_ours):
                 handle.write(json.dumps({"kind": type(row).__name__, **asdict(row)}) + "\n")
             handle.flush()

@@ -3,7 +3,7 @@ other, side by side or on several machines, joined into one run directory that r
 
 Always refused: runs of different suites or profiles, runs whose suites expand to different cases, and runs judged
 by different gates or hypotheses (written before the measurement, they must be one rule for the merged report).
-Refused unless ``--allow-mixed``: runs measured in different environments (device, threads, torch, attnbench
+Refused unless ``--allow-mixed``: runs measured in different environments (device, threads, torch, allocator, attnbench
 commit), whether they differ between the runs or between the records of one run (a shard resumed after a commit).
 Every record keeps the environment it was measured in
 (``environment`` on the record), so a merged report can say when a table mixes machines or commits. A case recorded
@@ -23,7 +23,7 @@ from .suite import SuiteError
 from .suite.schema import RULES
 
 # what two environments must share for their timings to sit in one table
-ENVIRONMENT_KEYS = ("device", "device_name", "threads", "torch", "git_sha", "hostname")
+ENVIRONMENT_KEYS = ("device", "device_name", "threads", "torch", "git_sha", "hostname", "allocator")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
             record.environment = record.environment or run["environment"]
             newest[record.id], seen_in[record.id] = record, run_dir
     stamps = [run["environment"] for run in runs] + [record.environment for record in newest.values()]
-    differing = [key for key in ENVIRONMENT_KEYS if len({stamp.get(key) for stamp in stamps}) > 1]
+    # a key that older stamps lack (the allocator, recorded since 2026-12) is compared among the stamps that have it
+    differing = [key for key in ENVIRONMENT_KEYS if len({stamp[key] for stamp in stamps if key in stamp}) > 1]
     if differing and not allow_mixed:
         raise SuiteError(f"{run_dirs[0]} and the others were measured in different environments "
                          f"({', '.join(differing)} differ); pass --allow-mixed to merge them anyway")

@@ -45,6 +45,7 @@ from torch import nn
 
 from .env import environment, git_output, load_average
 from .measure.gemm import gemm_flops_per_s
+from .measure.traffic import count_traffic
 from .presets import PRESETS
 
 FLOAT64_TOLERANCE = 1e-10
@@ -84,6 +85,8 @@ class Row:
     ours_gemm_fraction: float | None  # layers, forward: our useful FLOP/s ÷ the same process's GEMM rate
     load_before: list[float] | None
     load_after: list[float] | None
+    # forward: MB each side's ATen ops move per image under attnbench/measure/traffic.py's model (official, ours)
+    traffic_mb_per_image: tuple[float, float] | None = None
 
     @property
     def key(self) -> str:
@@ -271,6 +274,10 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
     official_times, our_times = interleaved_times(_step(official, x, mode), _step(ours, x, mode), rounds, warmup,
                                                   device)
     ratios = [a / b for a, b in zip(official_times, our_times, strict=True)]
+    traffic = None
+    if mode == "forward":
+        traffic = tuple(count_traffic(_step(module, x[:check_batch], mode)).total / check_batch / 1e6
+                        for module in (official, ours))
     fraction = None
     if what == "layer" and mode == "forward" and gemm_rate:
         shape = PRESETS[name]
@@ -278,7 +285,7 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
     return Row(what, name, batch, mode, str(dtype).removeprefix("torch."), 1e3 * statistics.median(official_times),
                1e3 * statistics.median(our_times), _spread(official_times), _spread(our_times),
                statistics.median(ratios), _quartiles(ratios), rounds, difference, fraction, load_before,
-               load_average())
+               load_average(), traffic)
 
 
 def render(rows: list[Row], run: dict[str, Any]) -> str:
@@ -292,6 +299,7 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
                       f"{row.speedup:.2f}× [{row.speedup_iqr[0]:.2f}, {row.speedup_iqr[1]:.2f}]"
                       + (" ⚠" if official_flag or our_flag else ""),
                       _fraction_text(row.ours_gemm_fraction),
+                      _traffic_text(row.traffic_mb_per_image),
                       f"{row.max_difference:.1e}", f"{row.load_before} → {row.load_after}"])
     env = run["environment"]
     return "\n".join([
@@ -305,20 +313,28 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
         "",
         tabulate(table, headers=["what", "name", "batch", "mode", "dtype", "official ms", "ours ms",
                                  "speed-up (median of per-round ratios [IQR])", "ours / GEMM rate",
-                                 "float32 difference", "load average before → after"], tablefmt="github"),
+                                 "traffic official / ours, MB per image", "float32 difference",
+                                 "load average before → after"], tablefmt="github"),
         "",
         f"⚠: the side's own spread (IQR ÷ median of its rounds) exceeded {UNSTABLE_SPREAD:.0%} (on the speed-up: "
         "either side's): the figure is printed, not trusted. *ours / GEMM rate*: our forward's useful FLOP/s (the "
         f"MACs attentions/bra.py counts) over the dense {run['gemm_size']}³ GEMM rate measured in the same process "
         + ("(not measured: no layer forward in this run)" if run["gemm_flops_per_s"] is None
            else f"({run['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
-        + ". A model's float32 difference is reported, not bounded (float64 is the check).",
+        + ". *traffic*: the bytes each side's ATen ops read and write per image in forward, if each op streamed its "
+        "inputs and outputs through memory once (attnbench/measure/traffic.py). A model's float32 difference is "
+        "reported, not bounded (float64 is the check).",
         "",
         f"Device {env['device']} ({env.get('device_name')}), {run['threads']} threads, torch {env['torch']}, "
+        f"allocator {env.get('allocator', 'not recorded')}, "
         f"attnbench {env['git_sha'][:12]}{' (uncommitted changes)' if env.get('git_dirty') is True else ''}, "
         f"started {run['started']}.",
         "",
     ])
+
+
+def _traffic_text(traffic: tuple[float, float] | None) -> str:
+    return "–" if traffic is None else f"{traffic[0]:.1f} / {traffic[1]:.1f}"
 
 
 def _fraction_text(fraction: float | None) -> str:
@@ -351,6 +367,8 @@ def run(root: Path, out: Path, layers: list[str], models: list[str], batches: li
         for line in rows_path.read_text().splitlines():
             values = json.loads(line)
             values["speedup_iqr"] = tuple(values["speedup_iqr"])
+            if values.get("traffic_mb_per_image") is not None:
+                values["traffic_mb_per_image"] = tuple(values["traffic_mb_per_image"])
             row = Row(**values)
             done[row.key] = row
     plan = [("layer", name, batch, mode) for name in layers for batch in batches for mode in modes]

@@ -216,6 +216,25 @@ def test_environment_names_the_libraries_plugins_and_load(monkeypatch, tmp_path)
     assert stamp["git_sha"] == "unknown" and stamp["git_dirty"] == "unknown"
 
 
+def test_the_stamp_names_the_allocator_and_its_settings(monkeypatch):
+    """Page faults of freed-and-reallocated buffers move CPU timings (2× for the official BRA at stage 1), so the
+    allocator and its glibc settings are part of the environment, and a resumed run refuses another."""
+    import attnbench.env as env
+    from attnbench.runner import COMPARED_ENVIRONMENT
+
+    for key in ("LD_PRELOAD", *env.MALLOC_ENVIRONMENT):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(env.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    assert env.environment("cpu")["allocator"] == "glibc 2.36 malloc, default settings"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000000")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1000000000")
+    assert env.allocator() == ("glibc 2.36 malloc, MALLOC_MMAP_THRESHOLD_=1000000000 "
+                               "MALLOC_TRIM_THRESHOLD_=1000000000")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert env.allocator() == "jemalloc (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"
+    assert "allocator" in COMPARED_ENVIRONMENT
+
+
 def test_a_change_under_results_does_not_mark_the_code_uncommitted(monkeypatch, tmp_path):
     """A resumed run appends to its committed records.jsonl: the tree differs from the commit, the code does not."""
     import attnbench.env as env

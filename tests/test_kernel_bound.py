@@ -45,6 +45,7 @@ def test_the_command_writes_a_report_and_refuses_a_used_directory(tmp_path, monk
                                                          "min_run_time_s": 0.01})
     rates = iter([40e9, 50e9, 45e9, 30e9, 35e9, 20e9])  # three tries at --threads, three at one thread: best kept
     monkeypatch.setattr(kernel_bound, "gemm_flops_per_s", lambda device, dtype: next(rates))
+    monkeypatch.setattr(kernel_bound, "copy_bandwidth", lambda device: [8e9, 10e9, 9e9])
     out = tmp_path / "bound"
     argv = ["kernel-bound", "--stages", "biformer_t.stage4", "--batch", "2", "--threads", "1", "--out", str(out)]
     assert cli.main(argv) == 0
@@ -53,8 +54,14 @@ def test_the_command_writes_a_report_and_refuses_a_used_directory(tmp_path, monk
     assert {row["part"] for row in rows if row["kind"] == "PartRow"} == set(kernel_bound.KERNEL_PARTS)
     ours = next(row for row in rows if row["kind"] == "OursRow")
     assert ours["batch"] == 2 and ours["ms"] > 0 and ours["gemm_fraction"] > 0 and ours["whole_ms"] > 0
+    module = kernel_bound.stage_module("biformer_t.stage4")
+    flops = 2 * module.macs(7, 7).total
+    # at least the input read and the output written by the ops, each of 7·7·512 floats
+    assert ours["traffic_per_image"] >= 2 * 7 * 7 * 512 * 4
+    assert ours["memory_ceiling"] == pytest.approx(min(1.0, flops / ours["traffic_per_image"] * 10e9 / 50e9))
     report = (out / "report.md").read_text()
     assert "| biformer_t.stage4 |" in report and "kernel bound" in report
     assert "50.0 GFLOP/s at 1 threads, 35.0 at one (the best of 40.0, 50.0, 45.0 and of 30.0, 35.0, 20.0" in report
+    assert "10.0 GB/s at 1 threads (the best of 8.0, 10.0, 9.0)" in report and "memory ceiling" in report
     assert cli.main(argv) == 2
     assert "not empty" in capsys.readouterr().err

@@ -93,6 +93,12 @@ def test_merge_refuses_other_suites_and_environments_and_reports_duplicates_and_
     (b / "run.json").write_text(json.dumps({**run, "gates": gates}))  # judged by a rule the other shard lacks
     assert main(["merge", str(a), str(b), "--into", str(tmp_path / "m"), "--allow-mixed"]) == 2
     assert "its gates differ from" in capsys.readouterr().err
+    (b / "run.json").write_text(json.dumps({**run, "environment": {**run["environment"], "allocator": "jemalloc"}}))
+    (a / "run.json").write_text(json.dumps({**run, "suite_cases": ["x1", "x2"],
+                                            "environment": {**run["environment"], "allocator": "glibc malloc"}}))
+    assert main(["merge", str(a), str(b), "--into", str(tmp_path / "m")]) == 2
+    assert "different environments (allocator differ)" in capsys.readouterr().err
+    (a / "run.json").write_text(json.dumps({**run, "suite_cases": ["x1", "x2"]}))
     (b / "run.json").write_text(json.dumps({**run, "environment": {**run["environment"], "threads": 1}}))
     assert main(["merge", str(a), str(b), "--into", str(tmp_path / "m")]) == 2
     assert "different environments (threads differ); pass --allow-mixed" in capsys.readouterr().err

@@ -27,8 +27,13 @@ def test_a_matching_official_code_is_timed_row_by_row_and_a_rerun_keeps_the_rows
         assert row["rounds"] == 4 and row["official_ms"] > 0 and row["ours_ms"] > 0 and row["speedup"] > 0
         assert row["max_difference"] <= 1e-5 and len(row["load_before"]) == 3
     assert 0 < rows[0]["ours_gemm_fraction"] and rows[1]["ours_gemm_fraction"] is None  # forward only
+    # the stand-in is our layer on its reference backend, which expands the routed keys and values per query region:
+    # it moves more than ours, which moves at least the input read and the output written
+    official_traffic, our_traffic = rows[0]["traffic_mb_per_image"]
+    assert official_traffic > our_traffic >= 2 * 14 * 14 * 256 * 4 / 1e6 and rows[1]["traffic_mb_per_image"] is None
     report = (out / "report.md").read_text()
     assert "float64 outputs and gradients within 1e-10" in report and "| layer" in report
+    assert f"| {official_traffic:.1f} / {our_traffic:.1f} " in report
     assert json.loads((out / "run.json").read_text())["official_commit"] == "unknown (not a git checkout)"
     capsys.readouterr()
     assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *SMALL]) == 0
