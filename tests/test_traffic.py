@@ -26,6 +26,19 @@ def test_views_and_bare_allocations_move_nothing():
     assert copied.read == copied.written == _bytes(x)
 
 
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_the_count_is_the_same_whether_or_not_composite_ops_are_decomposed(mode):
+    """Under inference_mode the dispatch sees reshape and linear whole, under no_grad their clone / _unsafe_view and
+    addmm: a reshape is a copy exactly when it copies, and a linear reads x, W, b and writes its output either way."""
+    x, weight, bias = torch.randn(4, 6, 8), torch.randn(5, 8), torch.randn(5)
+    with mode():
+        assert count_traffic(lambda: x.reshape(24, 8)).total == 0
+        copied = count_traffic(lambda: x.transpose(0, 1).reshape(24, 8))
+        assert copied.read == copied.written == _bytes(x)
+        linear = count_traffic(lambda: torch.nn.functional.linear(x, weight, bias))
+        assert linear.read == _bytes(x, weight, bias) and linear.written == 4 * 6 * 5 * 4
+
+
 def test_an_expanded_tensor_is_read_once_and_out_arguments_are_written_not_read():
     row, full = torch.randn(1, 64), torch.randn(128, 64)
     counter = count_traffic(lambda: row.expand(128, 64) + full)

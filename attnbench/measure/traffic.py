@@ -4,9 +4,11 @@ roofline (the compute side is the dense GEMM rate of attnbench/measure/gemm.py).
 Traffic model: every ATen op reads each of its input tensors and writes each of its outputs once, from and to main
 memory, with no reuse between ops through the caches. An op's bytes are its tensors' footprints (elements × element
 size, at most the bytes of the storage behind them: an expanded tensor is read once). Ops that move no data are not
-counted: views (``view``, ``transpose``, ``split``, ...: their schema returns an alias that is not written), and
-bare allocations (``empty``). An op writing into an ``out=`` tensor writes it without reading it. What an op does
-inside (a GEMM re-reading its operands, SDPA's scratch blocks) is not seen, so this is a model of the traffic
+counted: views (an op that writes nothing and returns tensors on its inputs' storage: ``view``, ``transpose``,
+``split``, a ``reshape`` that needs no copy; a ``reshape`` that copies is counted as a copy), and bare allocations
+(``empty``). An op writing into an ``out=`` tensor writes it without reading it. Whether an op is decomposed (under
+``inference_mode`` the dispatch sees ``linear``, under ``no_grad`` its ``addmm``) does not change the count. What an
+op does inside (a GEMM re-reading its operands, SDPA's scratch blocks) is not seen, so this is a model of the traffic
 between ops, which fused kernels would remove, not a measurement of DRAM bytes.
 
 Roofline (Williams, Waterman and Patterson, CACM 2009): with I = useful FLOPs ÷ bytes moved, a computation can reach
@@ -41,10 +43,20 @@ def _footprint(tensor: torch.Tensor) -> int:
         return size
 
 
-def _is_view(func: Any) -> bool:
-    """An op that returns aliases of its inputs without writing them (view, transpose, split, ...)."""
-    returns = func._schema.returns
-    return bool(returns) and all(ret.alias_info is not None and not ret.alias_info.is_write for ret in returns)
+def _storage(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _is_view(func: Any, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+    """An op that writes nothing (no written alias in its schema) and returns only tensors on its inputs' storage:
+    decided on the tensors, since a schema's alias marks an op that *may* return a view (``reshape``) as one."""
+    if any(ret.alias_info is not None and ret.alias_info.is_write for ret in func._schema.returns):
+        return False
+    sources = {_storage(t) for t in inputs}
+    return bool(outputs) and all(_storage(t) in sources for t in outputs if t.numel())
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -68,15 +80,15 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _NO_TRAFFIC or _is_view(func):
+        inputs = {id(t): t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        outputs = {id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        if func in _NO_TRAFFIC or _is_view(func, list(inputs.values()), list(outputs.values())):
             return out
         # out= arguments are written, not read (an in-place op's self is both, and is a positional argument)
         write_only = {id(kwargs[arg.name]) for arg in func._schema.arguments
                       if arg.kwarg_only and arg.alias_info is not None and arg.alias_info.is_write
                       and isinstance(kwargs.get(arg.name), torch.Tensor)}
-        inputs = {id(t): t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         read = sum(_footprint(t) for key, t in inputs.items() if key not in write_only)
-        outputs = {id(t): t for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
         written = sum(_footprint(t) for t in outputs.values())
         self.read += read
         self.written += written
