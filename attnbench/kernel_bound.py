@@ -285,7 +285,7 @@ def run(out: Path, stages: list[str], batches: list[int], command: str) -> tuple
                 "gemm_tries": [gemm_flops_per_s(torch.device("cpu"), torch.float32) for _ in range(GEMM_TRIES)],
                 "one_thread_gemm_tries": _one_thread(lambda: [gemm_flops_per_s(torch.device("cpu"), torch.float32)
                                                               for _ in range(GEMM_TRIES)])}
-    run_info["copy_tries"] = copy_bandwidth("cpu")
+    run_info["copy_tries"] = copy_bandwidth()
     run_info["copy_bytes_per_s"] = max(run_info["copy_tries"])
     run_info["gemm_flops_per_s"] = max(run_info["gemm_tries"])
     run_info["one_thread_gemm_flops_per_s"] = max(run_info["one_thread_gemm_tries"])

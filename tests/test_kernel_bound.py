@@ -45,7 +45,7 @@ def test_the_command_writes_a_report_and_refuses_a_used_directory(tmp_path, monk
                                                          "min_run_time_s": 0.01})
     rates = iter([40e9, 50e9, 45e9, 30e9, 35e9, 20e9])  # three tries at --threads, three at one thread: best kept
     monkeypatch.setattr(kernel_bound, "gemm_flops_per_s", lambda device, dtype: next(rates))
-    monkeypatch.setattr(kernel_bound, "copy_bandwidth", lambda device: [8e9, 10e9, 9e9])
+    monkeypatch.setattr(kernel_bound, "copy_bandwidth", lambda: [8e9, 10e9, 9e9])
     out = tmp_path / "bound"
     argv = ["kernel-bound", "--stages", "biformer_t.stage4", "--batch", "2", "--threads", "1", "--out", str(out)]
     assert cli.main(argv) == 0

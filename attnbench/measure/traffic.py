@@ -103,25 +103,19 @@ def count_traffic(fn: Callable[[], Any]) -> TrafficCounter:
     return counter
 
 
-def copy_bandwidth(device: torch.device | str = "cpu", size_bytes: int = COPY_BYTES, tries: int = COPY_TRIES,
-                   ) -> list[float]:
-    """Bytes per second of ``dst.copy_(src)`` on float32 tensors of ``size_bytes`` each (far beyond the caches),
+def copy_bandwidth(size_bytes: int = COPY_BYTES, tries: int = COPY_TRIES) -> list[float]:
+    """Bytes per second of ``dst.copy_(src)`` on CPU float32 tensors of ``size_bytes`` each (far beyond the caches),
     counting the bytes read and written (STREAM's convention for its Copy kernel), at the current thread count:
     one figure per try, each the best of 5 copies after one warm-up copy (which also faults the pages in)."""
-    device = torch.device(device)
-    source = torch.rand(size_bytes // 4, device=device)
+    source = torch.rand(size_bytes // 4)
     target = torch.empty_like(source)
     rates = []
     for _ in range(tries):
         target.copy_(source)
         best = float("inf")
         for _ in range(5):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             start = time.perf_counter()
             target.copy_(source)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - start)
         rates.append(2 * size_bytes / best)
     return rates
