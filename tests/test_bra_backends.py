@@ -178,6 +178,40 @@ def test_cuda_backends_equal_reference(impl, dtype):
         torch.testing.assert_close(module(x), reference(x), rtol=0, atol=tolerance)
 
 
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((value.double() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ("auto", "gather", "blocked", "dense", "compile", "flex", "xformers"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("topk", (1, 16))
+def test_cuda_backends_match_the_float64_reference_with_grads(monkeypatch, impl, dtype, topk):
+    """Each CUDA backend in fp32 / bf16 / fp16 against the reference in float64 on the same weights and input:
+    ‖out − ref‖ / ‖ref‖ for the output, the input's gradient and every parameter's (TF32 off: fp32 is fp32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(topk)
+    module = attentions.create("bra", dim=128, num_heads=4, n_win=7, topk=topk, side_dwconv=5, impl=impl).cuda()
+    reasons = module.not_supported_reasons(torch.device("cuda"), dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    reference = module.plain().double()
+    module = module.to(dtype)
+    x = torch.randn(3, 28, 28, 128, device="cuda", dtype=torch.float64)
+    grad = torch.randn_like(x)
+    x_fast, x_ref = x.to(dtype).requires_grad_(True), x.clone().requires_grad_(True)
+    out, expected = module(x_fast), reference(x_ref)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relative_error(out, expected) < bound
+    assert relative_error(x_fast.grad, x_ref.grad) < bound
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters(), strict=True):
+        assert relative_error(p.grad, p_ref.grad) < bound, name
+
+
 @pytest.mark.parametrize("impl", ("auto", "gather"))
 def test_batch_in_groups_equals_one_piece_float64(monkeypatch, impl):
     """A batch run in groups of images (BATCH_CHUNK_BYTES) is the same function, outputs and grads."""

@@ -18,6 +18,20 @@ def test_latency_keeps_raw_samples_and_reports_the_median():
     assert summary["n"] == len(summary["samples_s"]) >= 4
     assert 0.019 < summary["median_s"] < 0.05 and summary["min_s"] <= summary["median_s"]
     assert summary["iqr_s"] >= 0 and summary["number"] == 1
+    assert summary["clock"] == "host"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_latency_is_timed_with_cuda_events_and_counts_the_queued_work():
+    """A CUDA call returns before its kernel finishes: the events must time the kernel, not the launch (two
+    8192² fp32 GEMMs take milliseconds on any GPU; launching them takes microseconds)."""
+    a = torch.randn(8192, 8192, device="cuda")
+    result = measure_latency(lambda: a @ a @ a, torch.device("cuda"), warmup_iters=2, warmup_time_s=0,
+                             min_samples=5, max_samples=10, max_time_s=2.0)
+    flops = 2 * 2 * 8192**3
+    assert result.clock == "cuda_events"
+    assert flops / result.median_s < 2e15, "faster than any GPU's fp32 rate: the kernels were not waited for"
 
 
 def test_latency_stops_at_the_time_budget_when_it_cannot_converge():

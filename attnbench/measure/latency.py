@@ -1,11 +1,12 @@
-"""Wall-clock latency of a callable, measured with torch.utils.benchmark: warm-up, device synchronisation,
-adaptive repeats, raw samples kept, and the stability of the figure judged, never assumed.
+"""Wall-clock latency of a callable: warm-up, device synchronisation, adaptive repeats, raw samples kept (as a
+torch.utils.benchmark Measurement), and the stability of the figure judged, never assumed.
 
-Each sample is one ``Timer.timeit(number)`` (torch.utils.benchmark synchronises CUDA around it), with
-``number`` chosen so a sample lasts at least ``MIN_SAMPLE_S``. Samples are taken until there are at least
-``min_samples`` of them and ``min_run_time_s`` has been spent, and the spread is small (IQR / median below
-``target_iqr``), or until ``max_time_s`` runs out. The samples form a torch ``Measurement``, whose median, IQR
-and variance warning are recorded with them.
+On CPU each sample is one torch.utils.benchmark ``Timer.timeit(number)``; on CUDA it is the time between two
+CUDA events recorded around ``number`` calls on the current stream, the device synchronised before the first
+(nothing queued earlier is counted), as ``triton.testing.do_bench`` times. ``number`` is chosen so a sample
+lasts at least ``MIN_SAMPLE_S``. Samples are taken until there are at least ``min_samples`` of them and
+``min_run_time_s`` has been spent, and the spread is small (IQR / median below ``target_iqr``), or until
+``max_time_s`` runs out. The samples' median, IQR and variance warning are recorded with them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Latency:
     converged: bool  # the IQR target was met before the budget ran out
     threads: int
     variance_warning: str = ""  # torch.utils.benchmark's warning about the spread, if it gave one
+    clock: str = "host"  # "host": torch.utils.benchmark.Timer's wall clock; "cuda_events": torch.cuda.Event pairs
 
     def measurement(self):  # -> torch.utils.benchmark.Measurement
         return _measurement(self.samples_s, self.number, self.threads)
@@ -80,13 +82,31 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _sampler(fn: Callable[[], object], device: torch.device, threads: int) -> Callable[[int], float]:
+    """A function timing ``number`` calls of ``fn``, in seconds: CUDA events on CUDA, else the Timer's clock."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def events(number: int) -> float:
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(number):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
+
+        return events
+    timer = _benchmark_module().Timer(stmt="step()", globals={"step": fn}, num_threads=threads)
+    return lambda number: timer.timeit(number).raw_times[0]
+
+
 def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_iters: int = 3,
                     warmup_time_s: float = 0.2, min_samples: int = 10, max_samples: int = 100,
                     min_run_time_s: float = 0.5, max_time_s: float = 5.0, target_iqr: float = 0.10) -> Latency:
-    """Time ``fn`` (which must do all its work before returning, or on ``device``'s stream)."""
-    Timer = _benchmark_module().Timer
+    """Time ``fn`` (which must do all its work before returning, or on ``device``'s current stream)."""
     threads = torch.get_num_threads()
-    timer = Timer(stmt="step()", globals={"step": fn}, num_threads=threads)
+    sample = _sampler(fn, device, threads)
     iterations, warm_start = 0, time.perf_counter()
     while iterations < max(warmup_iters, 1) or time.perf_counter() - warm_start < warmup_time_s:
         fn()
@@ -94,14 +114,14 @@ def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_it
         iterations += 1
     number = 1  # calls per sample, grown until a sample lasts MIN_SAMPLE_S (as blocked_autorange sizes blocks)
     while True:
-        single = min(timer.timeit(number).raw_times[0] for _ in range(3)) / number  # min: robust to preemption
+        single = min(sample(number) for _ in range(3)) / number  # min: robust to preemption
         if single * number >= MIN_SAMPLE_S or number >= 1_000_000:
             break
         number = min(1_000_000, max(number * 2, int(MIN_SAMPLE_S / max(single, 1e-9))))
     samples: list[float] = []
     converged, start = False, time.perf_counter()
     while len(samples) < max_samples:
-        samples.append(timer.timeit(number).raw_times[0] / number)
+        samples.append(sample(number) / number)
         spent, measured = time.perf_counter() - start, sum(samples) * number  # measured: as blocked_autorange counts
         if len(samples) >= min_samples and measured >= min_run_time_s:
             measurement = _measurement(samples, number, threads)
@@ -113,7 +133,8 @@ def measure_latency(fn: Callable[[], object], device: torch.device, *, warmup_it
     measurement = _measurement(samples, number, threads)
     warning = (f"torch.utils.benchmark: IQR is {100 * measurement.iqr / measurement.median:.1f}% of the median"
                if measurement.has_warnings else "")
-    return Latency(samples, number, iterations, converged, threads, warning)
+    return Latency(samples, number, iterations, converged, threads, warning,
+                   "cuda_events" if device.type == "cuda" else "host")
 
 
 def cpu_frequency_mhz() -> float | None:
