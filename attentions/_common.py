@@ -57,3 +57,25 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(..., num_heads, N, d) -> (..., N, num_heads · d)."""
     return x.transpose(-3, -2).flatten(-2)
+
+
+def top_k_choice(owner: nn.Module, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=-1)`` as (values, indices): a discrete choice (BRA's routed regions, QuadTree's
+    kept keys) that can be recorded and imposed, so a low-precision run can be checked against float64
+    arithmetic on the same choices (near-ties flip in bfloat16; ``attnbench/measure/correctness.py``).
+
+    While ``owner.recorded_choices`` is a list, each call appends its indices to it; while
+    ``owner.imposed_choices`` holds indices (a list, in call order), each call takes the next instead of choosing
+    (values gathered at them). Neither attribute exists in normal use. ``owner`` sets ``makes_top_k_choices``.
+    """
+    imposed = getattr(owner, "imposed_choices", None)
+    if imposed:
+        index = imposed.pop(0).to(scores.device)
+        if index.shape != (*scores.shape[:-1], k):
+            raise ValueError(f"imposed choices of shape {tuple(index.shape)} for scores {tuple(scores.shape)}, k={k}")
+        return scores.gather(-1, index), index
+    values, index = torch.topk(scores, k, dim=-1)
+    recorded = getattr(owner, "recorded_choices", None)
+    if recorded is not None:
+        recorded.append(index)
+    return values, index

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import bra_kernels
-from ._common import conv_nhwc, depthwise_conv, depthwise_conv_macs, pad_bottom_right
+from ._common import conv_nhwc, depthwise_conv, depthwise_conv_macs, pad_bottom_right, top_k_choice
 from .base import AttentionMechanism, MacCount, check_heads
 from .by_image import by_image
 from .registry import register
@@ -78,6 +78,8 @@ class RegionRouter(nn.Module):
     unless ``diff_routing``, and the softmax of the kept affinities returned as routing weights.
     """
 
+    makes_top_k_choices = True  # the routed regions (``top_k_choice``)
+
     def __init__(self, qk_dim: int, topk: int, scale: float, param_routing: bool, diff_routing: bool) -> None:
         super().__init__()
         self.topk = topk
@@ -90,7 +92,7 @@ class RegionRouter(nn.Module):
         if not self.diff_routing:
             region_q, region_k = region_q.detach(), region_k.detach()
         affinity = (self.emb(region_q) * self.scale) @ self.emb(region_k).transpose(-2, -1)  # (B, S², S²)
-        top_affinity, top_index = torch.topk(affinity, k=self.topk, dim=-1)
+        top_affinity, top_index = top_k_choice(self, affinity, self.topk)
         return top_affinity.softmax(dim=-1), top_index
 
 

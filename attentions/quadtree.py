@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import top_k_choice
 from .base import AttentionMechanism, MacCount, check_heads
 from .registry import register
 
@@ -85,6 +86,8 @@ class QuadTreeAttention(AttentionMechanism):
         topks: top-k kept per level, coarsest first (b2: 8 at every level); needs at least L-1 entries.
         qkv_bias: bias in the q/k/v projections (b2: True). lepe: per-level depthwise conv on V (B: True).
     """
+
+    makes_top_k_choices = True  # the kept keys per level (``top_k_choice``)
 
     def __init__(
         self,
@@ -149,7 +152,7 @@ class QuadTreeAttention(AttentionMechanism):
         messages = [torch.einsum("bhqk,bhkd->bhqd", weights, v.flatten(2, 3)).reshape(q.shape)]
         if self.levels == 1:
             return messages
-        selected = weights.topk(kept[0], dim=-1).indices  # (B, heads, h·w, k): parent-level key indices
+        selected = top_k_choice(self, weights, kept[0])[1]  # (B, heads, h·w, k): parent-level key indices
         for step, level in enumerate(range(self.levels - 2, -1, -1), start=1):
             q, k, v = (self._heads(t[level]) for t in (queries, keys, values))
             parent_w, (h, w) = w, q.shape[2:4]
@@ -165,7 +168,7 @@ class QuadTreeAttention(AttentionMechanism):
             message = torch.einsum("bhpck,bhpkd->bhpcd", weights, v_cand)
             messages.append(_ungroup(message, h, w).reshape(batch, heads, h, w, d))
             if level > 0:
-                local = weights.topk(kept[step], dim=-1).indices  # (B, heads, parents, 4, k)
+                local = top_k_choice(self, weights, kept[step])[1]  # (B, heads, parents, 4, k)
                 chosen = children[:, :, :, None, :].expand(-1, -1, -1, 4, -1).gather(-1, local)
                 selected = _ungroup(chosen, h, w)
         return messages

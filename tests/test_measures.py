@@ -85,3 +85,26 @@ def test_keys_per_query_of_shifted_windows_counts_the_swin_mask():
     module = attentions.create("swin", dim=32, num_heads=4, window_size=4, shift_size=2)
     mask = oracles.swin_allowed(12, 8, 4, 2).reshape(12, 8, -1)[:9, :7]  # rolled, padded 9 x 7 map
     assert module.keys_per_query(9, 7) == pytest.approx(mask.sum(-1).double().mean().item())
+
+
+@pytest.mark.parametrize("name,options", [("bra", {"n_win": 7, "topk": 4}), ("quadtree", {"levels": 3})])
+def test_half_precision_check_imposes_the_modules_top_k_choices_on_the_float64_run(name, options):
+    """bfloat16 routing flips near-ties that float64 does not: with the module's choices imposed the check compares
+    arithmetic (passes), counts the choices float64 would have made otherwise, and still fails a wrong module."""
+    torch.manual_seed(0)
+    module = attentions.create(name, dim=64, num_heads=2, **options).to(torch.bfloat16)
+    x = torch.randn(2, 28, 28, 64, dtype=torch.bfloat16)
+    agreement = check_against_reference(module, x)
+    assert agreement.ok and agreement.choices_imposed > 0
+    assert 0 <= agreement.choices_differing <= agreement.choices_imposed
+    assert not hasattr(module, "recorded_choices")  # nothing left behind on the module
+    if name == "quadtree":
+        assert agreement.choices_differing > 0  # bfloat16 scores tie where float64's do not
+
+    class OffInHalfPrecision(type(module)):  # right in float64 (the reference), 20% off in bfloat16
+        def forward(self, t):
+            out = super().forward(t)
+            return out * 1.2 if t.dtype == torch.bfloat16 else out
+
+    module.__class__ = OffInHalfPrecision
+    assert not check_against_reference(module, x).ok
