@@ -141,6 +141,37 @@ def test_xformers_off_cuda_is_unsupported_with_reasons():
     assert make(n_win=4, topk=3).not_supported_reasons(torch.device("cpu"), torch.float64) == []
 
 
+@pytest.mark.parametrize("batch,regions,tokens,n,topk", [
+    (2, 49, 64, 64, 1), (2, 49, 16, 16, 4), (3, 49, 4, 4, 16), (2, 49, 1, 1, 49),  # BiFormer-T stages 1-4
+    (2, 16, 9, 4, 3), (1, 25, 49, 49, 2), (2, 9, 100, 30, 5)])  # regions that straddle tiles; n ≠ T
+def test_flex_block_mask_from_region_indices_equals_create_block_mask(batch, regions, tokens, n, topk):
+    """The block mask made from the routing at region granularity is the one ``create_block_mask`` makes by
+    calling the mask_mod at every (query, key) pair: the same partial and full tiles, in any listing order."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    inputs = bra_kernels.RoutedAttention(
+        q=torch.randn(batch, regions, tokens, 1, 8), kv=torch.randn(batch, regions, n, 16),
+        index=torch.stack([torch.randperm(regions)[:topk] for _ in range(batch * regions)]).view(batch, regions, topk),
+        weight=None, scale=0.5)
+    allowed = bra_kernels._block_mask(inputs)
+
+    def routed(b, h, q_index, kv_index):
+        return allowed[b, q_index // tokens, kv_index // n]
+
+    ours = bra_kernels._routed_block_mask(inputs, allowed, routed)
+    theirs = create_block_mask(routed, batch, None, regions * tokens, regions * n, device="cpu")
+
+    def tiles(count, index):  # (B, Q tiles, KV tiles) bool from a block mask's (count, index) listing
+        listed = torch.arange(index.shape[-1]) < count[..., None]
+        return torch.zeros(index.shape, dtype=torch.bool).scatter_(-1, index.long(), listed)[:, 0]
+
+    assert ours.shape == theirs.shape
+    assert torch.equal(tiles(ours.full_kv_num_blocks, ours.full_kv_indices),
+                       tiles(theirs.full_kv_num_blocks, theirs.full_kv_indices))
+    assert torch.equal(tiles(ours.kv_num_blocks, ours.kv_indices), tiles(theirs.kv_num_blocks, theirs.kv_indices))
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+
+
 def test_flex_refuses_backward_on_cpu():
     module = make(n_win=4, topk=3, impl="flex")
     x = torch.randn(1, 8, 8, 32, dtype=torch.float64, requires_grad=True)
