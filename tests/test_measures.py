@@ -108,3 +108,13 @@ def test_half_precision_check_imposes_the_modules_top_k_choices_on_the_float64_r
 
     module.__class__ = OffInHalfPrecision
     assert not check_against_reference(module, x).ok
+
+
+def test_the_check_compares_the_function_in_eval_mode_and_restores_train_mode():
+    """A forward+backward case times its model in train mode; drop path and dropout draw there, so the check runs
+    the module in eval mode (the deterministic function) and then gives it back in train mode."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 8)).train()
+    x = torch.randn(4, 8)
+    assert check_against_reference(module, x).ok
+    assert all(child.training for child in module.modules())

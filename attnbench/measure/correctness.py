@@ -82,7 +82,18 @@ def _differing(chosen: dict[str, list], own: dict[str, list]) -> int:
 @torch.no_grad()
 def check_against_reference(module: nn.Module, x: torch.Tensor) -> Agreement:
     """Compare ``module(x)`` with the float64 plain path on the same input (use a small batch); in half
-    precision on the first image, with the module's top-k choices imposed on the float64 run."""
+    precision on the first image, with the module's top-k choices imposed on the float64 run. Both run in eval
+    mode (the function, without drop path or dropout draws); ``module``'s own train/eval flags are restored."""
+    flags = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        return _agreement(module, x)
+    finally:
+        for child, training in flags:
+            child.training = training
+
+
+def _agreement(module: nn.Module, x: torch.Tensor) -> Agreement:
     reference = plain_reference(module)
     names = _choosers(module) if x.dtype in HALF_PRECISION else []
     if not names:
