@@ -64,18 +64,41 @@ def top_k_choice(owner: nn.Module, scores: torch.Tensor, k: int) -> tuple[torch.
     kept keys) that can be recorded and imposed, so a low-precision run can be checked against float64
     arithmetic on the same choices (near-ties flip in bfloat16; ``attnbench/measure/correctness.py``).
 
-    While ``owner.recorded_choices`` is a list, each call appends its indices to it; while
-    ``owner.imposed_choices`` holds indices (a list, in call order), each call takes the next instead of choosing
-    (values gathered at them). Neither attribute exists in normal use. ``owner`` sets ``makes_top_k_choices``.
+    While ``owner.recorded_choices`` is a list, each call appends its (rows, …, k) indices to it. While
+    ``owner.imposed_choices`` is a non-empty list of such tensors, each call takes its rows from the front instead
+    of choosing (so a run that splits the batch otherwise takes the same rows), gathers the values there, and keeps
+    in ``owner.imposed_shortfall`` the largest amount by which an imposed choice scores below this call's own k-th
+    score, relative to max |score|: a near-tie is small, a wrong choice is not. Neither attribute exists in normal
+    use. ``owner`` sets ``makes_top_k_choices``.
     """
     imposed = getattr(owner, "imposed_choices", None)
     if imposed:
-        index = imposed.pop(0).to(scores.device)
+        index = _take_rows(imposed, scores.shape[0]).to(scores.device)
         if index.shape != (*scores.shape[:-1], k):
             raise ValueError(f"imposed choices of shape {tuple(index.shape)} for scores {tuple(scores.shape)}, k={k}")
-        return scores.gather(-1, index), index
+        values = scores.gather(-1, index)
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scale = scores.abs().amax().clamp(min=torch.finfo(scores.dtype).tiny)
+        shortfall = float((kth - values).clamp(min=0).amax() / scale)
+        owner.imposed_shortfall = max(getattr(owner, "imposed_shortfall", 0.0), shortfall)
+        return values, index
     values, index = torch.topk(scores, k, dim=-1)
     recorded = getattr(owner, "recorded_choices", None)
     if recorded is not None:
         recorded.append(index)
     return values, index
+
+
+def _take_rows(queue: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the tensors queued in ``queue`` (consumed; a tensor split if need be)."""
+    taken = []
+    while rows > 0:
+        if not queue:
+            raise ValueError("the run asks for more choices than were imposed")
+        head = queue.pop(0)
+        if head.shape[0] > rows:
+            queue.insert(0, head[rows:])
+            head = head[:rows]
+        taken.append(head)
+        rows -= head.shape[0]
+    return torch.cat(taken)

@@ -347,21 +347,21 @@ def _has_c_compiler() -> bool:
 
 
 @functools.cache
-def _xformers_build_reasons(dtype: torch.dtype) -> tuple[str, ...]:
-    """Why the installed xFormers cannot run attention on CUDA in ``dtype``: it imports even where its kernels
+def _xformers_build_reasons(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """Why the installed xFormers cannot run attention on ``device`` in ``dtype``: it imports even where its kernels
     did not load (a wheel built for another torch, CUDA or Python), and then its dispatcher finds no operator.
-    Asked once per process on a tiny input, as ``python -m xformers.info`` would tell."""
+    Asked once per process and device on a tiny input, as ``python -m xformers.info`` would tell."""
     if not torch.cuda.is_available():
         return ()
-    from xformers.ops import memory_efficient_attention
-
-    probe = torch.randn(1, 16, 1, 32, device="cuda", dtype=dtype)
     try:
+        from xformers.ops import memory_efficient_attention
+
+        probe = torch.randn(1, 16, 1, 32, device=device, dtype=dtype)
         memory_efficient_attention(probe, probe, probe)
-    except NotImplementedError as error:
-        lines = [line.strip() for line in str(error).splitlines()]
+    except Exception as error:  # NotImplementedError from its dispatcher; an ImportError, a CUDA error otherwise
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         because = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("because:")]
-        return (f"xformers: the installed build has no CUDA kernel for this ({because[0] if because else lines[0]})",)
+        return (f"xformers: the installed build cannot run here ({because[0] if because else lines[0]})",)
     return ()
 
 
@@ -379,7 +379,7 @@ def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: t
         reasons.append(f"{name}: no {str(dtype).removeprefix('torch.')} kernels "
                        f"(supports {', '.join(sorted(str(d).removeprefix('torch.') for d in backend.dtypes))})")
     if name == "xformers" and not reasons:
-        reasons += _xformers_build_reasons(dtype)
+        reasons += _xformers_build_reasons(device, dtype)
     if backend.compiled and device.type == "cpu" and not _has_c_compiler():
         reasons.append(f"{name}: torch.compile on CPU needs a C++ compiler, and none is on PATH")
     if inputs is None:

@@ -170,6 +170,10 @@ def _executor(args: argparse.Namespace, suite, run_dir: Path):
     line's Slurm options (jobs' logs under RUN_DIR/jobs/)."""
     if getattr(args, "executor", "local") == "local":
         return None
+    if args.executor == "warm":
+        from .runner import WarmWorkerExecutor
+
+        return WarmWorkerExecutor(run_dir / ".scratch" / "warm")
     from .executors import SubmititExecutor
 
     options = _slurm_options(args, suite)
@@ -488,9 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "earlier runs; every shard records the split in its run.json and a shard started later "
                           "takes its first sibling's; give each shard its own --run and join them with "
                           "'attnbench merge'")
-    run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
-                     help="local: a process per case (default); slurm: a submitit job per case on a Slurm cluster; "
-                          "submitit-local: the same job path on this machine (submitit's LocalExecutor)")
+    run.add_argument("--executor", choices=["local", "warm", "slurm", "submitit-local"], default="local",
+                     help="local: a process per case (default); warm: one long-lived process runs the cases one "
+                          "after another (imports and the CUDA context paid once: for short GPU cases); slurm: a "
+                          "submitit job per case on a Slurm cluster; submitit-local: the same job path on this "
+                          "machine (submitit's LocalExecutor)")
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="a Slurm option over the suite's slurm: mapping, e.g. --slurm partition=gpu --slurm "
                           "gpus_per_node=8 --slurm time_min=4320")

@@ -23,6 +23,7 @@ Guarantees (tested in tests/test_faults.py):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -30,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -60,6 +62,7 @@ KILL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, si
 STDERR_TAIL_LINES = 5
 _WORKER_BOOT = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop('ATTNBENCH_SYS_PATH')); "
                 "from attnbench.worker import main; main(sys.argv[1:])")
+_WARM_WORKER_BOOT = _WORKER_BOOT.replace("import main; main(", "import serve; serve(")
 
 
 class RunStopped(Exception):
@@ -165,6 +168,117 @@ def execute_case(case: Case, scratch: Path, checkpoint_dir: Path | None = None) 
         return _died(process.returncode, scratch / "stderr.log")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class WarmWorkerExecutor:
+    """``--executor warm``: one long-lived worker process runs the cases one after another, so the imports and the
+    CUDA context are paid once per run instead of once per case (10-30 s a case on a lent H200, against about 1 s
+    of timing). Each case still has its own scratch folder, timeout and record; between cases the worker frees
+    what the case left (garbage, Dynamo's compiled code, the CUDA cache). A case that crashes the worker, or
+    outlives its ``timeout_s``, ends that process (recorded as for a process per case) and the next case starts
+    a new one. Records carry ``worker["warm"]``: how many cases the process had run before this one."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch  # created at the first case: the runner clears RUN_DIR/.scratch when it starts
+        self.process: subprocess.Popen | None = None
+        self.descriptors: tuple[int, ...] = ()
+        self.started = 0  # worker processes started
+        self.cases_run = 0  # cases the current process has run
+
+    def _start(self) -> None:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        request_read, self.requests = os.pipe()
+        self.answers, answer_write = os.pipe()
+        guard_read, guard = os.pipe()
+        self.descriptors = (self.requests, self.answers, guard)  # the runner's ends, closed by _stop
+        self.started += 1
+        self.log = self.scratch / f"worker-{self.started}.log"
+        try:
+            with open(self.log, "wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", _WARM_WORKER_BOOT, str(os.getpid()), str(guard_read), str(request_read),
+                     str(answer_write)], pass_fds=(guard_read, request_read, answer_write), stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log, start_new_session=True,
+                    env={**os.environ, "ATTNBENCH_SYS_PATH": json.dumps(sys.path)})
+        finally:
+            for descriptor in (guard_read, request_read, answer_write):
+                os.close(descriptor)
+        self.cases_run = 0
+
+    def _stop(self) -> int | None:
+        """End the worker and its process group; its exit code (None if none was running). Safe to call again,
+        also when an interruption cut an earlier call short."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        _kill_group(process)
+        code = process.wait()
+        descriptors, self.descriptors = self.descriptors, ()
+        for descriptor in descriptors:
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
+        return code
+
+    def _answer(self, timeout: float) -> bytes | None:
+        """The worker's answer line; b"" if it died first, None if ``timeout`` seconds pass without one. Its exit
+        is watched too, not only the pipe: a process it forked may hold the pipe's write end open."""
+        deadline, line = time.monotonic() + timeout, b""
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([self.answers], [], [], max(0.0, min(deadline - time.monotonic(), 0.5)))
+            if not ready:
+                if self._exited():
+                    return b""
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            chunk = os.read(self.answers, 4096)
+            if not chunk:
+                return b""
+            line += chunk
+        return line
+
+    def _exited(self) -> bool:
+        """Whether the worker has ended (not reaped: its pid, and so its process group id, stays ours)."""
+        return _wait(self.process, 0)
+
+    def execute(self, case: Case, checkpoint_dir: Path | None = None) -> Result:
+        if self.process is not None and self._exited():  # it died after its last answer
+            self._stop()
+        if self.process is None:
+            self._start()
+        folder = self.scratch / case.id
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            (folder / "case.json").write_text(json.dumps({
+                "case": case.model_dump(mode="json"),
+                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}))
+            try:
+                os.write(self.requests, f"{folder}\n".encode())
+                answer = self._answer(case.timeout_s if math.isfinite(case.timeout_s) else math.inf)
+            except BrokenPipeError:  # it died between the check above and the request
+                answer = b""
+            result_path = folder / "result.json"
+            if answer is None:
+                self._stop()
+                result = Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g}")
+            elif answer == b"" and not result_path.exists():
+                code = self._stop()
+                if code == RESULT_NOT_WRITTEN:
+                    raise OSError(errno.ENOSPC, "the case process could not write its result (a full disk?)",
+                                  str(result_path))
+                result = _died(code, folder / "stderr.log")
+            else:
+                result = Result.model_validate_json(result_path.read_text())
+                if answer == b"":  # it wrote the result and died after it
+                    self._stop()
+            result.worker = {**result.worker, "warm": {"cases_before": self.cases_run, "process": self.started}}
+            self.cases_run += 1
+            return result
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        self._stop()
 
 
 def _roofline(result: Result, gemm: float | None) -> None:
@@ -398,8 +512,13 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
                 except KeyboardInterrupt:
                     marker.unlink(missing_ok=True)  # an interruption, not a crash: the case runs again on resume
                     raise
-            elif executor is not None:  # a submitit job (attnbench/executors.py)
-                result = executor.execute(case, checkpoints)
+            elif executor is not None:  # a warm worker (above) or a submitit job (attnbench/executors.py)
+                try:
+                    result = executor.execute(case, checkpoints)
+                except OSError as error:
+                    raise RunStopped(f"{error.filename or run_dir}: could not run {case.describe()} "
+                                     f"({error.strerror or error}); the run stopped, the records written before are "
+                                     "intact; free some space and resume with the same command") from None
             else:
                 try:
                     result = execute_case(case, run_dir / ".scratch" / case.id, checkpoints)
@@ -427,6 +546,8 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
             progress.finished(case, result)
     finally:
         progress.close()
+        if executor is not None and hasattr(executor, "close"):
+            executor.close()
         if lock is not None:
             shutil.rmtree(run_dir / ".scratch", ignore_errors=True)
             os.close(lock)

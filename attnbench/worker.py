@@ -1,4 +1,5 @@
-"""One case, measured in a process of its own (started with ``spawn`` by the runner).
+"""One case, measured in a process of its own (started with ``spawn`` by the runner), or one case after another
+in a warm worker (``serve``, ``--executor warm``).
 
 The case arrives as JSON and is rebuilt as its typed form (attnbench/cases.py). A case of kind ``accuracy`` is
 handed to ``attnbench.train`` (train, score, then the measures on the trained model); for the other kinds the
@@ -17,10 +18,12 @@ of the guard pipe closes.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import json
 import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -139,9 +142,7 @@ def measure_module(case: AttentionCase | ModelCase) -> dict[str, Any]:
         agreement = check_against_reference(module, x[:2].detach())
         metrics["correctness"] = agreement.summary()
         if not agreement.ok:
-            raise CaseFailure(Status.MISMATCH, f"output differs from the float64 plain path by "
-                              f"{agreement.max_abs_error:.3g} (tolerance {agreement.tolerance:g} × "
-                              f"{agreement.reference_scale:.3g})")
+            raise CaseFailure(Status.MISMATCH, agreement.failure())
     for measure in measures:
         if not measure.before_check:
             metrics[measure.name] = measure.measure(subject)
@@ -261,10 +262,14 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def guard_process_group(guard_fd: int) -> None:
+def guard_process_group(guard_fd: int, close: tuple[int, ...] = ()) -> int:
     """Fork a guardian that blocks on the runner's guard pipe and kills this process group (the case and any
-    subprocess it started) once the pipe closes: the runner died, or finished with this case."""
-    if os.fork() == 0:
+    subprocess it started) once the pipe closes: the runner died, or finished with this case. The guardian
+    closes the descriptors ``close`` (a warm worker's pipes, whose ends must close when the worker dies)."""
+    guardian = os.fork()
+    if guardian == 0:
+        for descriptor in close:
+            os.close(descriptor)
         try:
             while os.read(guard_fd, 4096):
                 pass
@@ -272,6 +277,7 @@ def guard_process_group(guard_fd: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
             os._exit(0)
     os.close(guard_fd)
+    return guardian
 
 
 def main(argv: list[str]) -> None:
@@ -281,3 +287,63 @@ def main(argv: list[str]) -> None:
     guard_process_group(int(guard_fd))
     request = json.loads((Path(scratch) / "case.json").read_text())
     worker_main(request["case"], request["checkpoint_dir"], str(Path(scratch) / "result.json"))
+
+
+def _between_cases(threads: int) -> None:
+    """Free what a case left in a warm worker: garbage, Dynamo's compiled code and guards (so the next case
+    compiles afresh instead of meeting a recompile limit), the CUDA caching allocator's blocks; and restore the
+    global defaults a case may have changed (a case without ``threads`` gets the process's default, as a process
+    of its own would)."""
+    torch.set_num_threads(threads)
+    gc.collect()
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # else the next case's peak would start above them
+            torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+    torch.set_default_dtype(torch.float32)
+    torch.set_grad_enabled(True)
+
+
+def serve(argv: list[str]) -> None:
+    """A warm worker (``--executor warm``): ``argv`` is PARENT_PID GUARD_FD REQUEST_FD ANSWER_FD. Each line read
+    from REQUEST_FD names a scratch folder; its case.json runs as ``main`` runs it, its result.json is written,
+    and the line is echoed on ANSWER_FD; until the runner closes REQUEST_FD."""
+    parent_pid, guard_fd, request_fd, answer_fd = argv
+    die_with_parent(int(parent_pid))
+    guardian = guard_process_group(int(guard_fd), close=(int(request_fd), int(answer_fd)))
+    threads = torch.get_num_threads()
+    worker_log = os.dup(2)
+    with os.fdopen(int(request_fd), "rb") as requests, os.fdopen(int(answer_fd), "wb", buffering=0) as answers:
+        for line in requests:
+            scratch = Path(line.decode().strip())
+            request = json.loads((scratch / "case.json").read_text())
+            with open(scratch / "stderr.log", "wb") as case_log:  # the case's own output, as in a process of its own
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(case_log.fileno(), 1), os.dup2(case_log.fileno(), 2)
+                try:
+                    worker_main(request["case"], request["checkpoint_dir"], str(scratch / "result.json"))
+                finally:
+                    sys.stdout.flush(), sys.stderr.flush()
+                    os.dup2(worker_log, 1), os.dup2(worker_log, 2)
+            _between_cases(threads)
+            left = _children() - {guardian}
+            if left:  # the case left processes running: they must not share the machine with the next timing
+                result = Result.model_validate_json((scratch / "result.json").read_text())
+                result.worker["left_running"] = sorted(left)
+                write_result(result, scratch / "result.json")
+                os._exit(0)  # the runner reads the result, ends this process group and starts a new worker
+            answers.write(line)
+
+
+def _children() -> set[int]:
+    """This process's child processes (Linux /proc; empty elsewhere)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*"):
+        try:
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return children

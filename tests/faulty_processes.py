@@ -63,3 +63,15 @@ class SpawnsSleeper(_Base):
         Path(os.environ["ATTNBENCH_TEST_PID_FILE"]).write_text(f"{os.getpid()} {sleeper.pid}")
         time.sleep(300)
         return self.proj(x)
+
+
+@attentions.register("test_leaves_child")
+class LeavesChild(_Base):
+    """Starts a ``sleep`` subprocess in every forward and returns, leaving it running; writes the pids to
+    $ATTNBENCH_TEST_PID_FILE."""
+
+    def forward(self, x):
+        sleeper = subprocess.Popen(["sleep", "300"])
+        with open(os.environ["ATTNBENCH_TEST_PID_FILE"], "a") as pids:
+            pids.write(f"{sleeper.pid} ")
+        return self.proj(x)

@@ -528,3 +528,66 @@ def test_a_plugin_that_calls_sys_exit_on_import_is_a_warning(tmp_path):
     assert done.returncode == 0
     assert "attention plug-in 'exiting' (exiting_plugin:Nothing) failed to load: sys.exit(3)" in done.stderr
     assert any(line.startswith("full ") for line in done.stdout.splitlines())
+
+
+# --executor warm: one long-lived worker runs the cases one after another; a case that kills it costs that process
+def test_a_warm_worker_runs_the_cases_in_one_process(tmp_path):
+    suite = write_suite(tmp_path, ["test_linear", "test_raises", "test_unsupported", "test_nan"])
+    assert main(["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r", "--executor", "warm",
+                 "--allow-failures"]) == 0
+    records = RecordStore(tmp_path / "results/faults/r/records.jsonl").load()
+    assert [r.status for r in records] == ["ok", "error", "unsupported", "nan"]
+    assert [r.worker["warm"] for r in records] == [{"cases_before": n, "process": 1} for n in range(4)]
+    assert len({r.worker["pid"] for r in records}) == 1
+    assert "each case ran in a warm worker (`--executor warm`: 1 long-lived process" in (
+        tmp_path / "results/faults/r/report.md").read_text()
+    assert not (tmp_path / "results/faults/r/.scratch").exists()
+
+
+@pytest.mark.slow
+def test_a_warm_worker_that_crashes_or_times_out_is_replaced_and_the_case_recorded_truthfully(tmp_path):
+    suite = write_suite(tmp_path, ["test_linear", "test_vanishes", "test_segfault", "test_self_kill", "test_sleeps",
+                                   "test_raises"], timeout=10)
+    results = tmp_path / "results"
+    run = cli("run", str(suite), "--results-dir", str(results), "--run", "r", "--executor", "warm",
+              "--allow-failures", env={"ATTNBENCH_TEST_SLEEP_S": "60"})
+    assert run.returncode == 0, run.stderr
+    records = {r.case.label: r for r in RecordStore(results / "faults/r/records.jsonl").load()}
+    assert records["linear"].status == "ok" and records["linear"].worker["warm"] == {"cases_before": 0, "process": 1}
+    # the dead case's own stderr, not what the worker said for earlier cases
+    assert records["vanishes"].message == ("the case process exited with code 0 without writing a result; its last "
+                                           "stderr lines: about to vanish without a result")
+    assert records["vanishes"].worker["warm"] == {"cases_before": 1, "process": 1}
+    assert records["segfault"].message.startswith("the case process died with signal SIGSEGV")
+    assert records["segfault"].worker["warm"] == {"cases_before": 0, "process": 2}
+    assert records["self_kill"].status == "killed" and records["self_kill"].worker["warm"]["process"] == 3
+    assert records["sleeps"].status == "timeout" and records["sleeps"].worker["warm"]["process"] == 4
+    assert records["raises"].status == "error"
+    assert records["raises"].worker["warm"] == {"cases_before": 0, "process": 5}
+
+
+def test_kill_9_of_a_runner_with_a_warm_worker_leaves_no_process(tmp_path):
+    pid_file = tmp_path / "pids"
+    suite = write_suite(tmp_path, ["test_spawns_sleeper"], timeout=60)
+    runner = start("run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r", "--executor", "warm",
+                   env={"ATTNBENCH_TEST_PID_FILE": str(pid_file)})
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().count(" ") == 1, what="the sleeper case")
+    worker, sleeper = map(int, pid_file.read_text().split())
+    os.kill(runner.pid, signal.SIGKILL)
+    finish(runner)
+    assert gone_within([worker, sleeper]), "the warm worker or its subprocess outlived the runner"
+
+
+def test_a_warm_worker_whose_case_leaves_processes_running_is_replaced(tmp_path):
+    """Processes a case leaves behind would share the machine with the next case's timing: the worker records
+    them with the case's result and ends, taking them with it; the next case runs in a new worker."""
+    pid_file = tmp_path / "pids"
+    suite = write_suite(tmp_path, ["test_leaves_child", "test_linear"])
+    run = cli("run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r", "--executor", "warm",
+              env={"ATTNBENCH_TEST_PID_FILE": str(pid_file)})
+    assert run.returncode == 0, run.stderr
+    leaves, linear = RecordStore(tmp_path / "results/faults/r/records.jsonl").load()
+    assert leaves.status == "ok" and leaves.worker["left_running"]
+    assert set(leaves.worker["left_running"]) <= {int(pid) for pid in pid_file.read_text().split()}
+    assert linear.status == "ok" and linear.worker["warm"] == {"cases_before": 0, "process": 2}
+    assert gone_within([int(pid) for pid in pid_file.read_text().split()])

@@ -118,3 +118,40 @@ def test_the_check_compares_the_function_in_eval_mode_and_restores_train_mode():
     x = torch.randn(4, 8)
     assert check_against_reference(module, x).ok
     assert all(child.training for child in module.modules())
+
+
+def test_an_imposed_choice_must_be_a_near_tie_not_any_choice():
+    """A router that picks the bottom-k regions in bfloat16 would pass if its choices were simply imposed (the
+    arithmetic after routing agrees); the check measures how far below float64's own k-th they score and fails."""
+    torch.manual_seed(0)
+    module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=4).to(torch.bfloat16)
+
+    class BottomKInHalfPrecision(type(module.router)):
+        def forward(self, region_q, region_k):
+            return super().forward(-region_q if region_q.dtype == torch.bfloat16 else region_q, region_k)
+
+    module.router.__class__ = BottomKInHalfPrecision
+    agreement = check_against_reference(module, torch.randn(2, 28, 28, 64, dtype=torch.bfloat16))
+    assert not agreement.ok and agreement.imposed_shortfall > agreement.tolerance
+    assert "not a near-tie" in agreement.failure()
+
+
+@pytest.mark.parametrize("dtype,train", [(torch.float32, True), (torch.bfloat16, False)])
+def test_the_check_sees_a_bug_that_mixes_images_on_the_path_the_case_times(monkeypatch, dtype, train):
+    """A backend that routes every image like the first: invisible one image at a time (the worker threads split
+    an eval-mode batch), caught when the check runs the batch as the timed step does (train mode: whole) and, in
+    half precision, always whole."""
+    from attentions import bra_kernels
+
+    block_mask = bra_kernels._block_mask
+    monkeypatch.setattr(bra_kernels, "_block_mask", lambda inputs: block_mask(inputs)[:1].expand(
+        inputs.index.shape[0], -1, -1).clone())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=4, impl="dense").to(dtype)
+        module.train(train)
+        assert not check_against_reference(module, torch.randn(2, 28, 28, 64, dtype=dtype)).ok
+    finally:
+        torch.set_num_threads(threads)

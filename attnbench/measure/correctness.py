@@ -2,18 +2,28 @@
 
 In bfloat16 / float16 a top-k choice (BRA's routed regions, QuadTree's kept keys) whose scores are near a tie
 can come out differently than in float64, and then one region attends elsewhere: the outputs differ by O(1)
-although both computations are right. For half-precision cases the check therefore runs one image, records
-the choices the module made, imposes them on the float64 run (``attentions/_common.top_k_choice``), and
-compares the arithmetic; how many choices float64 would have made differently is reported beside it.
+although both computations are right. For half-precision cases the check therefore records the choices the
+module made (the whole batch on one thread), imposes them on the float64 run (``attentions/_common.top_k_choice``)
+and compares the arithmetic. An imposed choice must be a near-tie: one scoring below float64's own k-th choice by
+more than the dtype's tolerance × max |score| fails the check (a wrong choice is not excused). How many choices
+float64 would have made differently is reported beside it (for QuadTree, every level's rows count: a flip at a
+coarse level changes the candidates below it).
+
+The check compares the path the case times: a module in train mode (a forward+backward case) runs its whole batch
+on the caller's thread, one in eval mode may split it over ``attentions/by_image.py``'s worker threads; both run
+in eval mode here (no drop path or dropout draws), and the module's own flags are restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from attentions.by_image import no_workers
 
 # max |out - reference| allowed, relative to max |reference|, by the case's dtype
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -29,15 +39,27 @@ class Agreement:
     tolerance: float
     choices_imposed: int = 0  # top-k choices of the module imposed on the float64 run (half precision only)
     choices_differing: int = 0  # of those, how many the float64 run would have made otherwise
+    imposed_shortfall: float = 0.0  # the worst imposed choice's score below float64's k-th, ÷ max |score|
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_error <= self.tolerance * max(self.reference_scale, 1.0)
+        return (self.max_abs_error <= self.tolerance * max(self.reference_scale, 1.0)
+                and self.imposed_shortfall <= self.tolerance)
+
+    def failure(self) -> str:
+        """Why the check failed, in one line (empty when it passed)."""
+        if self.imposed_shortfall > self.tolerance:
+            return (f"a top-k choice of the module scores {self.imposed_shortfall:.3g} × max |score| below float64's "
+                    f"own k-th choice (tolerance {self.tolerance:g}): not a near-tie")
+        if not self.ok:
+            return (f"output differs from the float64 plain path by {self.max_abs_error:.3g} (tolerance "
+                    f"{self.tolerance:g} × {self.reference_scale:.3g})")
+        return ""
 
     def summary(self) -> dict:
         return {"max_abs_error": self.max_abs_error, "reference_scale": self.reference_scale,
                 "tolerance": self.tolerance, "ok": self.ok, "choices_imposed": self.choices_imposed,
-                "choices_differing": self.choices_differing}
+                "choices_differing": self.choices_differing, "imposed_shortfall": self.imposed_shortfall}
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
@@ -73,21 +95,34 @@ def _recording_choices(module: nn.Module, names: list[str], run) -> tuple[torch.
     return out, recorded
 
 
+def _rows(indices: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """A run's choices as rows of k sorted indices in call order, by k (two runs may split the batch otherwise)."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for index in indices:
+        groups.setdefault(index.shape[-1], []).append(index.reshape(-1, index.shape[-1]).cpu().sort(-1).values)
+    return {k: torch.cat(rows) for k, rows in groups.items()}
+
+
 def _differing(chosen: dict[str, list], own: dict[str, list]) -> int:
     """Rows of top-k indices whose sets differ between two runs' choices."""
-    return sum(int((a.cpu().sort(-1).values != b.cpu().sort(-1).values).any(-1).sum())
-               for name in chosen for a, b in zip(chosen[name], own[name], strict=True))
+    count = 0
+    for name in chosen:
+        ours, theirs = _rows(chosen[name]), _rows(own[name])
+        for k, rows in ours.items():
+            count += int((rows != theirs[k]).any(-1).sum())
+    return count
 
 
 @torch.no_grad()
 def check_against_reference(module: nn.Module, x: torch.Tensor) -> Agreement:
     """Compare ``module(x)`` with the float64 plain path on the same input (use a small batch); in half
-    precision on the first image, with the module's top-k choices imposed on the float64 run. Both run in eval
-    mode (the function, without drop path or dropout draws); ``module``'s own train/eval flags are restored."""
+    precision with the module's top-k choices imposed on the float64 run (module docstring)."""
     flags = [(child, child.training) for child in module.modules()]
+    whole_batch = module.training or x.dtype in HALF_PRECISION
     module.eval()
     try:
-        return _agreement(module, x)
+        with no_workers() if whole_batch else contextlib.nullcontext():
+            return _agreement(module, x)
     finally:
         for child, training in flags:
             child.training = training
@@ -96,17 +131,20 @@ def check_against_reference(module: nn.Module, x: torch.Tensor) -> Agreement:
 def _agreement(module: nn.Module, x: torch.Tensor) -> Agreement:
     reference = plain_reference(module)
     names = _choosers(module) if x.dtype in HALF_PRECISION else []
+    x64 = x.detach().double().cpu()
     if not names:
         out = module(x).double().cpu()
-        expected = reference(x.detach().double().cpu())
+        expected = reference(x64)
         return Agreement(float((out - expected).abs().max()), float(expected.abs().max()), TOLERANCE[x.dtype])
-    x = x[:1]
-    x64 = x.detach().double().cpu()
     out, chosen = _recording_choices(module, names, lambda: module(x).double().cpu())
     _, own = _recording_choices(reference, names, lambda: reference(x64))
-    for name in names:
-        reference.get_submodule(name).imposed_choices = [index.cpu() for index in chosen[name]]
+    choosers = [reference.get_submodule(name) for name in names]
+    for name, chooser in zip(names, choosers, strict=True):
+        chooser.imposed_choices = [index.cpu() for index in chosen[name]]
     expected = reference(x64)
+    if any(chooser.imposed_choices for chooser in choosers):
+        raise ValueError("the float64 run made fewer top-k choices than the module: the imposed ones were not all used")
     imposed = sum(index[..., 0].numel() for indices in chosen.values() for index in indices)
+    shortfall = max(getattr(chooser, "imposed_shortfall", 0.0) for chooser in choosers)
     return Agreement(float((out - expected).abs().max()), float(expected.abs().max()), TOLERANCE[x.dtype],
-                     imposed, _differing(chosen, own))
+                     imposed, _differing(chosen, own), shortfall)

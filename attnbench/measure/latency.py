@@ -85,15 +85,17 @@ def _synchronize(device: torch.device) -> None:
 def _sampler(fn: Callable[[], object], device: torch.device, threads: int) -> Callable[[int], float]:
     """A function timing ``number`` calls of ``fn``, in seconds: CUDA events on CUDA, else the Timer's clock."""
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def events(number: int) -> float:
-            torch.cuda.synchronize(device)
-            start.record()
-            for _ in range(number):
-                fn()
-            end.record()
-            end.synchronize()
+            with torch.cuda.device(device):  # the events go on that device's current stream
+                torch.cuda.synchronize(device)
+                start.record()
+                for _ in range(number):
+                    fn()
+                end.record()
+                end.synchronize()
             return start.elapsed_time(end) / 1e3  # elapsed_time is in milliseconds
 
         return events

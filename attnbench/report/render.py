@@ -79,6 +79,21 @@ def _measured_with(run: dict) -> str:
     return f"Measured with `{run['command']}`" if run.get("command") else ""
 
 
+def _processes(records: list) -> str:
+    """How the cases' processes were used: one per case, or warm workers running cases one after another."""
+    warm = [record for record in records if record.worker.get("warm")]
+    if not warm:
+        return "each case ran in its own process"
+    # a worker is known by its pid; a case that killed its worker left none, and ran in a worker counted already
+    # unless it was the first of its process
+    workers = len({record.worker["pid"] for record in warm if "pid" in record.worker}) + sum(
+        1 for record in warm if "pid" not in record.worker and record.worker["warm"].get("cases_before") == 0)
+    return (f"{'each case' if len(warm) == len(records) else f'{len(warm)} of the {len(records)} cases'} ran in "
+            f"a warm worker (`--executor warm`: {workers} long-lived process{'es' if workers > 1 else ''} running "
+            "cases one after another, imports and CUDA context paid once; a case's record says how many ran "
+            "before it in its process)")
+
+
 def _header(run_dir: Path, run: dict, records: list, statuses: dict[str, int]) -> list[str]:
     return [
         f"# {run['suite']}: run `{run_dir.name}`",
@@ -95,7 +110,7 @@ def _header(run_dir: Path, run: dict, records: list, statuses: dict[str, int]) -
         *_mixed(run),
         "Conventions: **GMACs** are multiply-adds, the unit the BiFormer paper calls FLOPs; **GFLOPs** count 2 per"
         " multiply-add (torch's FlopCounterMode). Latency is the median over the timed samples, ± half the"
-        " inter-quartile range, after warm-up, on random (never zero) inputs; each case ran in its own process"
+        f" inter-quartile range, after warm-up, on random (never zero) inputs; {_processes(records)}"
         " (speed and model cases: after their output was checked against the float64 plain path; accuracy cases:"
         " after training, on the trained model). Cells say OOM, KILLED, TIMEOUT, ERROR, NaN,"
         " MISMATCH or UNSUPPORTED where a case did not finish. Figures in columns marked *paper* are the paper's, from"
