@@ -36,3 +36,14 @@ def test_the_plot_draws_the_finished_models_and_needs_two(tmp_path):
     assert path is not None and path.name == "models_cpu__float32__forward__batch_4.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert throughput_against_gmacs(frame[frame["label"] != "a"], "one", tmp_path / "one") is None
+
+
+def test_a_forward_backward_table_counts_the_step_and_does_not_set_it_against_the_papers_forward_gmacs():
+    frame = _models([{"label": "a", "counted_gflops_per_image": 13.2, "images_per_s": 9.0, "fraction_of_gemm": 0.5,
+                      "mode": "forward_backward", "paper": "biformer_tiny"}])
+    table = model_table(frame)
+    assert "GMACs (forward+backward)" in table.columns and "paper GMACs (forward)" in table.columns
+    assert "GMACs vs paper" not in table.columns and table.loc[0, "params vs paper"] != ""
+    forward = model_table(_models([{"label": "a", "counted_gflops_per_image": 4.4, "images_per_s": 9.0,
+                                    "fraction_of_gemm": 0.5, "paper": "biformer_tiny"}]))
+    assert forward.loc[0, "GMACs vs paper"] == "+0.0%"

@@ -117,5 +117,6 @@ def throughput_against_gmacs(frame: pd.DataFrame, title: str, directory: Path) -
     for rate in (rates.max(), rates.min()):
         axes.plot(span, [rate / x for x in span], ":", color="grey", linewidth=0.9)
         axes.annotate(f"{rate:.0f} GMAC/s", (span[0], rate / span[0]), fontsize=7, color="grey", va="bottom")
-    return _save_log_log(figure, axes, "GMACs per image (FlopCounterMode ÷ 2)", "throughput (images/s)",
+    step = "" if (ok["mode"] == "forward").all() else ", the forward+backward step's"
+    return _save_log_log(figure, axes, f"GMACs per image (FlopCounterMode ÷ 2{step})", "throughput (images/s)",
                          title + " (hollow, ⚠: flagged timing)", directory / f"models_{_slug(title)}.png")
