@@ -278,7 +278,8 @@ def _run(args: argparse.Namespace, in_process: bool = False) -> int:
     try:
         with _signals_as_interrupts() as received:
             summary = run_suite(suite, _shown_path(args.suite), results_dir, run_name, args.profile, command,
-                                in_process, args.retry_failed, args.allow_mixed, _executor(args, suite, run_dir))
+                                in_process, args.retry_failed, args.allow_mixed, _executor(args, suite, run_dir),
+                                getattr(args, "retry_flagged", False))
     except KeyboardInterrupt:
         number = received[0] if received else signal.SIGINT
         line = (f"interrupted by {signal.Signals(number).name}: the case in progress was stopped and not recorded; "
@@ -500,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="a Slurm option over the suite's slurm: mapping, e.g. --slurm partition=gpu --slurm "
                           "gpus_per_node=8 --slurm time_min=4320")
+    run.add_argument("--retry-flagged", action="store_true",
+                     help="when resuming, run the cases whose last record's timing is flagged (⚠: wide spread, no "
+                          "convergence, the load changing or the machine busy, a roofline above 100%%) again; the "
+                          "new record supersedes the old, and is flagged again if it deserves it")
     run.add_argument("--retry-failed", action="store_true",
                      help="when resuming, run the cases whose last record is a failure again")
     run.add_argument("--allow-failures", action="store_true",

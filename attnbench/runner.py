@@ -454,12 +454,27 @@ def _crashed_in_process(run_dir: Path) -> set[str]:
     return {path.name for path in folder.iterdir()} if folder.is_dir() else set()
 
 
+def flagged_ids(store: RecordStore, cores: int | None) -> set[str]:
+    """Cases whose newest record has a flagged timing (attnbench/report/flags.py: wide spread, no convergence,
+    the load changing or the machine busy, a roofline above 100%): the cells the report tells a reader not to
+    trust."""
+    from .report.flags import add_flags
+    from .report.frame import records_frame
+
+    latest = store.latest()
+    if not latest:
+        return set()
+    frame = add_flags(records_frame(latest), cores)
+    return set(frame.loc[frame["flags"] != "", "id"])
+
+
 def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, profile: str | None = None,
               command: str = "", in_process: bool = False, retry_failed: bool = False,
-              allow_mixed: bool = False, executor: Any = None) -> RunSummary:
-    """Run the suite's pending cases, one record each (``retry_failed``: the failed ones again too; their new
-    record supersedes the old). ``in_process`` runs them in this process instead of a spawned one
-    (``python -m attnbench train`` under torchrun: every rank trains, rank 0 writes).
+              allow_mixed: bool = False, executor: Any = None, retry_flagged: bool = False) -> RunSummary:
+    """Run the suite's pending cases, one record each (``retry_failed``: the failed ones again too;
+    ``retry_flagged``: those whose timing is flagged again too; their new record supersedes the old).
+    ``in_process`` runs them in this process instead of a spawned one (``python -m attnbench train`` under
+    torchrun: every rank trains, rank 0 writes).
 
     Raises SuiteError (bad names, a locked or unwritable run directory, a resume that would mix records), DataError
     (a malformed data root met by a case: nothing is recorded for it), RunStopped (a record could not be written),
@@ -490,6 +505,8 @@ def run_suite(suite: Suite, suite_path: str, results_dir: Path, run_name: str, p
         run = {"gemm_flops_per_s": {}}
     store = RecordStore(run_dir / "records.jsonl")
     done = store.done_ids(retry_failed)
+    if retry_flagged:
+        done -= flagged_ids(store, (run.get("environment") or env).get("cpu_count"))
     pending = [case for case in cases if case.id not in done]
     crashed = _crashed_in_process(run_dir) if in_process and not retry_failed else set()
     progress = _Progress(len(pending) if main_rank else 0)

@@ -212,3 +212,22 @@ def test_a_run_keeps_the_rules_it_started_with_and_a_resume_that_would_change_th
     assert kept["hypotheses"][0]["metric"] == "top1" and kept["mixed"]  # the rules the run started with
     with pytest.raises(SuiteError, match="the suite's gates changed"):
         start(declared + "gates: [{label: full, metric: far, at_least: 90.0}]\n")
+
+
+def test_retry_flagged_measures_again_the_cases_whose_timing_the_report_flags(tmp_path):
+    """A case measured while the load changed carries ⚠ in the report; --retry-flagged measures it again (its new
+    record supersedes the old) and leaves the trusted ones alone."""
+    suite = write_suite(tmp_path, [("test_linear", "a"), ("test_unsupported", "b")], timeout=120)
+    args = ["run", str(suite), "--results-dir", str(tmp_path / "results"), "--run", "r"]
+    assert main(args) == 0
+    store = RecordStore(tmp_path / "results/faulty/r/records.jsonl")
+    first, second = store.load()
+    busy = first.model_copy(deep=True)  # as if another job had started during the first case
+    busy.metrics["latency"].update(load_before=0.1, load_after=3.5)
+    store.append(busy)
+    assert main(args) == 0 and len(store.load()) == 3  # a plain resume keeps the flagged record
+    assert main([*args, "--retry-flagged"]) == 0
+    records = store.load()
+    assert len(records) == 4 and records[-1].id == first.id and records[-1].started != busy.started
+    assert "load changed" not in (tmp_path / "results/faulty/r/report.md").read_text() or \
+        records[-1].metrics["latency"]["load_after"] - records[-1].metrics["latency"]["load_before"] >= 1
