@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,14 +134,35 @@ def _died(code: int, stderr: Path) -> Result:
                   f"result{said}")
 
 
+def _write_case(folder: Path, case: Case, checkpoint_dir: Path | None) -> None:
+    """The request a case process reads: FOLDER/case.json."""
+    (folder / "case.json").write_text(json.dumps({
+        "case": case.model_dump(mode="json"), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}))
+
+
+def _timed_out(case: Case) -> Result:
+    return Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g}")
+
+
+def _collected(folder: Path, ended: Callable[[], int]) -> Result:
+    """The result a case process wrote to FOLDER/result.json; where it wrote none, how it ended: ``ended()`` gives
+    its exit code (ending it first if need be), and its stderr's last lines say what it said."""
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return Result.model_validate_json(result_path.read_text())
+    code = ended()
+    if code == RESULT_NOT_WRITTEN:
+        raise OSError(errno.ENOSPC, "the case process could not write its result (a full disk?)", str(result_path))
+    return _died(code, folder / "stderr.log")
+
+
 def execute_case(case: Case, scratch: Path, checkpoint_dir: Path | None = None) -> Result:
     """Run one case in a process of its own (its own session and process group) with ``scratch`` as its
     working folder (removed afterwards); always returns a result with a status. A training case keeps its
     per-epoch checkpoints in ``checkpoint_dir``, so a rerun after a kill or a timeout resumes it."""
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        (scratch / "case.json").write_text(json.dumps({
-            "case": case.model_dump(mode="json"), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}))
+        _write_case(scratch, case, checkpoint_dir)
         guard_read, guard_write = os.pipe()
         try:
             try:
@@ -158,14 +180,7 @@ def execute_case(case: Case, scratch: Path, checkpoint_dir: Path | None = None) 
                 process.wait()
         finally:
             os.close(guard_write)
-        if not finished:
-            return Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g}")
-        result_path = scratch / "result.json"
-        if result_path.exists():
-            return Result.model_validate_json(result_path.read_text())
-        if process.returncode == RESULT_NOT_WRITTEN:
-            raise OSError(errno.ENOSPC, "the case process could not write its result (a full disk?)", str(result_path))
-        return _died(process.returncode, scratch / "stderr.log")
+        return _collected(scratch, lambda: process.returncode) if finished else _timed_out(case)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -249,27 +264,18 @@ class WarmWorkerExecutor:
         folder = self.scratch / case.id
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            (folder / "case.json").write_text(json.dumps({
-                "case": case.model_dump(mode="json"),
-                "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}))
+            _write_case(folder, case, checkpoint_dir)
             try:
                 os.write(self.requests, f"{folder}\n".encode())
                 answer = self._answer(case.timeout_s if math.isfinite(case.timeout_s) else math.inf)
             except BrokenPipeError:  # it died between the check above and the request
                 answer = b""
-            result_path = folder / "result.json"
             if answer is None:
                 self._stop()
-                result = Result(status=Status.TIMEOUT, message=f"no result within timeout_s={case.timeout_s:g}")
-            elif answer == b"" and not result_path.exists():
-                code = self._stop()
-                if code == RESULT_NOT_WRITTEN:
-                    raise OSError(errno.ENOSPC, "the case process could not write its result (a full disk?)",
-                                  str(result_path))
-                result = _died(code, folder / "stderr.log")
+                result = _timed_out(case)
             else:
-                result = Result.model_validate_json(result_path.read_text())
-                if answer == b"":  # it wrote the result and died after it
+                result = _collected(folder, self._stop)
+                if answer == b"":  # it ended, after writing its result or without one: end its process group
                     self._stop()
             result.worker = {**result.worker, "warm": {"cases_before": self.cases_run, "process": self.started}}
             self.cases_run += 1
