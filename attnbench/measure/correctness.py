@@ -86,11 +86,6 @@ def _choosers(module: nn.Module) -> list[str]:
     return [name for name, child in module.named_modules() if getattr(child, "makes_top_k_choices", False)]
 
 
-def _imposes_choices(module: nn.Module, x: torch.Tensor) -> bool:
-    """Below float64, a module that makes top-k choices is checked with its choices imposed (module docstring)."""
-    return x.dtype != torch.float64 and bool(_choosers(module))
-
-
 def _recording_choices(module: nn.Module, names: list[str], run) -> tuple[torch.Tensor, dict[str, list]]:
     """``run()`` with every chooser of ``module`` recording its choices: the output and the choices by name."""
     for name in names:
@@ -122,22 +117,22 @@ def _differing(chosen: dict[str, list], own: dict[str, list]) -> int:
 
 @torch.no_grad()
 def check_against_reference(module: nn.Module, x: torch.Tensor) -> Agreement:
-    """Compare ``module(x)`` with the float64 plain path on the same input (use a small batch); in half
-    precision with the module's top-k choices imposed on the float64 run (module docstring)."""
+    """Compare ``module(x)`` with the float64 plain path on the same input (use a small batch); below float64
+    with the module's top-k choices imposed on the float64 run (module docstring)."""
     flags = [(child, child.training) for child in module.modules()]
-    whole_batch = module.training or _imposes_choices(module, x)
+    names = _choosers(module) if x.dtype != torch.float64 else []  # the modules whose choices are imposed
+    whole_batch = module.training or bool(names)  # as the timed train-mode step runs it; imposed choices in order
     module.eval()
     try:
         with no_workers() if whole_batch else contextlib.nullcontext():
-            return _agreement(module, x)
+            return _agreement(module, x, names)
     finally:
         for child, training in flags:
             child.training = training
 
 
-def _agreement(module: nn.Module, x: torch.Tensor) -> Agreement:
+def _agreement(module: nn.Module, x: torch.Tensor, names: list[str]) -> Agreement:
     reference = plain_reference(module)
-    names = _choosers(module) if _imposes_choices(module, x) else []
     x64 = x.detach().double().cpu()
     if not names:
         out = module(x).double().cpu()
