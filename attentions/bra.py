@@ -41,11 +41,12 @@ the MACs above; ``dense`` additionally spends masked-out products that are not c
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
 
-from . import bra_kernels
+from . import bra_kernels, bra_native
 from ._common import conv_nhwc, depthwise_conv, depthwise_conv_macs, pad_bottom_right, top_k_choice
 from .base import AttentionMechanism, MacCount, check_heads
 from .by_image import by_image
@@ -108,6 +109,14 @@ def _kv_downsampler(mode: str, ratio: int, per_win: int) -> nn.Module:
     if per_win < 1:
         raise ValueError(f"kv_per_win must be >= 1 for kv_downsample_mode={mode!r}, got {per_win}")
     return nn.AdaptiveAvgPool2d(per_win) if mode == "ada_avgpool" else nn.AdaptiveMaxPool2d(per_win)
+
+
+@functools.cache
+def _raster_rows(n_win: int, region_h: int, region_w: int) -> torch.Tensor:
+    """(S², h·w) int64: the raster-order row (y · W + x) of token t of region r, regions and tokens row-major."""
+    y = torch.arange(n_win).view(n_win, 1, 1, 1) * region_h + torch.arange(region_h).view(1, 1, region_h, 1)
+    x = torch.arange(n_win).view(1, n_win, 1, 1) * region_w + torch.arange(region_w).view(1, 1, 1, region_w)
+    return (y * n_win * region_w + x).reshape(n_win * n_win, region_h * region_w)
 
 
 @register("bra")
@@ -243,10 +252,16 @@ class BiLevelRoutingAttention(AttentionMechanism):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
         padded_h, padded_w = self._padded_size(height, width)
-        x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
         s, c, qk = self.n_win, self.dim, self.qk_dim
         region_h, region_w = padded_h // s, padded_w // s
-        self._kv_tokens_per_region(region_h, region_w)  # validates the down-sampling window
+        requires_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        backend = bra_kernels.choose(self.impl, bra_kernels.Request(
+            x.device, x.dtype, requires_grad, self.soft_routing, batch, s * s, region_h * region_w,
+            self._kv_tokens_per_region(region_h, region_w), self.topk))  # also validates the down-sampling window
+        self.last_backend = backend.name
+        x, _, _ = pad_bottom_right(x, self.n_win, self.n_win)
+        if backend.name == "fused" and isinstance(self.kv_down, nn.Identity):
+            return self._forward_raster(x)[:, :height, :width].contiguous()
 
         # (B, S, h, S, w, C) -> (B, S², h, w, C): region-major, row-major regions as in the official code
         regions = x.reshape(batch, s, region_h, s, region_w, c).permute(0, 1, 3, 2, 4, 5)
@@ -261,8 +276,6 @@ class BiLevelRoutingAttention(AttentionMechanism):
         inputs = bra_kernels.RoutedAttention(
             q=q.reshape(batch, s * s, region_h * region_w, self.num_heads, qk // self.num_heads), kv=kv_tokens,
             index=routing_index, weight=routing_weight if self.soft_routing else None, scale=self.scale)
-        backend = bra_kernels.choose(self.impl, inputs)
-        self.last_backend = backend.name
         out = backend.run(inputs)  # (B, S², h·w, heads, C/heads)
 
         out = out.reshape(batch, s, s, region_h, region_w, c).permute(0, 1, 3, 2, 4, 5)  # (B, S, h, S, w, C) view
@@ -273,6 +286,29 @@ class BiLevelRoutingAttention(AttentionMechanism):
             out = local_context.reshape(batch, s, region_h, s, region_w, c).add_(out)
         out = self.wo(out.reshape(batch, padded_h, padded_w, c))
         return out[:, :height, :width].contiguous()
+
+    def _forward_raster(self, x: torch.Tensor) -> torch.Tensor:
+        """Steps 1–5 on the native kernel, every tensor in the image's raster order: (B, H, W, C) padded -> same.
+
+        The qkv projection runs on the map as it is; region means are strided reductions of its output; the kernel
+        (attentions/bra_native.py) reads each region's tokens through a row table, writes the attention output
+        into the map and adds the LCE there. No permuted copy of x, q, k, v or the output is made."""
+        batch, height, width, c = x.shape
+        s, qk = self.n_win, self.qk_dim
+        region_h, region_w = height // s, width // s
+        q, kv = self.qkv(x)  # (B, H, W, qk), (B, H, W, qk + C): views of one projection
+        q, k, v = q.flatten(1, 2), kv[..., :qk].flatten(1, 2), kv[..., qk:].flatten(1, 2)  # (B, H·W, ·) views
+        rows = _raster_rows(s, region_h, region_w)
+        threads = torch.get_num_threads()
+        routing_weight, routing_index = self.router(bra_native.region_means(q, rows, threads),
+                                                    bra_native.region_means(k, rows, threads))  # (B, S², k) each
+        out = x.new_empty(batch, height, width, c)
+        bra_native.routed_attention(q, k, v, out.view(batch, height * width, c), rows, rows, routing_index,
+                                    self.num_heads, self.scale, threads)
+        if self.side_dwconv > 0:
+            bra_native.local_context_add(v.unflatten(1, (height, width)), self.lepe.weight, self.lepe.bias, out,
+                                         threads)
+        return self.wo(out)
 
     def plain(self) -> BiLevelRoutingAttention:
         """A copy of this module on the reference backend (the official computation)."""

@@ -31,6 +31,11 @@ error lists every reason.
 * ``flex`` — FlexAttention with a ``mask_mod`` from the routing and a block mask made from the region indices
   (compiled; forward only on CPU).
 * ``xformers`` — xFormers' memory-efficient attention over the gathered blocks (CUDA only).
+* ``fused`` — a native CPU kernel (``attentions/csrc/bra_routed.cpp``, built on first use by
+  ``attentions/bra_native.py``) that reads the routed keys and values where they lie, with no gather and no
+  expanded copy, and does QKᵀ, softmax and PV per region and head in registers (forward only, float32/float64).
+  In ``bra`` itself it also runs over the image's own raster order and adds the LCE in the same pass
+  (``BiLevelRoutingAttention._forward_raster``), so no layout copy sits between the qkv projection and ``wo``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from . import bra_native
+
+# impl="auto" tries the native kernel first on CPU when fewer than this fraction of the kv regions is routed, and
+# the dense block mask first above it (measured on CPU, attentions/bra.py's impl table in README.md)
+FUSED_MAX_ROUTED_FRACTION = 0.5
 # impl="auto" puts the dense block mask first when at least this fraction of the kv regions is routed (measured
 # on CPU: at BiFormer-T's stage 3, 16 of 49 regions, dense was faster; at stage 2, 4 of 49, the gather was).
 DENSE_MIN_ROUTED_FRACTION = 0.25
@@ -53,6 +64,27 @@ DENSE_MAX_MASK_ELEMENTS = 2**31
 BLOCK_BYTES = 4 * 2**20
 ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16})
 HALF_AND_SINGLE = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the dispatcher reads of a call: where and in which dtype it runs, whether autograd records it, whether
+    the routing is soft, and the sizes (B images, R regions, T query and n key/value tokens per region, k routed)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    requires_grad: bool
+    soft_routing: bool
+    batch: int
+    regions: int
+    tokens: int
+    kv_tokens: int
+    topk: int
+
+    @property
+    def routed_fraction(self) -> float:
+        """k / R: the fraction of key/value regions each query region sees."""
+        return self.topk / self.regions
 
 
 @dataclass(frozen=True)
@@ -81,6 +113,12 @@ class RoutedAttention:
     @property
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and (self.q.requires_grad or self.kv.requires_grad)
+
+    @property
+    def request(self) -> Request:
+        batch, regions, tokens = self.q.shape[:3]
+        return Request(self.q.device, self.q.dtype, self.requires_grad, self.weight is not None, batch, regions,
+                       tokens, self.kv.shape[2], self.index.shape[-1])
 
     def split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., n, qk + C) -> k (..., heads, n, dq), v (..., heads, n, C / heads)."""
@@ -135,6 +173,23 @@ def _dense(inputs: RoutedAttention) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.reshape(batch, 1, regions * tokens, regions * n),
                                          scale=inputs.scale)
     return out.transpose(1, 2).reshape(batch, regions, tokens, heads, -1)
+
+
+@functools.cache
+def _region_rows(regions: int, per_region: int) -> torch.Tensor:
+    """(R, per_region) int64: the rows of region r's tokens in a region-major layout, r · per_region + t."""
+    return torch.arange(regions * per_region).view(regions, per_region)
+
+
+def _fused(inputs: RoutedAttention) -> torch.Tensor:
+    batch, regions, tokens, heads, _ = inputs.q.shape
+    n, qk = inputs.kv.shape[2], inputs.qk_dim
+    kv = inputs.kv.reshape(batch, regions * n, -1)
+    out = inputs.q.new_empty(batch, regions * tokens, kv.shape[-1] - qk)
+    bra_native.routed_attention(inputs.q.reshape(batch, regions * tokens, qk), kv[..., :qk], kv[..., qk:], out,
+                                _region_rows(regions, tokens), _region_rows(regions, n), inputs.index, heads,
+                                inputs.scale, torch.get_num_threads())
+    return out.view(batch, regions, tokens, heads, -1)
 
 
 @functools.cache
@@ -302,7 +357,9 @@ class Backend:
     devices / dtypes: where it runs; backward_devices: the devices on which it has a backward (None: all of
     ``devices``); soft_routing: whether it can scale keys and values per routed region; compiled: runs
     through ``torch.compile`` (on CPU: needs a C++ compiler); package: a module that must be importable;
-    max_mask_elements: the largest (query token × kv token) block mask it builds per batch, if it builds one.
+    max_mask_elements: the largest (query token × kv token) block mask it builds per batch, if it builds one;
+    native: runs the native kernel of ``attentions/bra_native.py`` (it must build here, and ATen does not see its
+    work, so it does not run where a dispatch or function mode, a tracer or a compiler watches).
     """
 
     name: str
@@ -315,6 +372,7 @@ class Backend:
     package: str | None = None
     install_hint: str = ""
     max_mask_elements: int | None = None
+    native: bool = False
 
 
 BACKENDS = {backend.name: backend for backend in (
@@ -331,6 +389,8 @@ BACKENDS = {backend.name: backend for backend in (
             compiled=True, package="torch.nn.attention.flex_attention"),
     Backend("xformers", _xformers, devices=frozenset({"cuda"}), dtypes=HALF_AND_SINGLE, package="xformers",
             install_hint=" (pip install 'attnbench[cuda]')"),
+    Backend("fused", _fused, devices=frozenset({"cpu"}), dtypes=frozenset(bra_native.DTYPES),
+            backward_devices=frozenset(), soft_routing=False, native=True),
 )}
 IMPLS = ("auto", *BACKENDS)
 
@@ -365,8 +425,21 @@ def _xformers_build_reasons(device: torch.device, dtype: torch.dtype) -> tuple[s
     return ()
 
 
+def _watched() -> str | None:
+    """What watches ATen calls here and would miss a native kernel's work, or None."""
+    if is_in_torch_dispatch_mode():
+        return "a torch dispatch mode (a FLOP counter, the memory tracker or the traffic model)"
+    if torch._C._is_torch_function_mode_enabled():
+        return "a torch function mode"
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return "a tracer or torch.compile"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a functorch transform"
+    return None
+
+
 def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: torch.dtype,
-                          inputs: RoutedAttention | None = None) -> list[str]:
+                          inputs: RoutedAttention | Request | None = None) -> list[str]:
     """Why ``backend`` cannot run on ``device`` in ``dtype`` (and, given ``inputs``, on those inputs: soft
     routing, autograd, mask size), read from its declared capabilities; empty when it can run."""
     device, name = torch.device(device), backend.name
@@ -382,17 +455,22 @@ def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: t
         reasons += _xformers_build_reasons(device, dtype)
     if backend.compiled and device.type == "cpu" and not _has_c_compiler():
         reasons.append(f"{name}: torch.compile on CPU needs a C++ compiler, and none is on PATH")
+    if backend.native and not reasons:
+        reasons += [f"{name}: the native kernel is not usable here ({why})" for why in bra_native.build_reasons()]
+        if _watched():
+            reasons.append(f"{name}: a native kernel, invisible to {_watched()}")
     if inputs is None:
         return reasons
+    request = inputs.request if isinstance(inputs, RoutedAttention) else inputs
     backward_devices = backend.devices if backend.backward_devices is None else backend.backward_devices
-    if inputs.requires_grad and device.type not in backward_devices:
+    if request.requires_grad and device.type not in backward_devices:
         reasons.append(f"{name}: no backward on {device.type}")
-    if inputs.weight is not None and not backend.soft_routing:
-        reasons.append(f"{name}: soft routing scales keys and values per routed region, which a block mask "
-                       "cannot express")
+    if request.soft_routing and not backend.soft_routing:
+        reasons.append(f"{name}: soft routing scales keys and values per routed region, which "
+                       f"{'this kernel does not do' if backend.native else 'a block mask cannot express'}")
     if backend.max_mask_elements is not None:
-        batch, regions, tokens = inputs.q.shape[:3]
-        if batch * regions * tokens * regions * inputs.kv.shape[2] > backend.max_mask_elements:
+        batch, regions, tokens = request.batch, request.regions, request.tokens
+        if batch * regions * tokens * regions * request.kv_tokens > backend.max_mask_elements:
             reasons.append(f"{name}: the block mask would exceed {backend.max_mask_elements} elements at this size")
     return reasons
 
@@ -409,29 +487,33 @@ def device_reasons(impl: str, device: torch.device | str, dtype: torch.dtype) ->
     return [] if any(not reasons for reasons in per_backend) else [r for reasons in per_backend for r in reasons]
 
 
-def routed_fraction(inputs: RoutedAttention) -> float:
+def routed_fraction(inputs: RoutedAttention | Request) -> float:
     """k / (kv regions): the fraction of key/value regions each query region sees."""
-    return inputs.index.shape[-1] / inputs.kv.shape[1]
+    return (inputs.request if isinstance(inputs, RoutedAttention) else inputs).routed_fraction
 
 
-AUTO_CANDIDATES = ("xformers", "dense", "gather")
+AUTO_CANDIDATES = ("xformers", "fused", "dense", "gather")
 
 
-def auto_priority(inputs: RoutedAttention) -> tuple[str, ...]:
-    """The backends ``impl="auto"`` tries on ``inputs``, best first: xFormers where it runs, then the dense block
-    mask when at least ``DENSE_MIN_ROUTED_FRACTION`` of the kv regions is routed (its masked-out work is then
-    small), the gather otherwise (and as the fallback that runs everywhere)."""
-    if routed_fraction(inputs) >= DENSE_MIN_ROUTED_FRACTION:
-        return "xformers", "dense", "gather"
-    return "xformers", "gather"
+def auto_priority(inputs: RoutedAttention | Request) -> tuple[str, ...]:
+    """The backends ``impl="auto"`` tries on ``inputs``, best first: xFormers where it runs; below
+    ``FUSED_MAX_ROUTED_FRACTION`` of the kv regions routed, the native kernel (CPU inference); the dense block
+    mask when at least ``DENSE_MIN_ROUTED_FRACTION`` is routed (its masked-out work is then small); the native
+    kernel above ``FUSED_MAX_ROUTED_FRACTION``; the gather last (the fallback that runs everywhere)."""
+    fraction = routed_fraction(inputs)
+    dense = ("dense",) if fraction >= DENSE_MIN_ROUTED_FRACTION else ()
+    if fraction < FUSED_MAX_ROUTED_FRACTION:
+        return "xformers", "fused", *dense, "gather"
+    return "xformers", *dense, "fused", "gather"
 
 
-def choose(impl: str, inputs: RoutedAttention) -> Backend:
+def choose(impl: str, inputs: RoutedAttention | Request) -> Backend:
     """The backend that runs ``inputs`` for ``impl``; NotImplementedError listing every reason if none can."""
-    names = auto_priority(inputs) if impl == "auto" else (impl,)
+    request = inputs.request if isinstance(inputs, RoutedAttention) else inputs
+    names = auto_priority(request) if impl == "auto" else (impl,)
     tried = []
     for name in names:
-        reasons = not_supported_reasons(BACKENDS[name], inputs.q.device, inputs.q.dtype, inputs)
+        reasons = not_supported_reasons(BACKENDS[name], request.device, request.dtype, request)
         if not reasons:
             return BACKENDS[name]
         tried += reasons

@@ -13,9 +13,10 @@ the share of the dense 2048³ GEMM rate (measured in the same process, at one th
 these kernels back to back would reach; on N worker threads it is the share of the N-thread GEMM rate (the
 denominator of the suites' roofline and of versus-official's *ours / GEMM rate*) if the kernels scale over threads
 as the GEMM does. The attention part takes the fastest of the kernels BRA's backends use: SDPA on gathered blocks,
-matmul-softmax-matmul on them, or SDPA over every token with the routing's block mask (the ``dense`` backend: more
-FLOPs done, only the useful ones counted). No BRA built from these kernels can beat the bound on this machine;
-beating it takes kernels of its own (fusing the gather into the attention, or the LCE into the projection).
+matmul-softmax-matmul on them, SDPA over every token with the routing's block mask (the ``dense`` backend: more
+FLOPs done, only the useful ones counted), or the native kernel of the ``fused`` backend (attentions/bra_native.py,
+reading the routed keys in place); the LCE the faster of ATen's depthwise conv and the native one. No BRA built from
+these kernels can beat the bound on this machine.
 Our default BRA (``impl='auto'``, eval, ``inference_mode``, at ``threads`` threads) is timed beside it in the same
 process, at each batch asked for, and again with its worker threads turned off (``attentions.by_image.no_workers``).
 The memory side of the roofline is given beside it: the bytes our forward's ops move per image under the traffic model
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import attentions
-from attentions import by_image
+from attentions import bra_native, by_image
 
 from .env import environment, load_average
 from .measure.gemm import GEMM_SIZE, gemm_flops_per_s
@@ -83,6 +84,8 @@ class OursRow:
     memory_ceiling: float  # the roofline's ceiling for that traffic, as a share of the GEMM rate
     load_before: list[float]
     load_after: list[float]
+    backend: str = ""  # the backend the timed forward ran on (impl='auto' resolved)
+    traffic_backend: str = ""  # the one the traffic count saw: a native kernel steps aside under its dispatch mode
 
 
 def stage_module(stage: str) -> attentions.AttentionMechanism:
@@ -131,7 +134,7 @@ def part_kernels(stage: str, group: int, generator: torch.Generator) -> dict[str
         scores = torch.bmm(q.flatten(0, 1) * scale, k.flatten(0, 1).transpose(1, 2))
         return torch.bmm(scores.softmax(-1), v.flatten(0, 1))
 
-    return {
+    kernels = {
         "qkv": ("linear", lambda: F.linear(x, w_qkv, b_qkv)),
         "routing": ("bmm + topk", routing),
         "attention": ("scaled_dot_product_attention", attention),
@@ -141,13 +144,34 @@ def part_kernels(stage: str, group: int, generator: torch.Generator) -> dict[str
         "local_context": ("depthwise conv2d 5×5, channels_last", lambda: F.conv2d(image, w_lce, b_lce, padding=2,
                                                                                     groups=c)),
     }
+    if not bra_native.build_reasons():  # the fused backend's native kernels (attentions/csrc/bra_routed.cpp)
+        flat_q = q.transpose(1, 2).reshape(group, regions * per_region, c)
+        flat_k, flat_v = (t.unflatten(0, (group, regions))[:, :, :, :per_region].transpose(2, 3).reshape(
+            group, regions * per_region, c) for t in (k, v))
+        rows = torch.arange(regions * per_region).view(regions, per_region)
+        index = torch.rand(group, regions, regions, generator=generator).topk(topk, dim=-1).indices
+        out, v_map, lce_out = torch.empty_like(flat_q), image.permute(0, 2, 3, 1), torch.zeros_like(image)
+
+        def attention_native() -> None:
+            bra_native.routed_attention(flat_q, flat_k, flat_v, out, rows, rows, index, heads, scale, threads=1)
+
+        def local_context_native() -> None:
+            bra_native.local_context_add(v_map, w_lce, b_lce, lce_out.permute(0, 2, 3, 1), threads=1)
+
+        kernels["attention (native)"] = ("native routed attention, no gather", attention_native)
+        kernels["local_context (native)"] = ("native depthwise 5×5, added in place", local_context_native)
+    return kernels
 
 
 # the MAC parts of attentions/bra.py each kernel does (the attention kernels do scores and values together)
+# (a kernel named "part (variant)" is another way to do that part; the bound takes the fastest of each part)
 KERNEL_PARTS = {"qkv": ("qkv",), "routing": ("routing",), "attention": ("attn_scores", "attn_values"),
-                "attention (bmm)": ("attn_scores", "attn_values"), "attention (dense)": ("attn_scores", "attn_values"),
-                "out_proj": ("out_proj",),
-                "local_context": ("local_context",)}
+                "out_proj": ("out_proj",), "local_context": ("local_context",)}
+
+
+def part_of(kernel: str) -> str:
+    """The part a kernel row does: 'attention (dense)' -> 'attention'."""
+    return kernel.split(" (")[0]
 
 
 def measure_parts(stage: str, max_group: int, thread_gemm: float) -> list[PartRow]:
@@ -162,7 +186,7 @@ def measure_parts(stage: str, max_group: int, thread_gemm: float) -> list[PartRo
             for group in (g for g in GROUPS if g <= max_group):
                 for name, (kernel, call) in part_kernels(stage, group, generator).items():
                     latency = measure_latency(call, torch.device("cpu"), **_KERNEL_TIMING)
-                    macs = sum(parts[part] for part in KERNEL_PARTS[name])
+                    macs = sum(parts[part] for part in KERNEL_PARTS[part_of(name)])
                     per_image = latency.median_s / group
                     if name not in best or per_image < best[name].us_per_image * 1e-6:
                         best[name] = PartRow(stage, name, kernel, macs, group, per_image * 1e6,
@@ -185,9 +209,9 @@ def _one_thread(fn: Callable[[], Any]) -> Any:
 
 def bound(rows: list[PartRow], thread_gemm: float) -> float:
     """The kernel bound of one stage's rows: its FLOPs over the summed best times, as a fraction of the one-thread
-    GEMM rate (the fastest attention kernel counts)."""
-    attention = min((row for row in rows if row.part.startswith("attention")), key=lambda row: row.us_per_image)
-    chosen = [row for row in rows if not row.part.startswith("attention")] + [attention]
+    GEMM rate (the fastest kernel of each part counts)."""
+    chosen = [min((row for row in rows if part_of(row.part) == part), key=lambda row: row.us_per_image)
+              for part in dict.fromkeys(part_of(row.part) for row in rows)]
     flops = sum(2 * row.macs_per_image for row in chosen)
     return flops / (sum(row.us_per_image for row in chosen) * 1e-6) / thread_gemm
 
@@ -203,11 +227,13 @@ def measure_ours(stage: str, batch: int, gemm_rate: float, bandwidth: float) -> 
         latency = measure_latency(lambda: module(x), torch.device("cpu"), min_samples=7, max_time_s=6.0)
         with by_image.no_workers():
             whole = measure_latency(lambda: module(x), torch.device("cpu"), min_samples=7, max_time_s=6.0)
+        backend = module.last_backend
         traffic = count_traffic(lambda: module(x[:2])).total / 2
     flops = 2 * module.macs(shape.height, shape.width).total
     return OursRow(stage, batch, latency.median_s * 1e3, latency.iqr_s / latency.median_s,
                    flops * batch / latency.median_s / gemm_rate, whole.median_s * 1e3, whole.iqr_s / whole.median_s,
-                   traffic, attainable_fraction(flops, traffic, bandwidth, gemm_rate), before, load_average())
+                   traffic, attainable_fraction(flops, traffic, bandwidth, gemm_rate), before, load_average(),
+                   backend, module.last_backend)
 
 
 def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> str:
@@ -218,10 +244,12 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
         stage_bound = bound([row for row in parts if row.stage == stage], thread_gemm)
         for row in (row for row in ours if row.stage == stage):
             flag, whole_flag = (" ⚠" if spread > UNSTABLE_SPREAD else "" for spread in (row.spread, row.whole_spread))
-            summary.append([stage, row.batch, f"{stage_bound:.0%}", f"{row.ms:.1f}{flag}",
+            summary.append([stage, row.batch, f"{stage_bound:.0%}", row.backend, f"{row.ms:.1f}{flag}",
                             f"{row.gemm_fraction:.0%}{flag}", f"{row.gemm_fraction / stage_bound:.0%}",
                             f"{row.whole_ms:.1f}{whole_flag}", f"{row.whole_ms / row.ms:.2f}×",
-                            f"{row.traffic_per_image / 1e6:.1f}", f"{row.memory_ceiling:.0%}",
+                            f"{row.traffic_per_image / 1e6:.1f}"
+                            + (f" ({row.traffic_backend})" if row.traffic_backend != row.backend else ""),
+                            f"{row.memory_ceiling:.0%}",
                             f"{row.load_before} → {row.load_after}"])
     kernels = [[row.stage, row.part, row.kernel, f"{row.macs_per_image / 1e6:.2f}", row.group,
                 f"{row.us_per_image:.0f}" + (" ⚠" if row.spread > UNSTABLE_SPREAD else ""),
@@ -236,13 +264,15 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
         f"bandwidth (read + written, {COPY_BYTES // 2**20} MiB tensors): {run['copy_bytes_per_s'] / 1e9:.1f} GB/s "
         f"at {threads} threads (the best of {_rates(run['copy_tries'])}).",
         "",
-        tabulate(summary, headers=["stage", "batch", "kernel bound", "ours ms", "ours / GEMM rate", "ours / bound",
-                                   "ours without workers, ms", "workers' speed-up", "ours' traffic, MB / image",
+        tabulate(summary, headers=["stage", "batch", "kernel bound", "ours' backend", "ours ms", "ours / GEMM rate",
+                                   "ours / bound", "ours without workers, ms", "workers' speed-up",
+                                   "ours' traffic, MB / image",
                                    "memory ceiling", "load average before → after"],
                  tablefmt="github"),
         "",
         "*kernel bound*: the share of the one-thread GEMM rate that a BRA running only its kernels below, back to "
-        "back, would reach (the fastest attention kernel counts); on worker threads that scale as the GEMM does, "
+        "back, would reach (the fastest kernel of each part counts, the native ones of the fused backend "
+        "included); on worker threads that scale as the GEMM does, "
         f"the share of the {threads}-thread rate. No BRA made of these kernels can exceed it here. *ours*: the "
         "default BRA (impl='auto', eval, inference_mode) in the same "
         f"process, useful FLOP/s (the MACs attentions/bra.py counts) over the {threads}-thread GEMM rate; *without "
@@ -250,7 +280,9 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
         "same module and input under `attentions.by_image.no_workers()` (the batch whole on the caller's "
         f"{threads} threads), timed right after. *ours' traffic*: the bytes our forward's ATen ops read and write "
         "per image if each streamed its inputs and outputs through memory once (attnbench/measure/traffic.py; "
-        "what a fused kernel would not move); *memory ceiling*: the roofline's ceiling for that traffic at the "
+        "what a fused kernel would not move; the native kernel of the fused backend is invisible to the count, "
+        "which then follows the backend auto takes instead, named in brackets); *memory ceiling*: the roofline's "
+        "ceiling for that traffic at the "
         "copy bandwidth, min(1, FLOPs ÷ bytes × bandwidth ÷ GEMM rate): below 100%, ours could not reach the "
         "GEMM rate without moving fewer bytes. ⚠: spread (IQR ÷ median) above "
         f"{UNSTABLE_SPREAD:.0%}, printed, not trusted.",

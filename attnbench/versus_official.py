@@ -44,6 +44,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .env import environment, git_output, load_average
+from .measure import backends_used
 from .measure.gemm import gemm_flops_per_s
 from .measure.traffic import count_traffic
 from .presets import PRESETS
@@ -87,6 +88,9 @@ class Row:
     load_after: list[float] | None
     # forward: MB each side's ATen ops move per image under attnbench/measure/traffic.py's model (official, ours)
     traffic_mb_per_image: tuple[float, float] | None = None
+    # BRA backends our timed forward ran on, and those our traffic count saw (a native kernel steps aside under it)
+    ours_backends: tuple[str, ...] = ()
+    traffic_backends: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -274,10 +278,12 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
     official_times, our_times = interleaved_times(_step(official, x, mode), _step(ours, x, mode), rounds, warmup,
                                                   device)
     ratios = [a / b for a, b in zip(official_times, our_times, strict=True)]
+    ours_backends = traffic_backends = tuple(backends_used(ours))
     traffic = None
     if mode == "forward":
         traffic = tuple(count_traffic(_step(module, x[:check_batch], mode)).total / check_batch / 1e6
                         for module in (official, ours))
+        traffic_backends = tuple(backends_used(ours))
     fraction = None
     if what == "layer" and mode == "forward" and gemm_rate:
         shape = PRESETS[name]
@@ -285,7 +291,7 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
     return Row(what, name, batch, mode, str(dtype).removeprefix("torch."), 1e3 * statistics.median(official_times),
                1e3 * statistics.median(our_times), _spread(official_times), _spread(our_times),
                statistics.median(ratios), _quartiles(ratios), rounds, difference, fraction, load_before,
-               load_average(), traffic)
+               load_average(), traffic, ours_backends, traffic_backends)
 
 
 def render(rows: list[Row], run: dict[str, Any]) -> str:
@@ -299,7 +305,8 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
                       f"{row.speedup:.2f}× [{row.speedup_iqr[0]:.2f}, {row.speedup_iqr[1]:.2f}]"
                       + (" ⚠" if official_flag or our_flag else ""),
                       _fraction_text(row.ours_gemm_fraction),
-                      _traffic_text(row.traffic_mb_per_image),
+                      _traffic_text(row.traffic_mb_per_image)
+                      + (f" ({'+'.join(row.traffic_backends)})" if row.traffic_backends != row.ours_backends else ""),
                       f"{row.max_difference:.1e}", f"{row.load_before} → {row.load_after}"])
     env = run["environment"]
     return "\n".join([
@@ -322,7 +329,9 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
         + ("(not measured: no layer forward in this run)" if run["gemm_flops_per_s"] is None
            else f"({run['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
         + ". *traffic*: the bytes each side's ATen ops read and write per image in forward, if each op streamed its "
-        "inputs and outputs through memory once (attnbench/measure/traffic.py). A model's float32 difference is "
+        "inputs and outputs through memory once (attnbench/measure/traffic.py); BRA's native kernel (the fused "
+        "backend) is invisible to the count, so ours is then counted on the backends auto takes instead, named in "
+        "brackets. A model's float32 difference is "
         "reported, not bounded (float64 is the check).",
         "",
         f"Device {env['device']} ({env.get('device_name')}), {run['threads']} threads, torch {env['torch']}, "
@@ -369,6 +378,8 @@ def run(root: Path, out: Path, layers: list[str], models: list[str], batches: li
             values["speedup_iqr"] = tuple(values["speedup_iqr"])
             if values.get("traffic_mb_per_image") is not None:
                 values["traffic_mb_per_image"] = tuple(values["traffic_mb_per_image"])
+            for key in ("ours_backends", "traffic_backends"):
+                values[key] = tuple(values.get(key, ()))
             row = Row(**values)
             done[row.key] = row
     plan = [("layer", name, batch, mode) for name in layers for batch in batches for mode in modes]

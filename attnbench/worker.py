@@ -36,7 +36,7 @@ import attentions
 
 from .cases import AccuracyCase, AttentionCase, Case, ModelCase, parse_case
 from .data.errors import DataError
-from .measure import Subject, is_out_of_memory, measures_for
+from .measure import Subject, backends_used, is_out_of_memory, measures_for
 from .measure.correctness import check_against_reference, plain_copy
 from .records import Result
 from .status import Status
@@ -100,13 +100,6 @@ def build_subject(case: AttentionCase | ModelCase) -> tuple[torch.nn.Module, tor
             case.batch, case.in_chans, case.image_size, case.image_size, generator=generator)
     module = attentions.create(case.mechanism, dim=case.dim, num_heads=case.heads, **case.options)
     return module, torch.randn(case.batch, case.height, case.width, case.dim, generator=generator)
-
-
-def backends_used(module: torch.nn.Module) -> list[str]:
-    """The backends the module's mechanisms ran on in their last forward (``impl="auto"`` resolved), if they
-    say (a ``last_backend`` attribute), e.g. ``["dense"]``."""
-    names = {getattr(child, "last_backend", None) for child in module.modules()}
-    return sorted(name for name in names if name)
 
 
 def measure_module(case: AttentionCase | ModelCase) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def test_impl_is_not_in_the_state_dict():
 
 def test_unknown_impl_lists_the_valid_ones():
     with pytest.raises(ValueError, match="impl must be one of auto, reference, gather, blocked, dense"):
-        attentions.create("bra", dim=32, num_heads=4, impl="fused")
+        attentions.create("bra", dim=32, num_heads=4, impl="turbo")
 
 
 def test_dense_refuses_soft_routing_with_its_reason():
@@ -87,19 +87,30 @@ def routed_inputs(topk: int, soft: bool = False, requires_grad: bool = False) ->
         scale=0.25)
 
 
-def test_auto_picks_dense_for_many_routed_regions_and_gather_for_few():
-    assert bra_kernels.auto_priority(routed_inputs(16)) == ("xformers", "dense", "gather")
-    assert bra_kernels.auto_priority(routed_inputs(4)) == ("xformers", "gather")
-    assert bra_kernels.choose("auto", routed_inputs(16)).name == "dense"
-    assert bra_kernels.choose("auto", routed_inputs(4)).name == "gather"
+def test_auto_priority_follows_the_routed_fraction():
+    assert bra_kernels.auto_priority(routed_inputs(30)) == ("xformers", "dense", "fused", "gather")
+    assert bra_kernels.auto_priority(routed_inputs(16)) == ("xformers", "fused", "dense", "gather")
+    assert bra_kernels.auto_priority(routed_inputs(4)) == ("xformers", "fused", "gather")
+
+
+def test_auto_picks_fused_in_cpu_inference_else_dense_for_many_routed_regions_and_gather_for_few():
+    with torch.no_grad():
+        assert bra_kernels.choose("auto", routed_inputs(30)).name == "dense"
+        assert bra_kernels.choose("auto", routed_inputs(16)).name == "fused"
+        assert bra_kernels.choose("auto", routed_inputs(4)).name == "fused"
+    # the native kernel has no backward and no soft routing
+    assert bra_kernels.choose("auto", routed_inputs(16, requires_grad=True)).name == "dense"
+    assert bra_kernels.choose("auto", routed_inputs(4, requires_grad=True)).name == "gather"
     assert bra_kernels.choose("auto", routed_inputs(16, soft=True)).name == "gather"
 
 
-@pytest.mark.parametrize("topk,expected", [(16, "dense"), (4, "gather")])
-def test_last_backend_names_what_auto_chose(topk, expected):
+@pytest.mark.parametrize("topk,grad,expected", [
+    (16, False, "fused"), (4, False, "fused"), (30, False, "dense"), (16, True, "dense"), (4, True, "gather")])
+def test_last_backend_names_what_auto_chose(topk, grad, expected):
     module = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk)
     assert module.last_backend is None
-    module(torch.randn(1, 14, 14, 32))
+    with torch.set_grad_enabled(grad):
+        module(torch.randn(1, 14, 14, 32))
     assert module.last_backend == expected
     assert module.plain().last_backend is None
     explicit = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk, impl="blocked")
@@ -258,3 +269,13 @@ def test_batch_in_groups_equals_one_piece_float64(monkeypatch, impl):
     monkeypatch.setattr(bra, "BATCH_CHUNK_BYTES", 2 * 12 * 12 * 96 * 8)  # two images per group, three groups
     monkeypatch.setattr(by_image, "GROUP_MAX_THREADS", 1024)  # groups at any thread count
     assert_same_function_float64(module, reference, torch.randn(5, 10, 11, 32, dtype=torch.float64))
+
+
+def test_the_native_kernel_builds_wherever_a_compiler_is_on_path():
+    """tests/test_bra_native.py skips when the kernel cannot build; where a compiler exists, it must build."""
+    from attentions import bra_native
+
+    if bra_native._compiler() is None:
+        pytest.skip("no C++ compiler on PATH")
+    assert bra_native.build_reasons() == ()
+    assert bra_kernels.device_reasons("fused", torch.device("cpu"), torch.float32) == []

@@ -123,7 +123,7 @@ MALFORMED = {
                                r"hypotheses\[0\]\.lower: no row labelled 'swin'; labels: full, bra"),
     "hypothesis_one_row": (BASE + "hypotheses: [{higher: bra, lower: bra}]\n",
                            r"hypotheses\[0\]: .*a hypothesis compares two rows, got 'bra' twice"),
-    "unknown_impl": (BASE.replace("{n_win: 2, topk: 1}", "{n_win: 2, topk: 1, impl: fused}"),
+    "unknown_impl": (BASE.replace("{n_win: 2, topk: 1}", "{n_win: 2, topk: 1, impl: turbo}"),
                      r"grid\.mechanism\[1\]: at shape a .*impl must be one of auto, reference"),
 }
 

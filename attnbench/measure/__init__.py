@@ -85,6 +85,13 @@ def measures_for(names: tuple[str, ...] | list[str], kind: str) -> list[Measure]
     return sorted((MEASURES[name] for name in names if kind in MEASURES[name].kinds), key=lambda m: m.order)
 
 
+def backends_used(module: nn.Module) -> list[str]:
+    """The backends the module's mechanisms ran on in their last forward (``impl="auto"`` resolved), if they
+    say (a ``last_backend`` attribute), e.g. ``["dense"]``."""
+    names = {getattr(child, "last_backend", None) for child in module.modules()}
+    return sorted(name for name in names if name)
+
+
 def dispatch_safely(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a measure that watches the step through a torch dispatch mode (CPU memory, FLOP counting). A
     compiled kernel refuses to run under one (torch.compile: "non-infra torch dispatch mode present"); the

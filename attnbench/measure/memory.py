@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from . import Measure, Subject, dispatch_safely, register_measure
+from . import Measure, Subject, backends_used, dispatch_safely, register_measure
 from .params import state_bytes
 
 MIB = 2**20
@@ -100,8 +100,13 @@ class Memory(Measure):
     order = 0
 
     def measure(self, subject: Subject) -> dict[str, Any]:
-        return dispatch_safely(lambda: measure_peak_memory(
+        metrics = dispatch_safely(lambda: measure_peak_memory(
             subject.step, subject.device, state_bytes(subject.module, subject.x)).summary())
+        # on CPU a dispatch mode watches the step, and a backend ATen cannot see (BRA's native kernel) steps aside
+        # for the next one: the backends that ran under it are named, as the timed step's are
+        if backends_used(subject.module):
+            metrics["backend"] = backends_used(subject.module)
+        return metrics
 
     def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
         measured = "peak_bytes" in metrics

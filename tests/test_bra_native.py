@@ -1,0 +1,212 @@
+"""The native CPU kernel of BRA (attentions/csrc/bra_routed.cpp via attentions/bra_native.py) and the ``fused``
+backend built on it, each against a plain computation on random inputs: float64 to 1e-10, float32 to 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import attentions
+from attentions import bra_kernels, bra_native
+
+pytestmark = pytest.mark.skipif(bool(bra_native.build_reasons()), reason="; ".join(bra_native.build_reasons()))
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def plain_routed_attention(q, k, v, query_rows, key_rows, index, heads, scale):
+    """A loop over images, regions and heads with explicit gathers: q (B, rows, heads·dq), k/v (B, rows, heads·d)."""
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
+    dq, dv = q.shape[2] // heads, v.shape[2] // heads
+    for b in range(q.shape[0]):
+        for r in range(query_rows.shape[0]):
+            keys = key_rows[index[b, r]].reshape(-1)  # the rows of the routed regions' tokens, in routed order
+            for h in range(heads):
+                queries = q[b, query_rows[r], h * dq:(h + 1) * dq]
+                logits = scale * queries @ k[b, keys, h * dq:(h + 1) * dq].T
+                out[b, query_rows[r], h * dv:(h + 1) * dv] = logits.softmax(-1) @ v[b, keys, h * dv:(h + 1) * dv]
+    return out
+
+
+def random_routing(batch: int, regions: int, topk: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randperm(regions, generator=generator)[:topk] for _ in range(batch * regions)]).view(
+        batch, regions, topk)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("regions,tokens,kv_tokens,topk,heads,dq,dv", [
+    (49, 64, 64, 1, 2, 32, 32), (49, 16, 16, 4, 4, 32, 32), (49, 4, 4, 16, 8, 32, 32), (49, 1, 1, 49, 16, 32, 32),
+    (9, 25, 4, 3, 3, 5, 7),  # head widths below a vector, key regions down-sampled to 4 tokens
+    (4, 36, 36, 2, 1, 40, 24),  # 36 query tokens: two and a quarter vectors of lanes
+    (16, 17, 17, 5, 2, 16, 48)])
+def test_routed_attention_equals_a_plain_loop(dtype, regions, tokens, kv_tokens, topk, heads, dq, dv):
+    generator = torch.Generator().manual_seed(regions * tokens + topk)
+    batch = 2
+    # q, k and v as views into one projection, rows in a shuffled order (what a raster layout looks like)
+    projection = torch.randn(batch, regions * tokens, heads * (2 * dq + dv) + 3, dtype=dtype, generator=generator)
+    q = projection[..., :heads * dq]
+    k, v = projection[..., heads * dq:2 * heads * dq], projection[..., 2 * heads * dq:2 * heads * dq + heads * dv]
+    k, v = k[:, :regions * kv_tokens], v[:, :regions * kv_tokens]
+    query_rows = torch.randperm(regions * tokens, generator=generator).view(regions, tokens)
+    key_rows = torch.randperm(regions * kv_tokens, generator=generator).view(regions, kv_tokens)
+    index = random_routing(batch, regions, topk, generator)
+    scale = 0.3
+    out = torch.full((batch, regions * tokens, heads * dv), float("nan"), dtype=dtype)
+    bra_native.routed_attention(q, k, v, out, query_rows, key_rows, index, heads, scale, threads=1)
+    expected = plain_routed_attention(q, k, v, query_rows, key_rows, index, heads, scale)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE[dtype])
+    threaded = torch.empty_like(out)
+    bra_native.routed_attention(q, k, v, threaded, query_rows, key_rows, index, heads, scale, threads=3)
+    assert torch.equal(threaded, out)  # threads split (image, region) pairs: the same arithmetic, bit for bit
+
+
+def test_routed_attention_softmax_is_stable_for_large_logits():
+    """Logits in the hundreds (exp would overflow without the max subtracted) and far below the max."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 32, 16, generator=generator) * 30
+    k = torch.randn(1, 32, 16, generator=generator) * 30
+    v = torch.randn(1, 32, 16, generator=generator)
+    rows = torch.arange(32).view(2, 16)
+    index = torch.tensor([[[0, 1], [1, 0]]])
+    out = torch.empty(1, 32, 16)
+    bra_native.routed_attention(q, k, v, out, rows, rows, index, 1, 1.0, threads=1)
+    expected = plain_routed_attention(q.double(), k.double(), v.double(), rows, rows, index, 1, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("height,width,channels,side", [(56, 56, 64, 5), (7, 9, 20, 3), (13, 6, 33, 7), (5, 3, 8, 5)])
+def test_local_context_add_equals_a_depthwise_conv(dtype, height, width, channels, side):
+    generator = torch.Generator().manual_seed(height * width + side)
+    conv = torch.nn.Conv2d(channels, channels, side, padding=side // 2, groups=channels).to(dtype)
+    projection = torch.randn(2, height, width, channels + 5, dtype=dtype, generator=generator)
+    v_map = projection[..., 5:]  # a channel slice: rows at a stride wider than the channels
+    start = torch.randn(2, height, width, channels, dtype=dtype, generator=generator)
+    out = start.clone()
+    bra_native.local_context_add(v_map, conv.weight.detach(), conv.bias.detach(), out, threads=2)
+    with torch.no_grad():
+        expected = start + conv(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+def test_region_means_equal_torch_means(dtype):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 36, 21, dtype=dtype, generator=generator)[..., 1:]  # 20 channels at a stride of 21
+    rows = torch.randperm(36, generator=generator).view(4, 9)
+    expected = torch.stack([x[:, region].mean(dim=1) for region in rows], dim=1)
+    torch.testing.assert_close(bra_native.region_means(x, rows, threads=2), expected, rtol=0,
+                               atol=TOLERANCE[dtype])
+
+
+def test_out_of_range_routing_is_refused_before_the_kernel_reads():
+    q, out = torch.randn(1, 8, 4), torch.empty(1, 8, 4)
+    rows = torch.arange(8).view(2, 4)
+    with pytest.raises(ValueError, match="index has entries outside"):
+        bra_native.routed_attention(q, q, q, out, rows, rows, torch.tensor([[[0], [2]]]), 1, 1.0, threads=1)
+    with pytest.raises(ValueError, match="key_rows has entries outside"):
+        bra_native.routed_attention(q, q, q, out, rows, rows + 1, torch.tensor([[[0], [1]]]), 1, 1.0, threads=1)
+
+
+def test_operands_with_a_strided_channel_dimension_are_refused():
+    x = torch.randn(1, 4, 8)[..., ::2]
+    with pytest.raises(ValueError, match="x: expected .* contiguous width"):
+        bra_native.region_means(x, torch.arange(4).view(1, 4), threads=1)
+
+
+# BiFormer-T's stages at 224² (dim, heads, map side, top-k), and odd sizes with auto_pad
+LAYERS = [(64, 2, 56, 1), (128, 4, 28, 4), (256, 8, 14, 16), (512, 16, 7, 49), (40, 2, 13, 3), (96, 3, 10, 5)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("dim,heads,side,topk", LAYERS)
+def test_fused_layer_equals_the_reference(dtype, dim, heads, side, topk):
+    torch.manual_seed(dim + side)
+    module = attentions.create("bra", dim=dim, num_heads=heads, n_win=7 if side % 7 == 0 else 4, topk=topk,
+                               side_dwconv=5, auto_pad=True, impl="fused").to(dtype).eval()
+    reference = module.plain()
+    x = torch.randn(2, side, side, dim, dtype=dtype)
+    with torch.no_grad():
+        out = module(x)
+        expected = reference(x)
+    assert module.last_backend == "fused"
+    torch.testing.assert_close(out, expected, rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("options", [
+    dict(kv_downsample_mode="avgpool", kv_downsample_ratio=2),  # keys of 2 × 2 pooled tokens: the region-major path
+    dict(side_dwconv=0, param_attention="qkv"),  # no LCE, no output projection
+    dict(qk_dim=48)])  # queries and keys narrower than the values
+def test_fused_backend_equals_the_reference_in_other_configurations(options):
+    torch.manual_seed(3)
+    module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3, impl="fused", **options).double().eval()
+    reference = module.plain()
+    x = torch.randn(2, 16, 16, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference(x), rtol=0, atol=1e-10)
+
+
+def test_fused_on_worker_threads_equals_the_reference():
+    """Inference on 2 intra-op threads splits the batch over attentions/by_image.py's workers, each calling the kernel
+    with one native thread."""
+    torch.manual_seed(4)
+    module = attentions.create("bra", dim=64, num_heads=2, n_win=7, topk=4, side_dwconv=5).double().eval()
+    reference = module.plain()
+    x = torch.randn(5, 28, 28, 64, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = module(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert module.last_backend == "fused"
+    torch.testing.assert_close(out, reference(x).detach(), rtol=0, atol=1e-10)
+
+
+def test_fused_declares_no_backward_and_no_soft_routing():
+    module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3, impl="fused")
+    with pytest.raises(NotImplementedError, match="fused: no backward on cpu"):
+        module(torch.randn(1, 8, 8, 32))
+    soft = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3, soft_routing=True, diff_routing=True,
+                             impl="fused").eval()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="fused: soft routing .* this kernel does not do"):
+        soft(torch.randn(1, 8, 8, 32))
+    assert bra_kernels.device_reasons("fused", torch.device("cpu"), torch.bfloat16)
+
+
+def test_a_flop_counter_sees_the_work_because_auto_steps_off_the_native_kernel():
+    """ATen does not see a native kernel: under a dispatch mode (FLOP counting, memory tracking) ``auto`` takes
+    the next backend, and an explicit ``fused`` refuses with the reason."""
+    from attnbench.measure.flops import count_flops
+
+    module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3).eval()
+    x = torch.randn(1, 8, 8, 32)
+    with torch.no_grad():
+        counted = count_flops(lambda: module(x))
+    assert module.last_backend == "gather"
+    assert counted.macs == module.macs(8, 8).total
+    module.impl = "fused"
+    with torch.no_grad(), FlopCounterMode(display=False), pytest.raises(NotImplementedError, match="invisible to"):
+        module(x)
+
+
+@pytest.mark.parametrize("compiler", ("missing", "false"))
+def test_a_failed_build_is_a_reason_and_auto_falls_back(monkeypatch, tmp_path, compiler):
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler") if compiler == "missing" else "false")
+    bra_native.library.cache_clear()
+    try:
+        reasons = bra_native.build_reasons()
+        assert len(reasons) == 1 and ("no-such-compiler" in reasons[0] or "false failed on bra_routed.cpp" in reasons[0])
+        module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3).eval()
+        with torch.no_grad():
+            module(torch.randn(1, 8, 8, 32))
+        assert module.last_backend == "gather"
+        module.impl = "fused"
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="fused: the native kernel is not usable here"):
+            module(torch.randn(1, 8, 8, 32))
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        bra_native.library.cache_clear()
