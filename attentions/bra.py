@@ -33,9 +33,11 @@ what is counted here. Region means, top-k, gather, softmax and pooling are not m
 
 Step 4–5's token attention runs on one of the backends of ``attentions/bra_kernels.py`` (option ``impl``):
 ``reference`` is the official expand-then-gather computation, the others compute the same function faster
-(``auto``, the default, picks the fastest that can run: the dense block mask when at least a quarter of the
-regions is routed, the gather otherwise; ``last_backend`` says which ran). Every backend spends
-the MACs above; ``dense`` additionally spends masked-out products that are not counted as useful work.
+(``auto``, the default, picks the fastest that can run, ``bra_kernels.auto_priority``: in CPU inference the native
+``fused`` kernel, then the dense block mask when at least a quarter of the regions is routed, the gather otherwise;
+``last_backend`` says which ran). With ``fused`` and no key/value down-sampling the whole layer runs in the image's
+raster order (``_forward_raster``). Every backend spends the MACs above; ``dense`` additionally spends masked-out
+products that are not counted as useful work.
 """
 
 from __future__ import annotations
@@ -290,9 +292,10 @@ class BiLevelRoutingAttention(AttentionMechanism):
     def _forward_raster(self, x: torch.Tensor) -> torch.Tensor:
         """Steps 1–5 on the native kernel, every tensor in the image's raster order: (B, H, W, C) padded -> same.
 
-        The qkv projection runs on the map as it is; region means are strided reductions of its output; the kernel
-        (attentions/bra_native.py) reads each region's tokens through a row table, writes the attention output
-        into the map and adds the LCE there. No permuted copy of x, q, k, v or the output is made."""
+        The qkv projection runs on the map as it is; the native kernels (attentions/bra_native.py) take the region
+        means of its Q and K, read each region's tokens through a row table, write the attention output into the map
+        and add the LCE there. No permuted copy of x, q, k, v or the output is made. Hard routing only (the fused
+        backend declares no soft routing), so the routing weights are not used."""
         batch, height, width, c = x.shape
         s, qk = self.n_win, self.qk_dim
         region_h, region_w = height // s, width // s
@@ -300,8 +303,8 @@ class BiLevelRoutingAttention(AttentionMechanism):
         q, k, v = q.flatten(1, 2), kv[..., :qk].flatten(1, 2), kv[..., qk:].flatten(1, 2)  # (B, H·W, ·) views
         rows = _raster_rows(s, region_h, region_w)
         threads = torch.get_num_threads()
-        routing_weight, routing_index = self.router(bra_native.region_means(q, rows, threads),
-                                                    bra_native.region_means(k, rows, threads))  # (B, S², k) each
+        _, routing_index = self.router(bra_native.region_means(q, rows, threads),
+                                       bra_native.region_means(k, rows, threads))  # (B, S², k)
         out = x.new_empty(batch, height, width, c)
         bra_native.routed_attention(q, k, v, out.view(batch, height * width, c), rows, rows, routing_index,
                                     self.num_heads, self.scale, threads)

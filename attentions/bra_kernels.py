@@ -425,16 +425,21 @@ def _xformers_build_reasons(device: torch.device, dtype: torch.dtype) -> tuple[s
     return ()
 
 
-def _watched() -> str | None:
-    """What watches ATen calls here and would miss a native kernel's work, or None."""
+def _native_unfit() -> str | None:
+    """Why a native kernel cannot run in the current context, or None: something watches ATen calls and would miss
+    its work, or the call needs what it does not do (autocast's lower precision, forward-mode tangents)."""
     if is_in_torch_dispatch_mode():
-        return "a torch dispatch mode (a FLOP counter, the memory tracker or the traffic model)"
+        return "invisible to a torch dispatch mode (a FLOP counter, the memory tracker or the traffic model)"
     if torch._C._is_torch_function_mode_enabled():
-        return "a torch function mode"
+        return "invisible to a torch function mode"
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return "a tracer or torch.compile"
+        return "invisible to a tracer or torch.compile"
     if torch._C._functorch.peek_interpreter_stack() is not None:
-        return "a functorch transform"
+        return "invisible to a functorch transform"
+    if torch.is_autocast_enabled("cpu"):
+        return "not under autocast (the projections would hand it a dtype it has no code for)"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return "no forward-mode AD (it has no tangent)"
     return None
 
 
@@ -457,8 +462,8 @@ def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: t
         reasons.append(f"{name}: torch.compile on CPU needs a C++ compiler, and none is on PATH")
     if backend.native and not reasons:
         reasons += [f"{name}: the native kernel is not usable here ({why})" for why in bra_native.build_reasons()]
-        if _watched():
-            reasons.append(f"{name}: a native kernel, invisible to {_watched()}")
+        if _native_unfit():
+            reasons.append(f"{name}: a native kernel, {_native_unfit()}")
     if inputs is None:
         return reasons
     request = inputs.request if isinstance(inputs, RoutedAttention) else inputs

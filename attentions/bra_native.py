@@ -26,6 +26,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "bra_routed.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+BUILD_TIMEOUT_S = 300
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -43,37 +44,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnbench"
 
 
-def _cpu_flags() -> str:
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the machine and the CPU's model and feature lines (x86 ``flags``, Arm
+    ``Features`` / ``CPU part``), so a cache shared by different CPUs never loads a build made for another."""
     try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor()
+        lines = [platform.processor()]
+    keep = ("flags", "features", "model name", "cpu part", "cpu implementer")
+    return "\n".join([platform.machine(), *sorted({line for line in lines if line.lower().startswith(keep)})])
 
 
-@functools.cache
-def library() -> ctypes.CDLL:
-    """The loaded kernel, built if the cache has none for this source, compiler and CPU; BuildError otherwise."""
-    compiler = _compiler()
-    if compiler is None:
-        raise BuildError("no C++ compiler on PATH (g++, c++ or clang++; or set CXX)")
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()
-        target = cache_dir() / f"bra_routed-{key[:16]}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
-                                        text=True)
-                if result.returncode != 0:
-                    lines = result.stderr.splitlines()
-                    first = next((line for line in lines if "error" in line), lines[0] if lines else "no output")
-                    raise BuildError(f"{Path(compiler).name} failed on {SOURCE.name} (exit {result.returncode}): "
-                                     f"{first[:300]}")
-                os.replace(built, target)  # atomic: a concurrent build of the same key writes the same file
-    except OSError as error:
-        raise BuildError(f"building {SOURCE.name} with {compiler}: {error}") from error
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            lines = result.stderr.splitlines()
+            first = next((line for line in lines if "error" in line), lines[0] if lines else "no output")
+            raise BuildError(f"{Path(compiler).name} failed on {SOURCE.name} (exit {result.returncode}): "
+                             f"{first[:300]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same file
+
+
+def _load(target: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     for suffix in DTYPES.values():
         attention = getattr(lib, f"attnbench_bra_routed_attention_{suffix}")
@@ -87,13 +83,68 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+def _target(compiler: str) -> Path:
+    """Where the build for this source, flags, compiler version and CPU lives in the cache."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_identity()]).encode()).hexdigest()
+    return cache_dir() / f"bra_routed-{key[:16]}.so"
+
+
+@functools.cache
+def _built() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernel, "") or (None, why not), decided once per process: a failed build is not retried."""
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C++ compiler on PATH (g++, c++ or clang++; or set CXX)"
+    try:
+        target = _target(compiler)
+        if not target.exists():
+            _build(compiler, target)
+        try:
+            return _load(target), ""
+        except (OSError, AttributeError):  # a truncated or foreign file in the cache: built again, once
+            target.unlink(missing_ok=True)
+            _build(compiler, target)
+            return _load(target), ""
+    except BuildError as error:
+        return None, str(error)
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
+        return None, f"building or loading {SOURCE.name} with {compiler}: {error}"
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel, built if the cache has none for this source, compiler and CPU; BuildError otherwise."""
+    lib, why = _built()
+    if lib is None:
+        raise BuildError(why)
+    return lib
+
+
 def build_reasons() -> tuple[str, ...]:
     """Why the kernel cannot run here (empty when it built and loaded)."""
-    try:
-        library()
-    except (BuildError, OSError) as error:  # OSError: the built library did not load
-        return (str(error),)
-    return ()
+    return () if _built()[0] is not None else (_built()[1],)
+
+
+def _call(function: str, dtype: torch.dtype, *args: object) -> None:
+    """Call an exported kernel; a C++ failure inside it (out of memory, no thread) comes back as a return code."""
+    if getattr(library(), f"{function}_{DTYPES[dtype]}")(*args) != 0:
+        raise RuntimeError(f"{function}: the native kernel failed (out of memory, or a thread could not start)")
+
+
+def _check_cpu(dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.device.type != "cpu" or tensor.dtype != dtype:
+            raise ValueError(f"{name}: expected a {str(dtype).removeprefix('torch.')} CPU tensor, got "
+                             f"{str(tensor.dtype).removeprefix('torch.')} on {tensor.device}")
+
+
+def _table(table: torch.Tensor, bound: int, name: str) -> torch.Tensor:
+    """An int64 CPU copy (or the tensor itself) of an index table, every entry in [0, bound): the kernel reads where
+    its entries point. The caller keeps the result alive through the call."""
+    table = table.to(device="cpu", dtype=torch.int64).contiguous()
+    if table.numel() and (table.min() < 0 or table.max() >= bound):
+        raise ValueError(f"{name} has entries outside [0, {bound})")
+    return table
 
 
 def _rows(x: torch.Tensor, name: str) -> tuple[int, int]:
@@ -117,30 +168,34 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     (R, n), the rows of its n key/value tokens; index: (B, R, k) int64 routed regions. Same dtype (float32 or
     float64) and CPU for all; ``threads`` native threads split the (image, region) pairs.
     """
-    dtype = q.dtype
-    if dtype not in DTYPES or any(t.dtype != dtype for t in (k, v, out)) or out.device.type != "cpu":
-        raise ValueError(f"routed_attention: float32 or float64 CPU tensors of one dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}, {out.dtype} on {out.device}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"routed_attention: float32 or float64 only, got {q.dtype}")
+    _check_cpu(q.dtype, q=q, k=k, v=v, out=out)
+    if query_rows.dim() != 2 or key_rows.dim() != 2 or index.dim() != 3:
+        raise ValueError("routed_attention: query_rows and key_rows are (R, T) and (R, n) tables, index is (B, R, k)")
     regions, tokens = query_rows.shape
     batch, keys_per_region, topk = q.shape[0], key_rows.shape[1], index.shape[-1]
+    shapes = {"q": q.shape, "k": k.shape, "v": v.shape, "out": out.shape}
+    if (any(len(shape) != 3 or shape[0] != batch for shape in shapes.values()) or k.shape[2] != q.shape[2]
+            or out.shape[2] != v.shape[2] or k.shape[1] != v.shape[1] or out.shape[1] != q.shape[1]
+            or q.shape[2] % heads or v.shape[2] % heads):
+        raise ValueError(f"routed_attention: operands of shapes {shapes} do not fit (B, rows, heads · width) with "
+                         f"{heads} heads, q as wide as k, out as wide as v")
     if index.shape != (batch, regions, topk) or key_rows.shape[0] != regions:
         raise ValueError(f"routed_attention: index {tuple(index.shape)}, query_rows {tuple(query_rows.shape)} and "
                          f"key_rows {tuple(key_rows.shape)} disagree on batch or regions")
-    tables = [t.contiguous().to(torch.int64) for t in (query_rows, key_rows, index)]
-    # the kernel reads where these point: out-of-range entries are refused here rather than read out of bounds
-    for table, bound, name in ((tables[0], q.shape[1], "query_rows"), (tables[1], k.shape[1], "key_rows"),
-                               (tables[2], regions, "index")):
-        if table.numel() and (table.min() < 0 or table.max() >= bound):
-            raise ValueError(f"routed_attention: {name} has entries outside [0, {bound})")
-    if k.shape[1] > v.shape[1] or q.shape[1] > out.shape[1]:
-        raise ValueError(f"routed_attention: {k.shape[1]} key rows but {v.shape[1]} value rows, or {q.shape[1]} "
-                         f"query rows but {out.shape[1]} output rows")
+    if min(tokens, keys_per_region, topk, q.shape[2], v.shape[2]) < 1:
+        raise ValueError("routed_attention: every region needs at least one query, one key and one channel")
+    # kept in locals: the kernel reads them through their pointers during the call
+    query_table = _table(query_rows, q.shape[1], "query_rows")
+    key_table = _table(key_rows, k.shape[1], "key_rows")
+    index_table = _table(index, regions, "index")
     dims = torch.tensor([batch, regions, tokens, keys_per_region, topk, heads, q.shape[2] // heads,
                          v.shape[2] // heads], dtype=torch.int64)
     (qi, qr), (ki, kr), (vi, vr), (oi, orow) = (_rows(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out")))
-    call = getattr(library(), f"attnbench_bra_routed_attention_{DTYPES[dtype]}")
-    call(dims.data_ptr(), *(t.data_ptr() for t in tables), q.data_ptr(), qi, qr, k.data_ptr(), ki, kr, v.data_ptr(),
-         vi, vr, float(scale), out.data_ptr(), oi, orow, threads)
+    _call("attnbench_bra_routed_attention", q.dtype, dims.data_ptr(), query_table.data_ptr(), key_table.data_ptr(),
+          index_table.data_ptr(), q.data_ptr(), qi, qr, k.data_ptr(), ki, kr, v.data_ptr(), vi, vr, float(scale),
+          out.data_ptr(), oi, orow, threads)
 
 
 def local_context_add(v_map: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_map: torch.Tensor,
@@ -148,26 +203,37 @@ def local_context_add(v_map: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """``out_map += depthwise_conv(v_map)``: BRA's LCE, a same-size depthwise conv (zero padding, odd kernel).
 
     v_map: (B, H, W, C) with contiguous C and the rows of an image at one stride (a channel slice of the qkv
-    projection works as it is); weight: (C, 1, K, K) as nn.Conv2d holds it; bias: (C,) or None; out_map: (B, H, W,
-    C), same layout rules.
+    projection works as it is); weight: (C, 1, K, K) as nn.Conv2d holds it, K odd; bias: (C,) or None; out_map:
+    (B, H, W, C), same layout rules; one dtype (float32 or float64), CPU.
     """
+    if v_map.dtype not in DTYPES or v_map.dim() != 4:
+        raise ValueError(f"local_context_add: a float32 or float64 (B, H, W, C) map, got {v_map.dtype} "
+                         f"{tuple(v_map.shape)}")
     batch, height, width, channels = v_map.shape
     side = weight.shape[-1]
-    taps = weight.reshape(channels, side * side).t().contiguous()  # (K², C): one vector of channels per tap
-    bias = torch.zeros(channels, dtype=v_map.dtype) if bias is None else bias.contiguous()
+    if weight.shape != (channels, 1, side, side) or side % 2 == 0 or out_map.shape != v_map.shape or (
+            bias is not None and bias.shape != (channels,)):
+        raise ValueError(f"local_context_add: weight {tuple(weight.shape)} must be ({channels}, 1, K, K) with K odd, "
+                         f"bias ({channels},), out_map {tuple(out_map.shape)} as v_map {tuple(v_map.shape)}")
+    bias = torch.zeros(channels, dtype=v_map.dtype) if bias is None else bias.detach().contiguous()
+    _check_cpu(v_map.dtype, v_map=v_map, weight=weight, bias=bias, out_map=out_map)
+    taps = weight.detach().reshape(channels, side * side).t().contiguous()  # (K², C): a vector of channels per tap
     (vi, vr), (oi, orow) = _rows(v_map, "v_map"), _rows(out_map, "out_map")
-    call = getattr(library(), f"attnbench_bra_local_context_add_{DTYPES[v_map.dtype]}")
-    call(batch, height, width, channels, side, v_map.data_ptr(), vi, vr, taps.data_ptr(), bias.data_ptr(),
-         out_map.data_ptr(), oi, orow, threads)
+    _call("attnbench_bra_local_context_add", v_map.dtype, batch, height, width, channels, side, v_map.data_ptr(), vi,
+          vr, taps.data_ptr(), bias.data_ptr(), out_map.data_ptr(), oi, orow, threads)
 
 
 def region_means(x: torch.Tensor, rows: torch.Tensor, threads: int) -> torch.Tensor:
     """(B, regions, width): the mean of x's rows listed in each row of ``rows`` (R, T); x: (B, rows, width) or (B, H,
     W, width) with a contiguous last dimension, rows at one stride (step 2 of BRA: region queries and keys)."""
+    if x.dtype not in DTYPES or x.device.type != "cpu":
+        raise ValueError(f"region_means: a float32 or float64 CPU tensor, got {x.dtype} on {x.device}")
     image, row = _rows(x, "x")
-    regions, tokens = rows.shape
+    if rows.dim() != 2 or rows.shape[1] < 1:
+        raise ValueError(f"region_means: rows must be an (R, T ≥ 1) table, got {tuple(rows.shape)}")
+    table = _table(rows, x.shape[1] if x.dim() == 3 else x.shape[1] * x.shape[2], "rows")
+    regions, tokens = table.shape
     means = x.new_empty(x.shape[0], regions, x.shape[-1])
-    call = getattr(library(), f"attnbench_bra_region_means_{DTYPES[x.dtype]}")
-    call(x.shape[0], regions, tokens, x.shape[-1], rows.contiguous().data_ptr(), x.data_ptr(), image, row,
-         means.data_ptr(), threads)
+    _call("attnbench_bra_region_means", x.dtype, x.shape[0], regions, tokens, x.shape[-1], table.data_ptr(),
+          x.data_ptr(), image, row, means.data_ptr(), threads)
     return means

@@ -91,6 +91,13 @@ class Row:
     # BRA backends our timed forward ran on, and those our traffic count saw (a native kernel steps aside under it)
     ours_backends: tuple[str, ...] = ()
     traffic_backends: tuple[str, ...] = ()
+    useful_flops_per_image: float | None = None  # forward: 2 × the MACs of the function both sides compute
+
+    def gemm_share(self, side_ms: float, gemm_rate: float | None) -> float | None:
+        """A side's useful FLOP/s ÷ the GEMM rate (forward rows), from its median time."""
+        if self.useful_flops_per_image is None or not gemm_rate:
+            return None
+        return self.useful_flops_per_image * self.batch / (side_ms * 1e-3) / gemm_rate
 
     @property
     def key(self) -> str:
@@ -130,11 +137,16 @@ def official_commit(root: Path) -> str:
     return git_output("rev-parse", "HEAD", root=root) or "unknown (not a git checkout)"
 
 
+def _layer_options(preset: str) -> dict[str, int]:
+    """The official BiFormer-T options of a stage's BRA layer (models/biformer.py, biformer_tiny)."""
+    return {"n_win": 7, "topk": STAGE_TOPK[preset], "side_dwconv": 5}
+
+
 def _layer_pair(root: Path, preset: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
     from attentions.registry import create
 
     shape = PRESETS[preset]
-    options = {"n_win": 7, "topk": STAGE_TOPK[preset], "side_dwconv": 5}
+    options = _layer_options(preset)
     official = official_module(root, "ops.bra_legacy").BiLevelRoutingAttention(shape.dim, shape.heads, **options)
     ours = create("bra", shape.dim, shape.heads, **options)
     ours.load_state_dict(official.state_dict(), strict=True)
@@ -148,6 +160,27 @@ def _model_pair(root: Path, name: str, dtype: torch.dtype) -> tuple[nn.Module, n
     ours = getattr(biformer, name)()
     ours.load_state_dict(official.state_dict(), strict=True)
     return official.to(dtype), ours.to(dtype)
+
+
+def useful_flops_per_image(what: str, name: str) -> float:
+    """2 × the MACs of one image's forward: a layer's from attentions/bra.py's count, a model's counted by
+    attnbench/measure/flops.py on our model (its useful multiply-adds, the same for the official one)."""
+    if what == "layer":
+        shape = PRESETS[name]
+        return float(_our_layer(name).macs(shape.height, shape.width).flops)
+    from .measure.flops import count_flops
+    from .models import biformer
+
+    model = getattr(biformer, name)().eval()
+    with torch.no_grad():
+        return float(count_flops(lambda: model(torch.randn(1, 3, 224, 224))).flops)
+
+
+def _our_layer(preset: str) -> nn.Module:
+    from attentions.registry import create
+
+    shape = PRESETS[preset]
+    return create("bra", shape.dim, shape.heads, **_layer_options(preset))
 
 
 def _input(what: str, name: str, batch: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -284,14 +317,14 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
         traffic = tuple(count_traffic(_step(module, x[:check_batch], mode)).total / check_batch / 1e6
                         for module in (official, ours))
         traffic_backends = tuple(backends_used(ours))
+    flops = useful_flops_per_image(what, name) if mode == "forward" else None
     fraction = None
     if what == "layer" and mode == "forward" and gemm_rate:
-        shape = PRESETS[name]
-        fraction = ours.macs(shape.height, shape.width).flops * batch / statistics.median(our_times) / gemm_rate
+        fraction = flops * batch / statistics.median(our_times) / gemm_rate
     return Row(what, name, batch, mode, str(dtype).removeprefix("torch."), 1e3 * statistics.median(official_times),
                1e3 * statistics.median(our_times), _spread(official_times), _spread(our_times),
                statistics.median(ratios), _quartiles(ratios), rounds, difference, fraction, load_before,
-               load_average(), traffic, ours_backends, traffic_backends)
+               load_average(), traffic, ours_backends, traffic_backends, flops)
 
 
 def render(rows: list[Row], run: dict[str, Any]) -> str:
@@ -300,11 +333,14 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
     for row in rows:
         official_flag, our_flag = (" ⚠" if spread > UNSTABLE_SPREAD else "" for spread in (row.official_spread,
                                                                                           row.ours_spread))
+        official_share, ours_share = (row.gemm_share(ms, run["gemm_flops_per_s"]) for ms in (row.official_ms,
+                                                                                             row.ours_ms))
         table.append([row.what, row.name, row.batch, row.mode, row.dtype, f"{row.official_ms:.1f}{official_flag}",
                       f"{row.ours_ms:.1f}{our_flag}",
                       f"{row.speedup:.2f}× [{row.speedup_iqr[0]:.2f}, {row.speedup_iqr[1]:.2f}]"
                       + (" ⚠" if official_flag or our_flag else ""),
-                      _fraction_text(row.ours_gemm_fraction),
+                      _fraction_text(official_share), _fraction_text(ours_share),
+                      "–" if official_share is None else f"{1 / official_share:.2f}×",
                       _traffic_text(row.traffic_mb_per_image)
                       + (f" ({'+'.join(row.traffic_backends)})" if row.traffic_backends != row.ours_backends else ""),
                       f"{row.max_difference:.1e}", f"{row.load_before} → {row.load_after}"])
@@ -319,15 +355,19 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
         f"{run['rounds']} interleaved rounds after {run['warmup']} warm-up rounds.",
         "",
         tabulate(table, headers=["what", "name", "batch", "mode", "dtype", "official ms", "ours ms",
-                                 "speed-up (median of per-round ratios [IQR])", "ours / GEMM rate",
+                                 "speed-up (median of per-round ratios [IQR])", "official / GEMM rate",
+                                 "ours / GEMM rate", "speed-up at the GEMM rate",
                                  "traffic official / ours, MB per image", "float32 difference",
                                  "load average before → after"], tablefmt="github"),
         "",
         f"⚠: the side's own spread (IQR ÷ median of its rounds) exceeded {UNSTABLE_SPREAD:.0%} (on the speed-up: "
-        "either side's): the figure is printed, not trusted. *ours / GEMM rate*: our forward's useful FLOP/s (the "
-        f"MACs attentions/bra.py counts) over the dense {run['gemm_size']}³ GEMM rate measured in the same process "
-        + ("(not measured: no layer forward in this run)" if run["gemm_flops_per_s"] is None
+        "either side's): the figure is printed, not trusted. *official / GEMM rate*, *ours / GEMM rate*: a side's "
+        "forward useful FLOP/s (2 × the MACs attentions/bra.py counts for a layer, attnbench/measure/flops.py counts "
+        f"for a model, at its median time) over the dense {run['gemm_size']}³ GEMM rate measured in the same process "
+        + ("(not measured: no forward row in this run)" if run["gemm_flops_per_s"] is None
            else f"({run['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+        + "; *speed-up at the GEMM rate*: the speed-up ours would have if it ran at the GEMM rate (GEMM rate ÷ "
+        "official's useful FLOP/s), the most any implementation built on this machine's GEMM could show"
         + ". *traffic*: the bytes each side's ATen ops read and write per image in forward, if each op streamed its "
         "inputs and outputs through memory once (attnbench/measure/traffic.py); BRA's native kernel (the fused "
         "backend) is invisible to the count, so ours is then counted on the backends auto takes instead, named in "
@@ -380,6 +420,8 @@ def run(root: Path, out: Path, layers: list[str], models: list[str], batches: li
                 values["traffic_mb_per_image"] = tuple(values["traffic_mb_per_image"])
             for key in ("ours_backends", "traffic_backends"):
                 values[key] = tuple(values.get(key, ()))
+            if values["mode"] == "forward" and values.get("useful_flops_per_image") is None:  # rows of older runs
+                values["useful_flops_per_image"] = useful_flops_per_image(values["what"], values["name"])
             row = Row(**values)
             done[row.key] = row
     plan = [("layer", name, batch, mode) for name in layers for batch in batches for mode in modes]
@@ -389,8 +431,8 @@ def run(root: Path, out: Path, layers: list[str], models: list[str], batches: li
         run_info = {**conditions, "command": command, "gemm_size": 2048, "gemm_flops_per_s": None,
                     "environment": environment(device.type),
                     "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if run_info["gemm_flops_per_s"] is None and any(key not in done for key in keys if key.endswith("/forward/float32")
-                                                    and key.startswith("layer/")):
+    pending_forward = any(key not in done for key in keys if key.endswith("/forward/float32"))
+    if run_info["gemm_flops_per_s"] is None and pending_forward:
         run_info["gemm_flops_per_s"] = gemm_flops_per_s(device, dtype)
     run_path.write_text(json.dumps(run_info, indent=2))
     rows = []

@@ -109,6 +109,32 @@ def test_out_of_range_routing_is_refused_before_the_kernel_reads():
         bra_native.routed_attention(q, q, q, out, rows, rows + 1, torch.tensor([[[0], [1]]]), 1, 1.0, threads=1)
 
 
+def test_bad_operands_are_refused_before_the_kernel_reads():
+    q, out = torch.randn(2, 8, 4), torch.empty(2, 8, 4)
+    rows, index = torch.arange(8).view(2, 4), torch.tensor([[[0], [1]], [[1], [0]]])
+    with pytest.raises(ValueError, match="do not fit"):  # k of another batch
+        bra_native.routed_attention(q, q[:1], q, out, rows, rows, index, 1, 1.0, threads=1)
+    with pytest.raises(ValueError, match="do not fit"):  # out narrower than v
+        bra_native.routed_attention(q, q, q, out[..., :2], rows, rows, index, 1, 1.0, threads=1)
+    with pytest.raises(ValueError, match="at least one query, one key"):
+        bra_native.routed_attention(q, q, q, out, rows, rows, index[..., :0], 1, 1.0, threads=1)
+    with pytest.raises(ValueError, match="k: expected a float32 CPU tensor, got float64"):
+        bra_native.routed_attention(q, q.double(), q, out, rows, rows, index, 1, 1.0, threads=1)
+    # a non-contiguous int32 table is copied to int64 and kept alive through the call
+    strided = torch.arange(16, dtype=torch.int32).view(2, 8)[:, ::2] // 2
+    expected = torch.stack([q[:, region.long()].mean(dim=1) for region in strided], dim=1)
+    torch.testing.assert_close(bra_native.region_means(q, strided, threads=1), expected)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    v_map, out_map = torch.randn(2, 3, 3, 4), torch.zeros(2, 3, 3, 4)
+    with pytest.raises(ValueError, match="out_map"):
+        bra_native.local_context_add(v_map, conv.weight, conv.bias, out_map[:1], threads=1)
+    with pytest.raises(ValueError, match="weight: expected a float64 CPU tensor"):
+        bra_native.local_context_add(v_map.double(), conv.weight, None, out_map.double(), threads=1)
+    even = torch.nn.Conv2d(4, 4, 4, groups=4)
+    with pytest.raises(ValueError, match="K odd"):
+        bra_native.local_context_add(v_map, even.weight, even.bias, out_map, threads=1)
+
+
 def test_operands_with_a_strided_channel_dimension_are_refused():
     x = torch.randn(1, 4, 8)[..., ::2]
     with pytest.raises(ValueError, match="x: expected .* contiguous width"):
@@ -192,11 +218,52 @@ def test_a_flop_counter_sees_the_work_because_auto_steps_off_the_native_kernel()
         module(x)
 
 
+def test_auto_steps_off_the_native_kernel_under_autocast_and_forward_ad():
+    import torch.autograd.forward_ad as forward_ad
+
+    module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3).eval()
+    x = torch.randn(1, 8, 8, 32)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert module(x).dtype == torch.bfloat16 and module.last_backend == "gather"
+    module.impl = "fused"
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), pytest.raises(NotImplementedError,
+                                                                              match="fused: .* not under autocast"):
+        module(x)
+    with torch.no_grad(), forward_ad.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        module(forward_ad.make_dual(x, torch.randn_like(x)))
+
+
+def test_a_failed_build_is_tried_once_and_a_corrupt_cached_library_is_built_again(monkeypatch, tmp_path):
+    calls = tmp_path / "calls"
+    failing = tmp_path / "failing-cxx"
+    failing.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'error: no' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(failing))
+    bra_native._built.cache_clear()
+    try:
+        module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3).eval()
+        with torch.no_grad():
+            for _ in range(3):
+                module(torch.randn(1, 8, 8, 32))
+        assert bra_native.build_reasons() and module.last_backend == "gather"
+        assert len(calls.read_text().split()) == 2  # --version and one build, not one per forward
+        # a truncated file left in the cache by another process (never one this process has loaded)
+        monkeypatch.delenv("CXX")
+        library_file = bra_native._target(bra_native._compiler())
+        library_file.parent.mkdir(parents=True, exist_ok=True)
+        library_file.write_bytes(b"not a shared object")
+        bra_native._built.cache_clear()
+        assert bra_native.build_reasons() == () and library_file.stat().st_size > 1000
+    finally:
+        bra_native._built.cache_clear()
+
+
 @pytest.mark.parametrize("compiler", ("missing", "false"))
 def test_a_failed_build_is_a_reason_and_auto_falls_back(monkeypatch, tmp_path, compiler):
     monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler") if compiler == "missing" else "false")
-    bra_native.library.cache_clear()
+    bra_native._built.cache_clear()
     try:
         reasons = bra_native.build_reasons()
         assert len(reasons) == 1 and ("no-such-compiler" in reasons[0] or "false failed on bra_routed.cpp" in reasons[0])
@@ -209,4 +276,4 @@ def test_a_failed_build_is_a_reason_and_auto_falls_back(monkeypatch, tmp_path, c
             module(torch.randn(1, 8, 8, 32))
         assert not list(tmp_path.glob("*.so"))
     finally:
-        bra_native.library.cache_clear()
+        bra_native._built.cache_clear()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attnbench.cli import main
-from attnbench.versus_official import STAGE_TOPK, interleaved_times
+from attnbench.kernel_bound import stage_module
+from attnbench.versus_official import STAGE_TOPK, Row, interleaved_times, useful_flops_per_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = ["--layers", "biformer_t.stage3", "--models", "--batch", "2", "--rounds", "4", "--warmup", "1",
@@ -27,13 +28,23 @@ def test_a_matching_official_code_is_timed_row_by_row_and_a_rerun_keeps_the_rows
         assert row["rounds"] == 4 and row["official_ms"] > 0 and row["ours_ms"] > 0 and row["speedup"] > 0
         assert row["max_difference"] <= 1e-5 and len(row["load_before"]) == 3
     assert 0 < rows[0]["ours_gemm_fraction"] and rows[1]["ours_gemm_fraction"] is None  # forward only
+    # the useful FLOPs of the stage, and from them each side's share of the GEMM rate and the speed-up a
+    # GEMM-rate implementation would show over the official one
+    stage_macs = stage_module("biformer_t.stage3").macs(14, 14).total
+    assert rows[0]["useful_flops_per_image"] == useful_flops_per_image("layer", "biformer_t.stage3") == 2 * stage_macs
+    assert rows[1]["useful_flops_per_image"] is None
+    gemm_rate = json.loads((out / "run.json").read_text())["gemm_flops_per_s"]
+    first = Row(**{**rows[0], "speedup_iqr": tuple(rows[0]["speedup_iqr"])})
+    assert first.gemm_share(first.ours_ms, gemm_rate) == pytest.approx(rows[0]["ours_gemm_fraction"])
+    ceiling = 1 / first.gemm_share(first.official_ms, gemm_rate)
+    assert ceiling == pytest.approx(gemm_rate * first.official_ms * 1e-3 / (first.useful_flops_per_image * 2))
     # the stand-in is our layer on its reference backend, which expands the routed keys and values per query region:
     # it moves more than ours, which moves at least the input read and the output written
     official_traffic, our_traffic = rows[0]["traffic_mb_per_image"]
     assert official_traffic > our_traffic >= 2 * 14 * 14 * 256 * 4 / 1e6 and rows[1]["traffic_mb_per_image"] is None
     report = (out / "report.md").read_text()
     assert "float64 outputs and gradients within 1e-10" in report and "| layer" in report
-    assert f"| {official_traffic:.1f} / {our_traffic:.1f} " in report
+    assert f"| {official_traffic:.1f} / {our_traffic:.1f} " in report and f"| {ceiling:.2f}× " in report
     assert json.loads((out / "run.json").read_text())["official_commit"] == "unknown (not a git checkout)"
     capsys.readouterr()
     assert main(["versus-official", str(FIXTURES / "official_standin"), "--out", str(out), *SMALL]) == 0

@@ -12,8 +12,10 @@
 // The logits are kept transposed (keys × query lanes), so the softmax over keys is element-wise across rows and the
 // values are read straight from their rows: the only copy is Q's transpose, T·head_dim values per region and head.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -203,12 +205,26 @@ template <typename S> struct RegionAttention {
   }
 };
 
-// Calls fn(part) for part = 0 … threads-1, on this thread and threads-1 others.
+// Calls fn(part) for part = 0 … threads-1, on this thread and threads-1 others. Every started thread is joined
+// before returning; an exception in any part (or a thread that cannot start) is rethrown here, after the joins.
 template <typename F> void on_threads(int threads, F fn) {
+  std::atomic<bool> failed{false};
+  auto part_guarded = [&](int part) {
+    try {
+      fn(part);
+    } catch (...) {
+      failed = true;
+    }
+  };
   std::vector<std::thread> others;
-  for (int part = 1; part < threads; ++part) others.emplace_back(fn, part);
-  fn(0);
+  try {
+    for (int part = 1; part < threads; ++part) others.emplace_back(part_guarded, part);
+  } catch (...) {
+    failed = true;
+  }
+  part_guarded(0);
   for (auto& thread : others) thread.join();
+  if (failed) throw std::runtime_error("a part of the kernel failed");
 }
 
 inline int thread_count(int threads, int64_t items) {
@@ -327,29 +343,42 @@ void routed_attention(const Shape& shape, const int64_t* query_rows, const int64
 }  // namespace
 
 // dims: batch, regions, tokens per query region, key tokens per region, topk, heads, head width of q/k, of v.
-// Each operand: pointer, image stride, row stride (in elements). Returns 0.
+// Each operand: pointer, image stride, row stride (in elements). Each returns 0, or 1 when a C++ exception (out of
+// memory, a thread that could not start) stopped it: no exception crosses into the caller.
+template <typename F> int guarded(F fn) {
+  try {
+    fn();
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
 #define ATTNBENCH_EXPORT(S, SUFFIX)                                                                                  \
   extern "C" int attnbench_bra_routed_attention_##SUFFIX(                                                           \
       const int64_t* dims, const int64_t* query_rows, const int64_t* key_rows, const int64_t* index, const S* q,     \
       int64_t q_image, int64_t q_row, const S* k, int64_t k_image, int64_t k_row, const S* v, int64_t v_image,      \
       int64_t v_row, double scale, S* out, int64_t out_image, int64_t out_row, int threads) {                       \
     const Shape shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};                      \
-    routed_attention<S>(shape, query_rows, key_rows, index, Operand{q, q_image, q_row}, Operand{k, k_image, k_row}, \
-                        Operand{v, v_image, v_row}, scale, out, out_image, out_row, threads);                       \
-    return 0;                                                                                                        \
+    return guarded([&] {                                                                                             \
+      routed_attention<S>(shape, query_rows, key_rows, index, Operand{q, q_image, q_row},                            \
+                          Operand{k, k_image, k_row}, Operand{v, v_image, v_row}, scale, out, out_image, out_row,    \
+                          threads);                                                                                  \
+    });                                                                                                              \
   }                                                                                                                  \
   extern "C" int attnbench_bra_local_context_add_##SUFFIX(                                                           \
       int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t side, const S* v, int64_t v_image,     \
       int64_t v_row, const S* weight, const S* bias, S* out, int64_t out_image, int64_t out_row, int threads) {      \
-    local_context_add<S>(batch, height, width, channels, side, Operand{v, v_image, v_row}, weight, bias, out,        \
-                         out_image, out_row, threads);                                                               \
-    return 0;                                                                                                        \
+    return guarded([&] {                                                                                             \
+      local_context_add<S>(batch, height, width, channels, side, Operand{v, v_image, v_row}, weight, bias, out,      \
+                           out_image, out_row, threads);                                                             \
+    });                                                                                                              \
   }                                                                                                                  \
   extern "C" int attnbench_bra_region_means_##SUFFIX(int64_t batch, int64_t regions, int64_t tokens, int64_t width,  \
                                                      const int64_t* rows, const S* x, int64_t x_image, int64_t x_row, \
                                                      S* means, int threads) {                                        \
-    region_means<S>(batch, regions, tokens, width, rows, Operand{x, x_image, x_row}, means, threads);               \
-    return 0;                                                                                                        \
+    return guarded([&] { region_means<S>(batch, regions, tokens, width, rows, Operand{x, x_image, x_row}, means,    \
+                                         threads); });                                                               \
   }
 
 ATTNBENCH_EXPORT(float, f32)
