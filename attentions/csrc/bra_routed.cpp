@@ -227,8 +227,10 @@ template <typename F> void on_threads(int threads, F fn) {
   if (failed) throw std::runtime_error("a part of the kernel failed");
 }
 
-inline int thread_count(int threads, int64_t items) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+// Splits items 0 … items-1 into up to `threads` contiguous ranges and calls fn(begin, end) for each on its own thread.
+template <typename F> void over_items(int64_t items, int threads, F fn) {
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  on_threads(parts, [&](int part) { fn(items * part / parts, items * (part + 1) / parts); });
 }
 
 // out[b, y, x, c] += bias[c] + Σ_{dy,dx} weight[dy, dx, c] · v[b, y + dy - p, x + dx - p, c], zero outside the map
@@ -264,10 +266,9 @@ template <typename S>
 void local_context_add(int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t side, Operand v,
                        const S* weight, const S* bias, S* out, int64_t out_image, int64_t out_row, int threads) {
   constexpr int L = Lanes<S>::count, XB = 4;
-  const int64_t items = batch * height, pad = side / 2;
-  threads = thread_count(threads, items);
-  on_threads(threads, [&](int part) {
-    for (int64_t item = items * part / threads; item < items * (part + 1) / threads; ++item) {
+  const int64_t pad = side / 2;
+  over_items(batch * height, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / height, y = item % height;
       const S* v_image = static_cast<const S*>(v.data) + b * v.image;
       S* out_map = out + b * out_image;
@@ -303,10 +304,8 @@ void region_means(int64_t batch, int64_t regions, int64_t tokens, int64_t width,
                   S* means, int threads) {
   using V = typename Lanes<S>::vec;
   constexpr int L = Lanes<S>::count;
-  const int64_t items = batch * regions;
-  threads = thread_count(threads, items);
-  on_threads(threads, [&](int part) {
-    for (int64_t item = items * part / threads; item < items * (part + 1) / threads; ++item) {
+  over_items(batch * regions, threads, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / regions, r = item % regions;
       const S* image = static_cast<const S*>(x.data) + b * x.image;
       S* target = means + item * width;
@@ -330,13 +329,10 @@ template <typename S>
 void routed_attention(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows, const int64_t* index,
                       Operand q, Operand k, Operand v, double scale, S* out, int64_t out_image, int64_t out_row,
                       int threads) {
-  const int64_t items = shape.batch * shape.regions;
-  threads = thread_count(threads, items);
-  on_threads(threads, [&](int part) {
+  over_items(shape.batch * shape.regions, threads, [&](int64_t begin, int64_t end) {
     RegionAttention<S> region(shape, query_rows, key_rows, index, q, k, v, static_cast<S>(scale), out, out_image,
-                              out_row);
-    for (int64_t item = items * part / threads; item < items * (part + 1) / threads; ++item)
-      region.run(item / shape.regions, item % shape.regions);
+                              out_row);  // this thread's scratch
+    for (int64_t item = begin; item < end; ++item) region.run(item / shape.regions, item % shape.regions);
   });
 }
 
