@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def pad_bottom_right(x: torch.Tensor, multiple_h: int, multiple_w: int) -> tuple[torch.Tensor, int, int]:
@@ -102,3 +103,19 @@ def _take_rows(queue: list[torch.Tensor], rows: int) -> torch.Tensor:
         taken.append(head)
         rows -= head.shape[0]
     return torch.cat(taken)
+
+
+def aten_watcher() -> str | None:
+    """What watches the ATen calls made here, or None: a dispatch or function mode (FLOP counters, memory trackers),
+    a tracer or torch.compile, a functorch transform. Such a watcher sees only ATen ops on the calling thread, so
+    work moved to other threads (``attentions/by_image.py``) or into native code (``attentions/bra_native.py``)
+    would escape it."""
+    if is_in_torch_dispatch_mode():
+        return "a torch dispatch mode (a FLOP counter, the memory tracker or the traffic model)"
+    if torch._C._is_torch_function_mode_enabled():
+        return "a torch function mode"
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return "a tracer or torch.compile"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a functorch transform"
+    return None

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import bra_native
+from ._common import aten_watcher
 
 # impl="auto" tries the native kernel first on CPU when fewer than this fraction of the kv regions is routed, and
 # the dense block mask first above it (measured on CPU, attentions/bra.py's impl table in README.md)
@@ -428,19 +428,17 @@ def _xformers_build_reasons(device: torch.device, dtype: torch.dtype) -> tuple[s
 def _native_unfit() -> str | None:
     """Why a native kernel cannot run in the current context, or None: something watches ATen calls and would miss
     its work, or the call needs what it does not do (autocast's lower precision, forward-mode tangents)."""
-    if is_in_torch_dispatch_mode():
-        return "invisible to a torch dispatch mode (a FLOP counter, the memory tracker or the traffic model)"
-    if torch._C._is_torch_function_mode_enabled():
-        return "invisible to a torch function mode"
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return "invisible to a tracer or torch.compile"
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return "invisible to a functorch transform"
+    if aten_watcher():
+        return f"invisible to {aten_watcher()}"
     if torch.is_autocast_enabled("cpu"):
         return "not under autocast (the projections would hand it a dtype it has no code for)"
     if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return "no forward-mode AD (it has no tangent)"
     return None
+
+
+def _request(inputs: RoutedAttention | Request) -> Request:
+    return inputs.request if isinstance(inputs, RoutedAttention) else inputs
 
 
 def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: torch.dtype,
@@ -462,11 +460,12 @@ def not_supported_reasons(backend: Backend, device: torch.device | str, dtype: t
         reasons.append(f"{name}: torch.compile on CPU needs a C++ compiler, and none is on PATH")
     if backend.native and not reasons:
         reasons += [f"{name}: the native kernel is not usable here ({why})" for why in bra_native.build_reasons()]
-        if _native_unfit():
-            reasons.append(f"{name}: a native kernel, {_native_unfit()}")
+        unfit = _native_unfit()
+        if unfit:
+            reasons.append(f"{name}: a native kernel, {unfit}")
     if inputs is None:
         return reasons
-    request = inputs.request if isinstance(inputs, RoutedAttention) else inputs
+    request = _request(inputs)
     backward_devices = backend.devices if backend.backward_devices is None else backend.backward_devices
     if request.requires_grad and device.type not in backward_devices:
         reasons.append(f"{name}: no backward on {device.type}")
@@ -494,7 +493,7 @@ def device_reasons(impl: str, device: torch.device | str, dtype: torch.dtype) ->
 
 def routed_fraction(inputs: RoutedAttention | Request) -> float:
     """k / (kv regions): the fraction of key/value regions each query region sees."""
-    return (inputs.request if isinstance(inputs, RoutedAttention) else inputs).routed_fraction
+    return _request(inputs).routed_fraction
 
 
 AUTO_CANDIDATES = ("xformers", "fused", "dense", "gather")
@@ -514,7 +513,7 @@ def auto_priority(inputs: RoutedAttention | Request) -> tuple[str, ...]:
 
 def choose(impl: str, inputs: RoutedAttention | Request) -> Backend:
     """The backend that runs ``inputs`` for ``impl``; NotImplementedError listing every reason if none can."""
-    request = inputs.request if isinstance(inputs, RoutedAttention) else inputs
+    request = _request(inputs)
     names = auto_priority(request) if impl == "auto" else (impl,)
     tried = []
     for name in names:

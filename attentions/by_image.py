@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from ._common import aten_watcher
 
 # Groups on the caller's thread pay off single-threaded but cost 2–5× at 2 threads on a loaded machine (many
 # small parallel ops wait on descheduled threads; BiFormer-T batch 4 inference 1.9 s grouped against 0.41 s
@@ -85,10 +86,7 @@ def workers_usable(x: torch.Tensor) -> bool:
     return (_OPENMP and not _workers_off and x.device.type == "cpu" and x.shape[0] > 1 and torch.get_num_threads() > 1
             and not getattr(_in_worker, "active", False)
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not is_in_torch_dispatch_mode() and not torch._C._is_torch_function_mode_enabled()
-            and not torch.autograd.profiler._is_profiler_enabled
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and not torch.autograd.profiler._is_profiler_enabled and aten_watcher() is None)
 
 
 def in_groups(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib
 import json
 import statistics
@@ -143,12 +144,10 @@ def _layer_options(preset: str) -> dict[str, int]:
 
 
 def _layer_pair(root: Path, preset: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
-    from attentions.registry import create
-
     shape = PRESETS[preset]
-    options = _layer_options(preset)
-    official = official_module(root, "ops.bra_legacy").BiLevelRoutingAttention(shape.dim, shape.heads, **options)
-    ours = create("bra", shape.dim, shape.heads, **options)
+    official = official_module(root, "ops.bra_legacy").BiLevelRoutingAttention(shape.dim, shape.heads,
+                                                                               **_layer_options(preset))
+    ours = _our_layer(preset)
     ours.load_state_dict(official.state_dict(), strict=True)
     return official.to(dtype), ours.to(dtype)
 
@@ -162,6 +161,7 @@ def _model_pair(root: Path, name: str, dtype: torch.dtype) -> tuple[nn.Module, n
     return official.to(dtype), ours.to(dtype)
 
 
+@functools.cache
 def useful_flops_per_image(what: str, name: str) -> float:
     """2 × the MACs of one image's forward: a layer's from attentions/bra.py's count, a model's counted by
     attnbench/measure/flops.py on our model (its useful multiply-adds, the same for the official one)."""
