@@ -89,42 +89,75 @@ def workers_usable(x: torch.Tensor) -> bool:
             and not torch.autograd.profiler._is_profiler_enabled and aten_watcher() is None)
 
 
+def _group_size(bytes_per_image: float, budget: float) -> int:
+    """Images per group: as many as fit in ``budget`` bytes, at least one."""
+    return max(1, int(budget // bytes_per_image))
+
+
 def in_groups(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,
               budget: float) -> torch.Tensor:
     """``fn(x)`` for a batch ``x`` (B, ...) of independent images, computed as ``torch.cat`` of ``fn`` on groups of
     images whose ``bytes_per_image`` fit in ``budget`` bytes (at least one image a group)."""
-    step = max(1, int(budget // bytes_per_image))
+    step = _group_size(bytes_per_image, budget)
     if step >= x.shape[0]:
         return fn(x)
     return torch.cat([fn(group) for group in x.split(step)])
+
+
+class _BatchOutput:
+    """The whole batch's output, allocated by the first group to finish (its rows show the shape and dtype); every
+    group copies its rows in at its offset. One copy per image, where concatenating the groups of each worker and
+    then the workers' parts made two."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.tensor: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def put(self, start: int, rows: torch.Tensor) -> None:
+        with self._lock:
+            if self.tensor is None:
+                self.tensor = rows.new_empty((self.batch, *rows.shape[1:]))
+        if rows.shape[1:] != self.tensor.shape[1:] or rows.dtype != self.tensor.dtype:
+            raise RuntimeError(f"by_image: a group's output {tuple(rows.shape)} {rows.dtype} does not match the "
+                               f"batch's {tuple(self.tensor.shape)} {self.tensor.dtype}")
+        self.tensor[start:start + rows.shape[0]].copy_(rows)
 
 
 def _on_workers(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,
                 budget: float) -> torch.Tensor:
     threads = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
+    step = _group_size(bytes_per_image, budget)
+    output = _BatchOutput(x.shape[0])
 
-    def run_part(part: torch.Tensor) -> torch.Tensor:
+    def run_part(start: int, part: torch.Tensor) -> None:
         # inference_mode(False) would enable grad, so it goes first
         with torch.inference_mode(inference), torch.no_grad():
-            return in_groups(fn, part, bytes_per_image, budget)
+            for offset, group in zip(range(0, part.shape[0], step), part.split(step), strict=True):
+                output.put(start + offset, fn(group))
 
     parts = x.tensor_split(min(threads, x.shape[0]))
+    starts = [sum(part.shape[0] for part in parts[:i]) for i in range(len(parts))]
     pool = _worker_pool(threads)
     futures: list[Future] = []
     try:
-        for part in parts:
-            futures.append(pool.submit(run_part, part))
+        for start, part in zip(starts, parts, strict=True):
+            futures.append(pool.submit(run_part, start, part))
     except RuntimeError:  # the interpreter is shutting down and takes no new work: the rest runs here
         pass
     try:
-        outputs = [future.result() for future in futures]
+        for start, part in zip(starts[len(futures):], parts[len(futures):], strict=True):
+            run_part(start, part)
+        for future in futures:
+            future.result()
     except BaseException:  # an error, Ctrl-C or a timeout: no part may outlive the call
         for future in futures:
             future.cancel()
         wait(futures)
         raise
-    return torch.cat(outputs + [run_part(part) for part in parts[len(futures):]])
+    assert output.tensor is not None  # every part has at least one image
+    return output.tensor
 
 
 def by_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,

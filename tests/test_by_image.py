@@ -143,6 +143,23 @@ def test_worker_errors_reach_the_caller_after_every_part_ended(two_threads):
     assert finished == [2], "a part was still running when the error reached the caller"
 
 
+def test_groups_write_their_rows_into_one_batch_output_in_order(two_threads):
+    x = torch.arange(9.0).view(9, 1)
+    with torch.no_grad():
+        out = by_image.by_image(lambda t: torch.cat([t, t * 10], dim=1), x, bytes_per_image=10, budget=20)
+    assert out.shape == (9, 2) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.cat([x, x * 10], dim=1), rtol=0, atol=0)
+
+
+def test_a_group_whose_output_differs_in_shape_is_an_error(two_threads):
+    def ragged(t: torch.Tensor) -> torch.Tensor:
+        return t.new_zeros(t.shape[0], 1 + int(t[0, 0] > 0))  # the last images' groups give a wider output
+
+    x = torch.tensor([[0.0], [0.0], [1.0], [1.0]])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not match the batch's"):
+        by_image.by_image(ragged, x, bytes_per_image=10, budget=10)
+
+
 def test_inference_while_the_interpreter_shuts_down_runs_on_the_caller(tmp_path):
     """concurrent.futures takes no new work at exit: an atexit handler's inference still runs."""
     script = tmp_path / "at_exit.py"
