@@ -170,6 +170,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     """
     if q.dtype not in DTYPES:
         raise ValueError(f"routed_attention: float32 or float64 only, got {q.dtype}")
+    if heads < 1:
+        raise ValueError(f"routed_attention: heads must be at least 1, got {heads}")
     _check_cpu(q.dtype, q=q, k=k, v=v, out=out)
     if query_rows.dim() != 2 or key_rows.dim() != 2 or index.dim() != 3:
         raise ValueError("routed_attention: query_rows and key_rows are (R, T) and (R, n) tables, index is (B, R, k)")

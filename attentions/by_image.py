@@ -105,23 +105,35 @@ def in_groups(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes
 
 
 class _BatchOutput:
-    """The whole batch's output, allocated by the first group to finish (its rows show the shape and dtype); every
-    group copies its rows in at its offset. One copy per image, where concatenating the groups of each worker and
-    then the workers' parts made two."""
+    """The whole batch's output, allocated by the first group to finish (its rows show the shape, dtype and memory
+    layout: a channels-last block output stays channels-last); every group copies its rows in at its offset, one
+    copy per image where concatenating the groups of a worker and then the workers' parts could make two."""
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
         self.tensor: torch.Tensor | None = None
         self._lock = threading.Lock()
 
-    def put(self, start: int, rows: torch.Tensor) -> None:
+    def put(self, start: int, images: int, rows: torch.Tensor) -> None:
+        """Copy ``rows``, the output of images ``start`` … ``start + images - 1``, into the batch output."""
         with self._lock:
             if self.tensor is None:
-                self.tensor = rows.new_empty((self.batch, *rows.shape[1:]))
-        if rows.shape[1:] != self.tensor.shape[1:] or rows.dtype != self.tensor.dtype:
-            raise RuntimeError(f"by_image: a group's output {tuple(rows.shape)} {rows.dtype} does not match the "
-                               f"batch's {tuple(self.tensor.shape)} {self.tensor.dtype}")
-        self.tensor[start:start + rows.shape[0]].copy_(rows)
+                self.tensor = _batch_like(rows, self.batch)
+        if rows.shape[0] != images or rows.shape[1:] != self.tensor.shape[1:] or rows.dtype != self.tensor.dtype:
+            raise RuntimeError(f"by_image: a group of {images} images gave an output of {tuple(rows.shape)} "
+                               f"{rows.dtype}, which does not match the batch's {tuple(self.tensor.shape)} "
+                               f"{self.tensor.dtype}")
+        self.tensor[start:start + images].copy_(rows)
+
+
+def _batch_like(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """An empty (batch, *rows.shape[1:]) tensor whose dimensions lie in memory in the order of ``rows``' strides
+    (a permuted view of a dense tensor, e.g. NCHW over NHWC memory, gives the same permutation), else contiguous."""
+    order = sorted(range(rows.dim()), key=lambda dim: (-rows.stride(dim), dim))  # outermost in memory first
+    dense = rows.permute(order)
+    if order[0] != 0 or not dense.is_contiguous():
+        return rows.new_empty((batch, *rows.shape[1:]))
+    return rows.new_empty((batch, *dense.shape[1:])).permute([order.index(dim) for dim in range(rows.dim())])
 
 
 def _on_workers(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,
@@ -135,7 +147,7 @@ def _on_workers(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, byt
         # inference_mode(False) would enable grad, so it goes first
         with torch.inference_mode(inference), torch.no_grad():
             for offset, group in zip(range(0, part.shape[0], step), part.split(step), strict=True):
-                output.put(start + offset, fn(group))
+                output.put(start + offset, group.shape[0], fn(group))
 
     parts = x.tensor_split(min(threads, x.shape[0]))
     starts = [sum(part.shape[0] for part in parts[:i]) for i in range(len(parts))]

@@ -40,7 +40,7 @@ def random_routing(batch: int, regions: int, topk: int, generator: torch.Generat
     (4, 36, 36, 2, 1, 40, 24),  # 36 query tokens: two and a quarter vectors of lanes
     (16, 17, 17, 5, 2, 16, 48),
     # few queries: (query, head) pairs share the lanes, tiles of two heads or more, ragged head widths
-    (12, 3, 3, 4, 6, 8, 20), (25, 1, 1, 5, 2, 16, 16), (16, 4, 2, 7, 12, 32, 32)])
+    (12, 3, 3, 4, 6, 8, 20), (25, 1, 1, 5, 2, 16, 16), (16, 4, 2, 7, 12, 32, 32), (9, 1, 1, 3, 4, 8, 20)])
 def test_routed_attention_equals_a_plain_loop(dtype, regions, tokens, kv_tokens, topk, heads, dq, dv):
     generator = torch.Generator().manual_seed(regions * tokens + topk)
     batch = 2

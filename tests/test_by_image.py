@@ -160,6 +160,22 @@ def test_a_group_whose_output_differs_in_shape_is_an_error(two_threads):
         by_image.by_image(ragged, x, bytes_per_image=10, budget=10)
 
 
+def test_a_group_that_loses_or_adds_images_is_an_error(two_threads):
+    x = torch.arange(9.0).view(9, 1)
+    for wrong in (lambda t: t[:1], lambda t: torch.cat([t, t])):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="a group of 2 images gave an output of"):
+            by_image.by_image(wrong, x, bytes_per_image=10, budget=20)
+
+
+def test_the_batch_output_keeps_the_groups_memory_layout(two_threads):
+    x = torch.randn(6, 4, 5, 3)  # NHWC
+    with torch.no_grad():
+        out = by_image.by_image(lambda t: (t * 2).permute(0, 3, 1, 2), x, bytes_per_image=10, budget=20)
+    assert out.shape == (6, 3, 4, 5)
+    assert out.permute(0, 2, 3, 1).is_contiguous()  # NCHW over NHWC memory, as each group gave it
+    torch.testing.assert_close(out, (x * 2).permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
 def test_inference_while_the_interpreter_shuts_down_runs_on_the_caller(tmp_path):
     """concurrent.futures takes no new work at exit: an atexit handler's inference still runs."""
     script = tmp_path / "at_exit.py"

@@ -11,9 +11,10 @@
 //
 // The logits are kept transposed (keys × query lanes), so the softmax over keys is element-wise across rows and the
 // values are read straight from their rows. Where a region has few queries (4 at BiFormer-T's stage 3, 1 at stage
-// 4), the lanes hold (query, head) pairs of a group of heads, so the vectors stay full; the keys are then read from a
-// per-image transpose in which a token's element d of the group's heads sit side by side. The copies are Q's
-// transpose, T·head_dim values per region and head, and that of each image's keys, once per thread.
+// 4), the lanes hold (query, head) pairs of a group of heads, so more of each vector is used (all of it at
+// BiFormer's shapes); the keys are then read from a transpose of the image's keys in which a token's element d of
+// the group's heads sit side by side. The copies are Q's transpose, T·head_dim values per region and head, and,
+// where heads share the lanes, that of the keys, once per image and thread.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -86,10 +87,14 @@ struct Operand {  // element (b, row, h, d) at data + b·image + row·row + h·h
 // through the stack.
 template <typename S, int G, size_t... Lane>
 inline typename Lanes<S>::vec tiled_lanes(const S* from, std::index_sequence<Lane...>) {
+#if defined(__clang__) || __GNUC__ >= 12
   typedef S chunk __attribute__((vector_size(sizeof(S) * G)));
   chunk part;
   __builtin_memcpy(&part, from, sizeof(part));
   return __builtin_shufflevector(part, part, (Lane % G)...);
+#else  // no __builtin_shufflevector before GCC 12: lane by lane
+  return typename Lanes<S>::vec{from[Lane % G]...};
+#endif
 }
 template <typename Word, typename V, typename S> inline V splat_bytes(const S* from) {
   typedef Word words __attribute__((vector_size(sizeof(V))));
@@ -113,8 +118,9 @@ template <typename S, int G> inline typename Lanes<S>::vec tiled(const S* from) 
 
 // One thread's attention over its (image, region) items. G heads share the lanes (G divides the head count and the
 // lane count): lane m = i·G + u holds query i of head g·G + u in head group g, so a region of few queries (4 at
-// BiFormer-T's stage 3, 1 at stage 4) still fills the vectors. For that, each image's keys are transposed once into
-// keys_t (key table position, d, head), where element d of the G heads of a group sits side by side.
+// BiFormer-T's stage 3, 1 at stage 4) uses more of each vector. For G > 1 each image's keys are transposed once into
+// keys_t (key table position, d, head), where element d of the G heads of a group sits side by side; for G = 1 the
+// keys are read where they lie. Key element d of head h is at key_ptr[j] + d·key_d_stride + h·key_head_stride.
 template <typename S, int G> struct RegionAttention {
   using V = typename Lanes<S>::vec;
   static constexpr int L = Lanes<S>::count;
@@ -125,7 +131,8 @@ template <typename S, int G> struct RegionAttention {
   S scale;
   S* out;
   int64_t out_image, out_row;
-  int64_t lanes, vectors, keys;      // T·G lanes in `vectors` vectors; topk·n routed keys
+  int64_t vectors, keys;             // T·G lanes in `vectors` vectors; topk·n routed keys
+  int64_t key_d_stride, key_head_stride;
   std::vector<V> query_t, logits_t;  // (head_dim, query vectors), (routed keys, query vectors)
   std::vector<S> keys_t, inverse_sum;
   int64_t keys_t_image = -1;         // the image whose keys keys_t holds
@@ -135,11 +142,11 @@ template <typename S, int G> struct RegionAttention {
   RegionAttention(const Shape& s, const int64_t* qr, const int64_t* kr, const int64_t* ix, Operand q_, Operand k_,
                   Operand v_, S scale_, S* out_, int64_t oi, int64_t orow)
       : shape(s), query_rows(qr), key_rows(kr), index(ix), q(q_), k(k_), v(v_), scale(scale_), out(out_),
-        out_image(oi), out_row(orow), lanes(s.tokens * G), vectors((s.tokens * G + L - 1) / L),
-        keys(s.topk * s.keys_per_region) {
+        out_image(oi), out_row(orow), vectors((s.tokens * G + L - 1) / L), keys(s.topk * s.keys_per_region),
+        key_d_stride(G > 1 ? s.heads : 1), key_head_stride(G > 1 ? 1 : s.head_dim_qk) {
     query_t.resize(s.head_dim_qk * vectors);
     logits_t.resize(keys * vectors);
-    keys_t.resize(s.regions * s.keys_per_region * s.head_dim_qk * s.heads);
+    if (G > 1) keys_t.resize(s.regions * s.keys_per_region * s.head_dim_qk * s.heads);
     inverse_sum.resize(vectors * L);
     key_ptr.resize(keys);
     value_ptr.resize(keys);
@@ -163,12 +170,12 @@ template <typename S, int G> struct RegionAttention {
   template <int TQ, int JB>
   void logits_tile(int64_t first_key, int64_t first_vector, int64_t first_head) {
     V acc[JB][TQ] = {};
-    const int64_t dq = shape.head_dim_qk, heads = shape.heads;
+    const int64_t dq = shape.head_dim_qk, head_offset = first_head * key_head_stride;
     for (int64_t d = 0; d < dq; ++d) {
       V query[TQ];
       for (int t = 0; t < TQ; ++t) query[t] = query_t[d * vectors + first_vector + t];
       for (int j = 0; j < JB; ++j) {
-        const V key = tiled<S, G>(key_ptr[first_key + j] + d * heads + first_head);
+        const V key = tiled<S, G>(key_ptr[first_key + j] + d * key_d_stride + head_offset);
         for (int t = 0; t < TQ; ++t) acc[j][t] += key * query[t];
       }
     }
@@ -218,7 +225,7 @@ template <typename S, int G> struct RegionAttention {
       if (i < shape.tokens) values_queries<IB / 2, UB, EV>(probs_t, first_head, first_u, e, i);
   }
 
-  // the group's output, UB heads at a time, about eight accumulators per tile
+  // the group's output, UB heads at a time, 8 to 16 accumulators per tile
   template <int UB>
   void values_group(const S* probs_t, int64_t group) {
     const int64_t dv = shape.head_dim_v, T = shape.tokens;
@@ -241,15 +248,17 @@ template <typename S, int G> struct RegionAttention {
   void run(int64_t b, int64_t r) {
     const Shape& s = shape;
     const int64_t T = s.tokens, dq = s.head_dim_qk;
-    if (keys_t_image != b) transpose_keys(b);
+    if (G > 1 && keys_t_image != b) transpose_keys(b);
     const S* q_image = static_cast<const S*>(q.data) + b * q.image;
+    const S* k_image = static_cast<const S*>(k.data) + b * k.image;
     const S* v_image = static_cast<const S*>(v.data) + b * v.image;
     const int64_t* routed = index + (b * s.regions + r) * s.topk;
     for (int64_t t = 0; t < T; ++t) out_rows[t] = out + b * out_image + query_rows[r * T + t] * out_row;
     for (int64_t g = 0; g < s.topk; ++g)
       for (int64_t t = 0; t < s.keys_per_region; ++t) {
         const int64_t position = routed[g] * s.keys_per_region + t;
-        key_ptr[g * s.keys_per_region + t] = keys_t.data() + position * dq * s.heads;
+        key_ptr[g * s.keys_per_region + t] =
+            G > 1 ? keys_t.data() + position * dq * s.heads : k_image + key_rows[position] * k.row;
         value_ptr[g * s.keys_per_region + t] = v_image + key_rows[position] * v.row;
       }
     for (int64_t group = 0; group < s.heads / G; ++group) {
