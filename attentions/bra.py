@@ -56,9 +56,9 @@ from .registry import register
 
 KV_DOWNSAMPLE_MODES = ("identity", "avgpool", "maxpool", "ada_avgpool", "ada_maxpool")
 PARAM_ATTENTION_MODES = ("qkvo", "qkv")
-# bytes of qkv activations one group of images may take in forward (see BiLevelRoutingAttention.forward): with
-# the fused backend on 2 workers, batch 32, BiFormer-T's stages 1-3 took 1017 / 780 / 687 µs per image in groups
-# of 4 MB, 1128 / 811 / 736 in groups of 8 MB, 1047 / 813 / 761 in groups of 1 MB (2026-12-04, 2-core EPYC)
+# bytes of qkv activations one group of images may take in forward (see BiLevelRoutingAttention.forward). Timed ad
+# hoc (not a committed run) with the fused backend on 2 workers, batch 32: BiFormer-T's stages 1-3 took 1017 / 780 /
+# 687 µs per image in groups of 4 MB, 1128 / 811 / 736 in 8 MB, 1047 / 813 / 761 in 1 MB (2026-12-04, 2-core EPYC)
 BATCH_CHUNK_BYTES = 4 * 2**20
 
 

@@ -28,9 +28,9 @@ from attentions.by_image import by_image
 
 from ._blocks import PyramidClassifier, biformer_attention, build, init_weights, mlp
 
-# bytes of MLP activations one group of images may take in a block's forward (see BiFormerBlock.forward):
-# BiFormer-T inference at batch 32 on 2 workers took 1039-1062 ms in groups of 4 MB, 1101-1114 in 8 MB, 1078-1090
-# in 2 MB (two runs, 2026-12-04, 2-core EPYC)
+# bytes of MLP activations one group of images may take in a block's forward (see BiFormerBlock.forward). Timed ad
+# hoc (not a committed run): BiFormer-T inference at batch 32 on 2 workers took 1039-1062 ms in groups of 4 MB,
+# 1101-1114 in 8 MB, 1078-1090 in 2 MB (two runs, 2026-12-04, 2-core EPYC)
 BLOCK_CHUNK_BYTES = 4 * 2**20
 
 
