@@ -1,6 +1,6 @@
 """BRA's routed attention and LCE as one native CPU kernel (``attentions/csrc/bra_routed.cpp``), built on first use.
 
-The source is compiled with the machine's C++ compiler (``-O3 -march=native``, no torch headers: about a second)
+The source is compiled with the machine's C++ compiler (``-O3 -march=native``, no torch headers: about 10 s of CPU)
 into a cache folder (``$ATTNBENCH_CACHE``, else ``$XDG_CACHE_HOME/attnbench``, else ``~/.cache/attnbench``), named
 by a hash of the source, the flags, the compiler's version and the CPU's flags, and loaded with ctypes. ctypes
 releases the GIL during the call, so ``attentions/by_image.py``'s worker threads run it side by side.
