@@ -43,11 +43,9 @@ from .env import environment, load_average
 from .measure.gemm import GEMM_SIZE, gemm_flops_per_s
 from .measure.latency import measure_latency
 from .measure.traffic import COPY_BYTES, attainable_fraction, copy_bandwidth, count_traffic
+from .presets import BIFORMER_T_TOPK as STAGE_TOPK
 from .presets import PRESETS
 
-# BiFormer-T's top-k per stage (models/biformer.py, biformer_tiny: topks [1, 4, 16, -2]; -2, full attention over
-# the 7² regions, is top-k 49 here, as in suites/bra_impl.yaml)
-STAGE_TOPK = {"biformer_t.stage1": 1, "biformer_t.stage2": 4, "biformer_t.stage3": 16, "biformer_t.stage4": 49}
 GROUPS = (1, 2, 4, 8, 16)
 UNSTABLE_SPREAD = 0.10
 GEMM_TRIES = 3

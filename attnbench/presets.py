@@ -28,3 +28,8 @@ PRESETS: dict[str, ShapePreset] = {
     "swin_t.stage3": ShapePreset(14, 14, 384, 12, "Swin-T / BiFormer-STL stage 3 at 224²"),
     "swin_t.stage4": ShapePreset(7, 7, 768, 24, "Swin-T / BiFormer-STL stage 4 at 224²"),
 }
+
+# BiFormer-T/S's routed regions per stage (rayleizhu/BiFormer models/biformer.py @ 1697bbb, biformer_tiny: topks
+# [1, 4, 16, -2]; -2, attention over all 7² regions, is top-k 49 here, as in suites/bra_impl.yaml)
+BIFORMER_T_TOPK: dict[str, int] = {"biformer_t.stage1": 1, "biformer_t.stage2": 4, "biformer_t.stage3": 16,
+                                   "biformer_t.stage4": 49}

@@ -48,14 +48,14 @@ from .env import environment, git_output, load_average
 from .measure import backends_used
 from .measure.gemm import gemm_flops_per_s
 from .measure.traffic import count_traffic
-from .presets import PRESETS
+from .presets import BIFORMER_T_TOPK, PRESETS
 
 FLOAT64_TOLERANCE = 1e-10
 FLOAT32_TOLERANCE = 1e-5
 UNSTABLE_SPREAD = 0.10
 MIN_ROUNDS = 4  # below this the quartiles of the rounds are no spread at all
-# the BRA stages of BiFormer-T (rayleizhu/BiFormer models/biformer.py @ 1697bbb: topks [1, 4, 16, -2])
-STAGE_TOPK = {"biformer_t.stage1": 1, "biformer_t.stage2": 4, "biformer_t.stage3": 16}
+# the BRA stages of BiFormer-T (the official stage 4, top-k -2, is dense attention with LePE: timed in the models)
+STAGE_TOPK = {stage: topk for stage, topk in BIFORMER_T_TOPK.items() if stage != "biformer_t.stage4"}
 MODELS = ("biformer_tiny", "biformer_small")
 
 
