@@ -84,7 +84,7 @@ class Row:
     speedup_iqr: tuple[float, float]
     rounds: int
     max_difference: float  # float32 forward, relative to the output's largest magnitude
-    ours_gemm_fraction: float | None  # layers, forward: our useful FLOP/s ÷ the same process's GEMM rate
+    ours_gemm_fraction: float | None  # forward: our useful FLOP/s ÷ the same process's GEMM rate
     load_before: list[float] | None
     load_after: list[float] | None
     # forward: MB each side's ATen ops move per image under attnbench/measure/traffic.py's model (official, ours)
@@ -318,9 +318,7 @@ def compare(root: Path, what: str, name: str, batch: int, mode: str, dtype: torc
                         for module in (official, ours))
         traffic_backends = tuple(backends_used(ours))
     flops = useful_flops_per_image(what, name) if mode == "forward" else None
-    fraction = None
-    if what == "layer" and mode == "forward" and gemm_rate:
-        fraction = flops * batch / statistics.median(our_times) / gemm_rate
+    fraction = flops * batch / statistics.median(our_times) / gemm_rate if flops is not None and gemm_rate else None
     return Row(what, name, batch, mode, str(dtype).removeprefix("torch."), 1e3 * statistics.median(official_times),
                1e3 * statistics.median(our_times), _spread(official_times), _spread(our_times),
                statistics.median(ratios), _quartiles(ratios), rounds, difference, fraction, load_before,

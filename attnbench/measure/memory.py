@@ -104,8 +104,9 @@ class Memory(Measure):
             subject.step, subject.device, state_bytes(subject.module, subject.x)).summary())
         # on CPU a dispatch mode watches the step, and a backend ATen cannot see (BRA's native kernel) steps aside
         # for the next one: the backends that ran under it are named, as the timed step's are
-        if backends_used(subject.module):
-            metrics["backend"] = backends_used(subject.module)
+        backends = backends_used(subject.module)
+        if backends:
+            metrics["backend"] = backends
         return metrics
 
     def columns(self, metrics: dict[str, Any], images: int) -> dict[str, Any]:
