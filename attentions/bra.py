@@ -33,8 +33,9 @@ what is counted here. Region means, top-k, gather, softmax and pooling are not m
 
 Step 4–5's token attention runs on one of the backends of ``attentions/bra_kernels.py`` (option ``impl``):
 ``reference`` is the official expand-then-gather computation, the others compute the same function faster
-(``auto``, the default, picks the fastest that can run, ``bra_kernels.auto_priority``: in CPU inference the native
-``fused`` kernel, then the dense block mask when at least a quarter of the regions is routed, the gather otherwise;
+(``auto``, the default, picks the fastest that can run, ``bra_kernels.auto_priority``: on CPU, in inference and
+training, the native ``fused`` kernel below half the regions routed, else the dense block mask; the gather where
+neither can run;
 ``last_backend`` says which ran). With ``fused`` and no key/value down-sampling the whole layer runs in the image's
 raster order (``_forward_raster``). Every backend spends the MACs above; ``dense`` additionally spends masked-out
 products that are not counted as useful work.
@@ -70,10 +71,10 @@ class FusedQKV(nn.Module):
         self.qk_dim = qk_dim
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim)."""
-        q, kv = self.qkv(x).split([self.qk_dim, self.qk_dim + x.shape[-1]], dim=-1)
-        return q, kv
+    def forward(self, x: torch.Tensor, split: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """(..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim); with ``split=False`` the one tensor Q|K|V."""
+        projected = self.qkv(x)
+        return projected.split([self.qk_dim, self.qk_dim + x.shape[-1]], dim=-1) if split else projected
 
 
 class RegionRouter(nn.Module):
@@ -292,28 +293,27 @@ class BiLevelRoutingAttention(AttentionMechanism):
         return out[:, :height, :width].contiguous()
 
     def _forward_raster(self, x: torch.Tensor) -> torch.Tensor:
-        """Steps 1–5 on the native kernel, every tensor in the image's raster order: (B, H, W, C) padded -> same.
+        """Steps 1–5 on the native kernels, every tensor in the image's raster order: (B, H, W, C) padded -> same.
 
         The qkv projection runs on the map as it is; the native kernels (attentions/bra_native.py) take the region
         means of its Q and K, read each region's tokens through a row table, write the attention output into the map
-        and add the LCE there. No permuted copy of x, q, k, v or the output is made. Hard routing only (the fused
-        backend declares no soft routing), so the routing weights are not used."""
+        and add the LCE there, and in training give the gradient of the whole Q|K|V projection output as one tensor.
+        No permuted copy of x, q, k, v or the output is made. Hard routing only (the fused backend declares no soft
+        routing), so the routing weights are not used, and the routing is detached (diff_routing needs soft)."""
         batch, height, width, c = x.shape
         s, qk = self.n_win, self.qk_dim
         region_h, region_w = height // s, width // s
-        q, kv = self.qkv(x)  # (B, H, W, qk), (B, H, W, qk + C): views of one projection
-        q, k, v = q.flatten(1, 2), kv[..., :qk].flatten(1, 2), kv[..., qk:].flatten(1, 2)  # (B, H·W, ·) views
+        projected = self.qkv(x, split=False).flatten(1, 2)  # (B, H·W, qk | qk | C)
         rows = _raster_rows(s, region_h, region_w)
         threads = torch.get_num_threads()
-        _, routing_index = self.router(bra_native.region_means(q, rows, threads),
-                                       bra_native.region_means(k, rows, threads))  # (B, S², k)
-        out = x.new_empty(batch, height, width, c)
-        bra_native.routed_attention(q, k, v, out.view(batch, height * width, c), rows, rows, routing_index,
-                                    self.num_heads, self.scale, threads)
-        if self.side_dwconv > 0:
-            bra_native.local_context_add(v.unflatten(1, (height, width)), self.lepe.weight, self.lepe.bias, out,
-                                         threads)
-        return self.wo(out)
+        with torch.no_grad():
+            _, routing_index = self.router(bra_native.region_means(projected[..., :qk], rows, threads),
+                                           bra_native.region_means(projected[..., qk:2 * qk], rows, threads))
+        layout = bra_native.RoutedLayout(rows, rows, routing_index, self.num_heads, qk, c, self.scale,
+                                         (height, width) if self.side_dwconv > 0 else None)
+        lce = (self.lepe.weight, self.lepe.bias) if self.side_dwconv > 0 else ()
+        out = bra_native.attend(projected, projected, layout, *lce)  # (B, H·W, C)
+        return self.wo(out.view(batch, height, width, c))
 
     def plain(self) -> BiLevelRoutingAttention:
         """A copy of this module on the reference backend (the official computation)."""

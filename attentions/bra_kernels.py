@@ -33,8 +33,10 @@ error lists every reason.
 * ``xformers`` — xFormers' memory-efficient attention over the gathered blocks (CUDA only).
 * ``fused`` — a native CPU kernel (``attentions/csrc/bra_routed.cpp``, built on first use by
   ``attentions/bra_native.py``) that reads the routed keys and values where they lie, with no gather and no
-  expanded copy, and does QKᵀ, softmax and PV per region and head in registers (forward only, float32/float64).
-  In ``bra`` itself it also runs over the image's own raster order and adds the LCE in the same pass
+  expanded copy, and does QKᵀ, softmax and PV per region and head in registers (float32/float64). Its backward
+  is native too (``bra_native.attend``): it recomputes the probabilities from Q and K, as FlashAttention's
+  backward does, and sums the key and value gradients in place, one thread per (image, head). In ``bra`` itself
+  it also runs over the image's own raster order and adds the LCE in the same pass
   (``BiLevelRoutingAttention._forward_raster``), so no layout copy sits between the qkv projection and ``wo``.
 """
 
@@ -184,11 +186,10 @@ def _region_rows(regions: int, per_region: int) -> torch.Tensor:
 def _fused(inputs: RoutedAttention) -> torch.Tensor:
     batch, regions, tokens, heads, _ = inputs.q.shape
     n, qk = inputs.kv.shape[2], inputs.qk_dim
-    kv = inputs.kv.reshape(batch, regions * n, -1)
-    out = inputs.q.new_empty(batch, regions * tokens, kv.shape[-1] - qk)
-    bra_native.routed_attention(inputs.q.reshape(batch, regions * tokens, qk), kv[..., :qk], kv[..., qk:], out,
-                                _region_rows(regions, tokens), _region_rows(regions, n), inputs.index, heads,
-                                inputs.scale, torch.get_num_threads())
+    layout = bra_native.RoutedLayout(_region_rows(regions, tokens), _region_rows(regions, n), inputs.index, heads, qk,
+                                     inputs.kv.shape[-1] - qk, inputs.scale)
+    out = bra_native.attend(inputs.q.reshape(batch, regions * tokens, qk), inputs.kv.reshape(batch, regions * n, -1),
+                            layout)
     return out.view(batch, regions, tokens, heads, -1)
 
 
@@ -389,8 +390,8 @@ BACKENDS = {backend.name: backend for backend in (
             compiled=True, package="torch.nn.attention.flex_attention"),
     Backend("xformers", _xformers, devices=frozenset({"cuda"}), dtypes=HALF_AND_SINGLE, package="xformers",
             install_hint=" (pip install 'attnbench[cuda]')"),
-    Backend("fused", _fused, devices=frozenset({"cpu"}), dtypes=frozenset(bra_native.DTYPES),
-            backward_devices=frozenset(), soft_routing=False, native=True),
+    Backend("fused", _fused, devices=frozenset({"cpu"}), dtypes=frozenset(bra_native.DTYPES), soft_routing=False,
+            native=True),
 )}
 IMPLS = ("auto", *BACKENDS)
 
@@ -501,9 +502,9 @@ AUTO_CANDIDATES = ("xformers", "fused", "dense", "gather")
 
 def auto_priority(inputs: RoutedAttention | Request) -> tuple[str, ...]:
     """The backends ``impl="auto"`` tries on ``inputs``, best first: xFormers where it runs; below
-    ``FUSED_MAX_ROUTED_FRACTION`` of the kv regions routed, the native kernel (CPU inference); the dense block
-    mask when at least ``DENSE_MIN_ROUTED_FRACTION`` is routed (its masked-out work is then small); the native
-    kernel above ``FUSED_MAX_ROUTED_FRACTION``; the gather last (the fallback that runs everywhere)."""
+    ``FUSED_MAX_ROUTED_FRACTION`` of the kv regions routed, the native kernel (CPU, inference and training); the
+    dense block mask when at least ``DENSE_MIN_ROUTED_FRACTION`` is routed (its masked-out work is then small); the
+    native kernel above ``FUSED_MAX_ROUTED_FRACTION``; the gather last (the fallback that runs everywhere)."""
     fraction = routed_fraction(inputs)
     dense = ("dense",) if fraction >= DENSE_MIN_ROUTED_FRACTION else ()
     if fraction < FUSED_MAX_ROUTED_FRACTION:

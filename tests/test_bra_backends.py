@@ -98,14 +98,16 @@ def test_auto_picks_fused_in_cpu_inference_else_dense_for_many_routed_regions_an
         assert bra_kernels.choose("auto", routed_inputs(30)).name == "dense"
         assert bra_kernels.choose("auto", routed_inputs(16)).name == "fused"
         assert bra_kernels.choose("auto", routed_inputs(4)).name == "fused"
-    # the native kernel has no backward and no soft routing
-    assert bra_kernels.choose("auto", routed_inputs(16, requires_grad=True)).name == "dense"
-    assert bra_kernels.choose("auto", routed_inputs(4, requires_grad=True)).name == "gather"
+    # the native kernel has a backward on CPU, but no soft routing
+    assert bra_kernels.choose("auto", routed_inputs(16, requires_grad=True)).name == "fused"
+    assert bra_kernels.choose("auto", routed_inputs(4, requires_grad=True)).name == "fused"
+    assert bra_kernels.choose("auto", routed_inputs(30, requires_grad=True)).name == "dense"
     assert bra_kernels.choose("auto", routed_inputs(16, soft=True)).name == "gather"
 
 
 @pytest.mark.parametrize("topk,grad,expected", [
-    (16, False, "fused"), (4, False, "fused"), (30, False, "dense"), (16, True, "dense"), (4, True, "gather")])
+    (16, False, "fused"), (4, False, "fused"), (30, False, "dense"), (16, True, "fused"), (4, True, "fused"),
+    (30, True, "dense")])
 def test_last_backend_names_what_auto_chose(topk, grad, expected):
     module = attentions.create("bra", dim=32, num_heads=2, n_win=7, topk=topk)
     assert module.last_backend is None

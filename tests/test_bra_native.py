@@ -93,6 +93,28 @@ def test_local_context_add_equals_a_depthwise_conv(dtype, height, width, channel
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("height,width,channels,side", [(56, 56, 64, 5), (7, 9, 20, 3), (13, 6, 33, 7), (5, 3, 8, 5)])
+def test_local_context_backward_equals_the_depthwise_convs_gradients(dtype, height, width, channels, side):
+    generator = torch.Generator().manual_seed(height * width + side + 1)
+    conv = torch.nn.Conv2d(channels, channels, side, padding=side // 2, groups=channels).to(dtype)
+    projection = torch.randn(3, height, width, channels + 5, dtype=dtype, generator=generator)
+    v_map = projection[..., 5:]
+    grad_out = torch.randn(3, height, width, channels, dtype=dtype, generator=generator)
+    start = torch.randn(3, height, width, channels, dtype=dtype, generator=generator)
+    grad_v = start.clone()
+    grad_weight, grad_bias = bra_native.local_context_backward(grad_out, v_map, conv.weight, grad_v, threads=2)
+    leaf = v_map.clone().requires_grad_()
+    expected = torch.autograd.grad(conv(leaf.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), (leaf, conv.weight, conv.bias),
+                                   grad_out)
+    scale = height * width * 3  # the parameter gradients sum over every pixel of the batch
+    torch.testing.assert_close(grad_v, start + expected[0], rtol=0, atol=TOLERANCE[dtype])
+    torch.testing.assert_close(grad_weight, expected[1], rtol=0, atol=TOLERANCE[dtype] * scale)
+    torch.testing.assert_close(grad_bias, expected[2], rtol=0, atol=TOLERANCE[dtype] * scale)
+    one_thread = bra_native.local_context_backward(grad_out, v_map, conv.weight, start.clone(), threads=1)
+    torch.testing.assert_close(one_thread[0], grad_weight, rtol=0, atol=TOLERANCE[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 def test_region_means_equal_torch_means(dtype):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(3, 36, 21, dtype=dtype, generator=generator)[..., 1:]  # 20 channels at a stride of 21
@@ -193,15 +215,110 @@ def test_fused_on_worker_threads_equals_the_reference():
     torch.testing.assert_close(out, reference(x).detach(), rtol=0, atol=1e-10)
 
 
-def test_fused_declares_no_backward_and_no_soft_routing():
-    module = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3, impl="fused")
-    with pytest.raises(NotImplementedError, match="fused: no backward on cpu"):
-        module(torch.randn(1, 8, 8, 32))
+def test_fused_declares_no_soft_routing():
     soft = attentions.create("bra", dim=32, num_heads=2, n_win=4, topk=3, soft_routing=True, diff_routing=True,
                              impl="fused").eval()
     with torch.no_grad(), pytest.raises(NotImplementedError, match="fused: soft routing .* this kernel does not do"):
         soft(torch.randn(1, 8, 8, 32))
     assert bra_kernels.device_reasons("fused", torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("regions,tokens,kv_tokens,topk,heads,dq,dv", [
+    (49, 64, 64, 1, 2, 32, 32), (49, 4, 4, 16, 8, 32, 32), (49, 1, 1, 49, 4, 32, 32),  # BiFormer-T stages 1, 3, 4
+    (9, 25, 4, 3, 3, 5, 7),  # head widths below a vector, routed keys (12) below a vector, pooled key regions
+    (4, 36, 36, 2, 1, 40, 24), (16, 17, 17, 5, 2, 16, 48), (12, 3, 3, 4, 6, 8, 20)])
+def test_routed_attention_backward_equals_the_plain_loops_gradient(dtype, regions, tokens, kv_tokens, topk, heads,
+                                                                   dq, dv):
+    generator = torch.Generator().manual_seed(regions * tokens + topk + 1)
+    batch = 2
+    q = torch.randn(batch, regions * tokens, heads * dq, dtype=dtype, generator=generator)
+    k = torch.randn(batch, regions * kv_tokens, heads * dq, dtype=dtype, generator=generator)
+    v = torch.randn(batch, regions * kv_tokens, heads * dv, dtype=dtype, generator=generator)
+    grad_out = torch.randn(batch, regions * tokens, heads * dv, dtype=dtype, generator=generator)
+    query_rows = torch.randperm(regions * tokens, generator=generator).view(regions, tokens)
+    key_rows = torch.randperm(regions * kv_tokens, generator=generator).view(regions, kv_tokens)
+    index = random_routing(batch, regions, topk, generator)
+    index[0, 0, -1] = index[0, 0, 0]  # a region routed twice: its keys' gradients are summed over both
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(plain_routed_attention(*leaves, query_rows, key_rows, index, heads, 0.3), leaves,
+                                   grad_out)
+    # the gradients as views into one buffer with padding columns, as attend() hands them over
+    buffer = torch.full((batch, max(q.shape[1], k.shape[1]), heads * (2 * dq + dv) + 3), float("nan"), dtype=dtype)
+    grads = (buffer[:, :q.shape[1], :heads * dq], buffer[:, :k.shape[1], heads * dq:2 * heads * dq],
+             buffer[:, :k.shape[1], 2 * heads * dq:2 * heads * dq + heads * dv])
+    bra_native.routed_attention_backward(q, k, v, grad_out, *grads, query_rows, key_rows, index, heads, 0.3, threads=1)
+    for grad, plain in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, plain, rtol=0, atol=10 * TOLERANCE[dtype])
+    threaded = [torch.empty_like(t) for t in (q, k, v)]
+    bra_native.routed_attention_backward(q, k, v, grad_out, *threaded, query_rows, key_rows, index, heads, 0.3,
+                                         threads=3)
+    for grad, again in zip(grads, threaded, strict=True):  # threads split (image, head) pairs: the same arithmetic, bit for bit
+        assert torch.equal(grad, again)
+
+
+def test_attend_passes_gradcheck():
+    """torch.autograd.gradcheck (finite differences, float64) of the differentiable wrapper: one Q|K|V source with the
+    LCE, and separate sources with down-sampled key regions."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randperm(16, generator=generator).view(4, 4)
+    layout = bra_native.RoutedLayout(rows, rows, random_routing(2, 4, 2, generator), heads=2, qk_dim=4, value_dim=6,
+                                     scale=0.7, map_size=(4, 4))
+    source = torch.randn(2, 16, 14, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(6, 1, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, w, b: bra_native.attend(s, s, layout, w, b), (source, weight, bias))
+    pooled = bra_native.RoutedLayout(rows, torch.arange(8).view(4, 2), random_routing(2, 4, 3, generator), heads=2,
+                                     qk_dim=4, value_dim=6, scale=0.7)
+    q = torch.randn(2, 16, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    kv = torch.randn(2, 8, 10, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: bra_native.attend(a, b, pooled), (q, kv))
+
+
+def test_backward_refuses_tables_that_miss_rows_and_misshapen_gradients():
+    q = k = v = torch.randn(1, 8, 4)
+    index = torch.zeros(1, 2, 1, dtype=torch.int64)
+    rows = torch.arange(8).view(2, 4)
+    grads = [torch.empty(1, 8, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match="must list every row of q and of k once"):
+        bra_native.routed_attention_backward(q, k, v, q, *grads, torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]), rows,
+                                             index, 1, 1.0, threads=1)
+    with pytest.raises(ValueError, match="grad_k has shape"):
+        bra_native.routed_attention_backward(q, k, v, q, grads[0], torch.empty(1, 8, 2), grads[2], rows, rows, index,
+                                             1, 1.0, threads=1)
+    with pytest.raises(ValueError, match="attend: q_source .* must end in"):
+        bra_native.attend(q, torch.randn(1, 8, 9), bra_native.RoutedLayout(rows, rows, index, 1, 4, 4, 1.0))
+    with pytest.raises(ValueError, match="needs both its weight and layout.map_size"):
+        bra_native.attend(q, torch.randn(1, 8, 8), bra_native.RoutedLayout(rows, rows, index, 1, 4, 4, 1.0),
+                          torch.randn(4, 1, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
+@pytest.mark.parametrize("options,side", [
+    (dict(dim=64, num_heads=2, n_win=7, topk=4), 28),  # the raster path: Q|K|V's gradient as one tensor, with LCE
+    (dict(dim=40, num_heads=2, n_win=4, topk=3, side_dwconv=5, auto_pad=True), 13),
+    (dict(dim=32, num_heads=2, n_win=4, topk=3, kv_downsample_mode="avgpool", kv_downsample_ratio=2), 16),
+    (dict(dim=32, num_heads=4, n_win=2, topk=4, side_dwconv=0, param_attention="qkv", qk_dim=16), 8)])
+def test_fused_training_gradients_equal_the_reference(dtype, options, side):
+    """A training forward and backward of the layer on ``fused``: the output and the gradients of the input and of
+    every parameter equal those of the official computation (``reference``)."""
+    torch.manual_seed(side)
+    module = attentions.create("bra", impl="fused", **options).to(dtype).train()
+    reference = module.plain()
+    x = torch.randn(2, side, side, options["dim"], dtype=dtype)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [module(inputs[0]), reference(inputs[1])]
+    assert module.last_backend == "fused"
+    grad_out = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(grad_out)
+    tolerance = 10 * TOLERANCE[dtype]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=tolerance)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=0, atol=tolerance)
+    for (name, ours), (_, theirs) in zip(module.named_parameters(), reference.named_parameters(), strict=True):
+        assert ours.grad is not None and ours.grad.abs().sum() > 0, name
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=tolerance * max(1.0, theirs.grad.abs().max()),
+                                   msg=name)
 
 
 def test_a_flop_counter_sees_the_work_because_auto_steps_off_the_native_kernel():

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -387,6 +388,73 @@ void local_context_add(int64_t batch, int64_t height, int64_t width, int64_t cha
   });
 }
 
+// The LCE's parameter gradients: grad_taps[dy·side + dx, c] = Σ_{b,y,x} grad_out[b, y, x, c] · v[b, y + dy − p,
+// x + dx − p, c] (zero outside the map) and grad_bias[c] = Σ_{b,y,x} grad_out[b, y, x, c]. Each thread sums its rows
+// of the batch's maps into its own (side² + 1, channels) buffer; the buffers are added after the threads join. (The
+// input's gradient is the forward conv of grad_out with the kernel flipped: local_context_add.)
+template <typename S>
+void local_context_param_grads(int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t side,
+                               Operand grad_out, Operand v, S* grad_taps, S* grad_bias, int threads) {
+  using V = typename Lanes<S>::vec;
+  constexpr int L = Lanes<S>::count;
+  const int64_t pad = side / 2, taps = side * side, items = batch * height;
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  std::vector<std::vector<S>> partial(parts, std::vector<S>((taps + 1) * channels, S(0)));
+  on_threads(parts, [&](int part) {
+    S* sums = partial[part].data();  // (taps + 1, channels): the taps, then the bias
+    for (int64_t item = items * part / parts; item < items * (part + 1) / parts; ++item) {
+      const int64_t b = item / height, y = item % height;
+      const S* go_row = static_cast<const S*>(grad_out.data) + b * grad_out.image + y * width * grad_out.row;
+      const S* v_image = static_cast<const S*>(v.data) + b * v.image;
+      int64_t c = 0;
+      for (; c + L <= channels; c += L) {
+        V bias_sum = {};
+        for (int64_t x = 0; x < width; ++x) bias_sum += load<V>(go_row + x * grad_out.row + c);
+        store(sums + taps * channels + c, load<V>(sums + taps * channels + c) + bias_sum);
+        for (int64_t dy = 0; dy < side; ++dy) {
+          const int64_t yy = y + dy - pad;
+          if (yy < 0 || yy >= height) continue;
+          const S* v_row = v_image + yy * width * v.row + c;
+          for (int64_t dx = 0; dx < side; ++dx) {
+            const int64_t first = std::max<int64_t>(0, pad - dx), last = std::min<int64_t>(width, width + pad - dx);
+            const int64_t shift = dx - pad;
+            V acc[4] = {};
+            int64_t x = first;
+            for (; x + 4 <= last; x += 4)
+              for (int i = 0; i < 4; ++i)
+                acc[i] += load<V>(go_row + (x + i) * grad_out.row + c) * load<V>(v_row + (x + i + shift) * v.row);
+            for (; x < last; ++x)
+              acc[0] += load<V>(go_row + x * grad_out.row + c) * load<V>(v_row + (x + shift) * v.row);
+            S* target = sums + (dy * side + dx) * channels + c;
+            store(target, load<V>(target) + ((acc[0] + acc[1]) + (acc[2] + acc[3])));
+          }
+        }
+      }
+      for (; c < channels; ++c) {  // channels beyond the last full vector, one by one
+        for (int64_t x = 0; x < width; ++x) sums[taps * channels + c] += go_row[x * grad_out.row + c];
+        for (int64_t dy = 0; dy < side; ++dy)
+          for (int64_t dx = 0; dx < side; ++dx)
+            for (int64_t x = 0; x < width; ++x) {
+              const int64_t yy = y + dy - pad, xx = x + dx - pad;
+              if (yy >= 0 && yy < height && xx >= 0 && xx < width)
+                sums[(dy * side + dx) * channels + c] +=
+                    go_row[x * grad_out.row + c] * v_image[(yy * width + xx) * v.row + c];
+            }
+      }
+    }
+  });
+  for (int64_t e = 0; e < taps * channels; ++e) {
+    S total = 0;
+    for (int part = 0; part < parts; ++part) total += partial[part][e];
+    grad_taps[e] = total;
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    S total = 0;
+    for (int part = 0; part < parts; ++part) total += partial[part][taps * channels + c];
+    grad_bias[c] = total;
+  }
+}
+
 // means[b, r, c] = mean over the T rows of region r of x[b, row, c], c < width: the region queries and keys of
 // BRA's routing (step 2), read where they lie.
 template <typename S>
@@ -423,6 +491,190 @@ void routed_attention_grouped(const Shape& shape, const int64_t* query_rows, con
     RegionAttention<S, G> region(shape, query_rows, key_rows, index, q, k, v, static_cast<S>(scale), out, out_image,
                                  out_row);  // this thread's scratch
     for (int64_t item = begin; item < end; ++item) region.run(item / shape.regions, item % shape.regions);
+  });
+}
+
+// C[m, v·L …] = Σ_kk A[m·a_m + kk·a_k] · B[kk·ldb + v·L …] for MB rows and NB vectors of C at a time: the small
+// matrix products of the backward, every operand in a packed scratch buffer whose rows are whole vectors. A's element
+// is read through two strides, so a transposed A (dSᵀ, Pᵀ) costs nothing.
+template <typename S, int MB, int NB>
+inline void product_tile(const S* a, int64_t a_m, int64_t a_k, const S* b, int64_t ldb, S* c, int64_t ldc,
+                         int64_t depth) {
+  using V = typename Lanes<S>::vec;
+  constexpr int L = Lanes<S>::count;
+  V acc[MB][NB] = {};
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    V row[NB];
+    for (int n = 0; n < NB; ++n) row[n] = load<V>(b + kk * ldb + n * L);
+    for (int m = 0; m < MB; ++m) {
+      const V weight = splat<V>(a[m * a_m + kk * a_k]);
+      for (int n = 0; n < NB; ++n) acc[m][n] += weight * row[n];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int n = 0; n < NB; ++n) store(c + m * ldc + n * L, acc[m][n]);
+}
+
+// rows `first` … rows-1 of C, MB at a time, the rest in blocks of MB/2, MB/4, … (MB a power of two)
+template <typename S, int MB, int NB>
+void product_rows(int64_t rows, const S* a, int64_t a_m, int64_t a_k, const S* b, int64_t ldb, S* c, int64_t ldc,
+                  int64_t depth, int64_t first = 0) {
+  int64_t m = first;
+  for (; m + MB <= rows; m += MB) product_tile<S, MB, NB>(a + m * a_m, a_m, a_k, b, ldb, c + m * ldc, ldc, depth);
+  if constexpr (MB > 1)
+    if (m < rows) product_rows<S, MB / 2, NB>(rows, a, a_m, a_k, b, ldb, c, ldc, depth, m);
+}
+
+// C (rows × vectors·L) = A (rows × depth, strides a_m, a_k) · B (depth × vectors·L, row stride ldb), 16 accumulators
+// per tile where the shape allows
+template <typename S>
+void product(int64_t rows, int64_t vectors, int64_t depth, const S* a, int64_t a_m, int64_t a_k, const S* b,
+             int64_t ldb, S* c, int64_t ldc) {
+  constexpr int L = Lanes<S>::count;
+  int64_t v = 0;
+  for (; v + 4 <= vectors; v += 4) product_rows<S, 4, 4>(rows, a, a_m, a_k, b + v * L, ldb, c + v * L, ldc, depth);
+  for (; v + 2 <= vectors; v += 2) product_rows<S, 8, 2>(rows, a, a_m, a_k, b + v * L, ldb, c + v * L, ldc, depth);
+  for (; v < vectors; ++v) product_rows<S, 8, 1>(rows, a, a_m, a_k, b + v * L, ldb, c + v * L, ldc, depth);
+}
+
+inline int64_t whole_vectors(int64_t count, int lanes) { return (count + lanes - 1) / lanes; }
+
+// The gradient of the routed attention for one image and head, region by region (BiFormer eq. 5-6 differentiated as
+// in FlashAttention's backward, Dao et al. 2022, Alg. 2, with the probabilities recomputed from Q and K):
+//     P = softmax(scale · Q Kᵀ),  dP = dO Vᵀ,  D_i = Σ_j P_ij dP_ij,  dS = P ∘ (dP − D)
+//     dQ = scale · dS K,  dK += scale · dSᵀ Q,  dV += Pᵀ dO
+// Each query row belongs to one region, so dQ is written; a key may be routed to many regions, so dK and dV are
+// summed, and one thread owns an (image, head) pair's columns of them, so no two threads write the same element.
+// Every operand is packed per region into scratch whose rows are whole vectors (zero beyond the head width, and
+// beyond the routed keys in the transposed ones), so the products need no tails.
+template <typename S> struct HeadBackward {
+  static constexpr int L = Lanes<S>::count;
+  const Shape& shape;
+  const int64_t *query_rows, *key_rows, *index;
+  Operand q, k, v, grad_out;
+  S scale;
+  S *grad_q, *grad_k, *grad_v;
+  int64_t gq_image, gq_row, gk_image, gk_row, gv_image, gv_row;
+  int64_t keys, dq_pad, dv_pad, keys_pad;  // routed keys; padded widths, multiples of L
+  // (T, dq_pad) scaled queries, (T, dv_pad) output gradient, (keys, dq_pad) keys, (dq, keys_pad) keys transposed,
+  // (dv, keys_pad) values transposed, (T, keys_pad) probabilities and dS, (T | keys, ·) gradient products
+  std::vector<S> query, grad_output, key, key_t, value_t, probs, grad_logits, product_q, product_k, product_v;
+  std::vector<int64_t> key_row;
+
+  HeadBackward(const Shape& s, const int64_t* qr, const int64_t* kr, const int64_t* ix, Operand q_, Operand k_,
+               Operand v_, Operand go, S scale_, S* gq, int64_t gqi, int64_t gqr, S* gk, int64_t gki, int64_t gkr,
+               S* gv, int64_t gvi, int64_t gvr)
+      : shape(s), query_rows(qr), key_rows(kr), index(ix), q(q_), k(k_), v(v_), grad_out(go), scale(scale_),
+        grad_q(gq), grad_k(gk), grad_v(gv), gq_image(gqi), gq_row(gqr), gk_image(gki), gk_row(gkr), gv_image(gvi),
+        gv_row(gvr), keys(s.topk * s.keys_per_region), dq_pad(whole_vectors(s.head_dim_qk, L) * L),
+        dv_pad(whole_vectors(s.head_dim_v, L) * L), keys_pad(whole_vectors(keys, L) * L) {
+    const int64_t T = s.tokens;
+    query.assign(T * dq_pad, S(0));
+    grad_output.assign(T * dv_pad, S(0));
+    key.assign(keys * dq_pad, S(0));
+    key_t.assign(s.head_dim_qk * keys_pad, S(0));
+    value_t.assign(s.head_dim_v * keys_pad, S(0));
+    probs.assign(T * keys_pad, S(0));
+    grad_logits.assign(T * keys_pad, S(0));
+    product_q.resize(T * dq_pad);
+    product_k.resize(keys * dq_pad);
+    product_v.resize(keys * dv_pad);
+    key_row.resize(keys);
+  }
+
+  // one query's row: p ← softmax(p) over the routed keys, dp ← p ∘ (dp − Σ_j p_j dp_j); both zero on the padding
+  void softmax_and_grad(S* p, S* dp) const {
+    using V = typename Lanes<S>::vec;
+    const int64_t vectors = keys_pad / L;
+    for (int64_t j = keys; j < keys_pad; ++j) p[j] = std::numeric_limits<S>::lowest();
+    V top_lanes = load<V>(p);
+    for (int64_t w = 1; w < vectors; ++w) top_lanes = load<V>(p + w * L) > top_lanes ? load<V>(p + w * L) : top_lanes;
+    S top = top_lanes[0];
+    for (int lane = 1; lane < L; ++lane) top = std::max(top, S(top_lanes[lane]));
+    V sum = {};
+    for (int64_t w = 0; w < vectors; ++w) {
+      const V e = exp_nonpositive(load<V>(p + w * L) - top);
+      store(p + w * L, e);
+      sum += e;
+    }
+    S total = 0;
+    for (int lane = 0; lane < L; ++lane) total += sum[lane];
+    for (int64_t j = keys; j < keys_pad; ++j) total -= p[j];  // the padding's e^(lowest − top), then zeroed
+    for (int64_t j = keys; j < keys_pad; ++j) p[j] = 0;
+    const S inverse = S(1) / total;
+    V dot = {};
+    for (int64_t w = 0; w < vectors; ++w) {
+      const V probability = load<V>(p + w * L) * inverse;
+      store(p + w * L, probability);
+      dot += probability * load<V>(dp + w * L);
+    }
+    S d = 0;
+    for (int lane = 0; lane < L; ++lane) d += dot[lane];
+    for (int64_t w = 0; w < vectors; ++w) store(dp + w * L, load<V>(p + w * L) * (load<V>(dp + w * L) - d));
+  }
+
+  void run(int64_t b, int64_t h) {
+    const Shape& s = shape;
+    const int64_t T = s.tokens, dq = s.head_dim_qk, dv = s.head_dim_v, positions = s.regions * s.keys_per_region;
+    const S* q_image = static_cast<const S*>(q.data) + b * q.image + h * dq;
+    const S* k_image = static_cast<const S*>(k.data) + b * k.image + h * dq;
+    const S* v_image = static_cast<const S*>(v.data) + b * v.image + h * dv;
+    const S* go_image = static_cast<const S*>(grad_out.data) + b * grad_out.image + h * dv;
+    S* gk_image_h = grad_k + b * gk_image + h * dq;
+    S* gv_image_h = grad_v + b * gv_image + h * dv;
+    for (int64_t position = 0; position < positions; ++position) {  // this (image, head)'s share of dK, dV
+      std::fill(gk_image_h + key_rows[position] * gk_row, gk_image_h + key_rows[position] * gk_row + dq, S(0));
+      std::fill(gv_image_h + key_rows[position] * gv_row, gv_image_h + key_rows[position] * gv_row + dv, S(0));
+    }
+    for (int64_t r = 0; r < s.regions; ++r) {
+      const int64_t* routed = index + (b * s.regions + r) * s.topk;
+      for (int64_t g = 0; g < s.topk; ++g)
+        for (int64_t t = 0; t < s.keys_per_region; ++t)
+          key_row[g * s.keys_per_region + t] = key_rows[routed[g] * s.keys_per_region + t];
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t row = query_rows[r * T + i];
+        for (int64_t d = 0; d < dq; ++d) query[i * dq_pad + d] = q_image[row * q.row + d] * scale;
+        for (int64_t e = 0; e < dv; ++e) grad_output[i * dv_pad + e] = go_image[row * grad_out.row + e];
+      }
+      for (int64_t j = 0; j < keys; ++j) {
+        const S* key_j = k_image + key_row[j] * k.row;
+        const S* value_j = v_image + key_row[j] * v.row;
+        for (int64_t d = 0; d < dq; ++d) key[j * dq_pad + d] = key_t[d * keys_pad + j] = key_j[d];
+        for (int64_t e = 0; e < dv; ++e) value_t[e * keys_pad + j] = value_j[e];
+      }
+      const int64_t key_vectors = keys_pad / L;
+      product<S>(T, key_vectors, dq, query.data(), dq_pad, 1, key_t.data(), keys_pad, probs.data(), keys_pad);
+      product<S>(T, key_vectors, dv, grad_output.data(), dv_pad, 1, value_t.data(), keys_pad, grad_logits.data(),
+                 keys_pad);
+      for (int64_t i = 0; i < T; ++i) softmax_and_grad(probs.data() + i * keys_pad, grad_logits.data() + i * keys_pad);
+      product<S>(T, dq_pad / L, keys, grad_logits.data(), keys_pad, 1, key.data(), dq_pad, product_q.data(), dq_pad);
+      product<S>(keys, dq_pad / L, T, grad_logits.data(), 1, keys_pad, query.data(), dq_pad, product_k.data(),
+                 dq_pad);
+      product<S>(keys, dv_pad / L, T, probs.data(), 1, keys_pad, grad_output.data(), dv_pad, product_v.data(),
+                 dv_pad);
+      for (int64_t i = 0; i < T; ++i) {
+        S* target = grad_q + b * gq_image + query_rows[r * T + i] * gq_row + h * dq;
+        for (int64_t d = 0; d < dq; ++d) target[d] = scale * product_q[i * dq_pad + d];
+      }
+      for (int64_t j = 0; j < keys; ++j) {
+        S* target_k = gk_image_h + key_row[j] * gk_row;
+        S* target_v = gv_image_h + key_row[j] * gv_row;
+        for (int64_t d = 0; d < dq; ++d) target_k[d] += product_k[j * dq_pad + d];
+        for (int64_t e = 0; e < dv; ++e) target_v[e] += product_v[j * dv_pad + e];
+      }
+    }
+  }
+};
+
+template <typename S>
+void routed_attention_backward(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows,
+                               const int64_t* index, Operand q, Operand k, Operand v, Operand grad_out, double scale,
+                               S* grad_q, int64_t gq_image, int64_t gq_row, S* grad_k, int64_t gk_image,
+                               int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row, int threads) {
+  over_items(shape.batch * shape.heads, threads, [&](int64_t begin, int64_t end) {
+    HeadBackward<S> head(shape, query_rows, key_rows, index, q, k, v, grad_out, static_cast<S>(scale), grad_q,
+                         gq_image, gq_row, grad_k, gk_image, gk_row, grad_v, gv_image, gv_row);  // thread's scratch
+    for (int64_t item = begin; item < end; ++item) head.run(item / shape.heads, item % shape.heads);
   });
 }
 
@@ -478,12 +730,35 @@ template <typename F> int guarded(F fn) {
                           threads);                                                                                  \
     });                                                                                                              \
   }                                                                                                                  \
+  extern "C" int attnbench_bra_routed_attention_backward_##SUFFIX(                                                  \
+      const int64_t* dims, const int64_t* query_rows, const int64_t* key_rows, const int64_t* index, const S* q,     \
+      int64_t q_image, int64_t q_row, const S* k, int64_t k_image, int64_t k_row, const S* v, int64_t v_image,      \
+      int64_t v_row, const S* grad_out, int64_t go_image, int64_t go_row, double scale, S* grad_q, int64_t gq_image, \
+      int64_t gq_row, S* grad_k, int64_t gk_image, int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row,      \
+      int threads) {                                                                                                 \
+    const Shape shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};                      \
+    return guarded([&] {                                                                                             \
+      routed_attention_backward<S>(shape, query_rows, key_rows, index, Operand{q, q_image, q_row},                   \
+                                   Operand{k, k_image, k_row}, Operand{v, v_image, v_row},                           \
+                                   Operand{grad_out, go_image, go_row}, scale, grad_q, gq_image, gq_row, grad_k,     \
+                                   gk_image, gk_row, grad_v, gv_image, gv_row, threads);                             \
+    });                                                                                                              \
+  }                                                                                                                  \
   extern "C" int attnbench_bra_local_context_add_##SUFFIX(                                                           \
       int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t side, const S* v, int64_t v_image,     \
       int64_t v_row, const S* weight, const S* bias, S* out, int64_t out_image, int64_t out_row, int threads) {      \
     return guarded([&] {                                                                                             \
       local_context_add<S>(batch, height, width, channels, side, Operand{v, v_image, v_row}, weight, bias, out,      \
                            out_image, out_row, threads);                                                             \
+    });                                                                                                              \
+  }                                                                                                                  \
+  extern "C" int attnbench_bra_local_context_param_grads_##SUFFIX(                                                   \
+      int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t side, const S* grad_out,                \
+      int64_t go_image, int64_t go_row, const S* v, int64_t v_image, int64_t v_row, S* grad_taps, S* grad_bias,       \
+      int threads) {                                                                                                 \
+    return guarded([&] {                                                                                             \
+      local_context_param_grads<S>(batch, height, width, channels, side, Operand{grad_out, go_image, go_row},        \
+                                   Operand{v, v_image, v_row}, grad_taps, grad_bias, threads);                       \
     });                                                                                                              \
   }                                                                                                                  \
   extern "C" int attnbench_bra_region_means_##SUFFIX(int64_t batch, int64_t regions, int64_t tokens, int64_t width,  \
