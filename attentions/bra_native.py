@@ -166,6 +166,28 @@ def _rows(x: torch.Tensor, name: str) -> tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
+def _span(x: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte address of x's elements."""
+    last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True)) if x.numel() else 0
+    return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size() - 1
+
+
+def _written_rows(x: torch.Tensor, name: str, *read: torch.Tensor) -> tuple[int, int]:
+    """``_rows`` of an operand the kernel writes: each of its elements at its own address (no broadcast or overlapping
+    rows, which threads would write at once), and none inside an operand it reads in the same call."""
+    image, row = _rows(x, name)
+    rows, width = x.shape[-2] * (x.shape[-3] if x.dim() == 4 else 1), x.shape[-1]
+    if (rows > 1 and row < width) or (x.shape[0] > 1 and image < rows * row):
+        raise ValueError(f"{name}: a written operand needs rows and images that do not overlap, got strides "
+                         f"{x.stride()} for shape {tuple(x.shape)}")
+    first, last = _span(x)
+    for other in read:
+        other_first, other_last = _span(other)
+        if first <= other_last and other_first <= last:
+            raise ValueError(f"{name}: a written operand must not share memory with the operands read in the call")
+    return image, row
+
+
 def _routed_problem(function: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     query_rows: torch.Tensor, key_rows: torch.Tensor, index: torch.Tensor,
                     heads: int) -> tuple[torch.Tensor, ...]:
@@ -210,7 +232,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     # kept in locals: the kernel reads them through their pointers during the call
     dims, query_table, key_table, index_table = _routed_problem("routed_attention", q, k, v, out, query_rows,
                                                                 key_rows, index, heads)
-    (qi, qr), (ki, kr), (vi, vr), (oi, orow) = (_rows(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"), (out, "out")))
+    (qi, qr), (ki, kr), (vi, vr) = (_rows(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v")))
+    oi, orow = _written_rows(out, "out", q, k, v)
     _call("attnbench_bra_routed_attention", q.dtype, dims.data_ptr(), query_table.data_ptr(), key_table.data_ptr(),
           index_table.data_ptr(), q.data_ptr(), qi, qr, k.data_ptr(), ki, kr, v.data_ptr(), vi, vr, float(scale),
           out.data_ptr(), oi, orow, threads)
@@ -240,9 +263,10 @@ def routed_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              f"{tuple(like.shape)}")
     if not _covers_every_row(query_table, q.shape[1]) or not _covers_every_row(key_table, k.shape[1]):
         raise ValueError("routed_attention_backward: query_rows and key_rows must list every row of q and of k once")
-    operands = ((q, "q"), (k, "k"), (v, "v"), (grad_out, "grad_out"), (grad_q, "grad_q"), (grad_k, "grad_k"),
-                (grad_v, "grad_v"))
-    (qi, qr), (ki, kr), (vi, vr), (oi, orow), (gqi, gqr), (gki, gkr), (gvi, gvr) = (_rows(t, n) for t, n in operands)
+    (qi, qr), (ki, kr), (vi, vr), (oi, orow) = (_rows(t, n) for t, n in ((q, "q"), (k, "k"), (v, "v"),
+                                                                         (grad_out, "grad_out")))
+    (gqi, gqr), (gki, gkr), (gvi, gvr) = (_written_rows(t, n, q, k, v, grad_out) for t, n in
+                                          ((grad_q, "grad_q"), (grad_k, "grad_k"), (grad_v, "grad_v")))
     _call("attnbench_bra_routed_attention_backward", q.dtype, dims.data_ptr(), query_table.data_ptr(),
           key_table.data_ptr(), index_table.data_ptr(), q.data_ptr(), qi, qr, k.data_ptr(), ki, kr, v.data_ptr(), vi,
           vr, grad_out.data_ptr(), oi, orow, float(scale), grad_q.data_ptr(), gqi, gqr, grad_k.data_ptr(), gki, gkr,
@@ -269,24 +293,29 @@ def local_context_add(v_map: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     bias = torch.zeros(channels, dtype=v_map.dtype) if bias is None else bias.detach().contiguous()
     _check_cpu(v_map.dtype, v_map=v_map, weight=weight, bias=bias, out_map=out_map)
     taps = weight.detach().reshape(channels, side * side).t().contiguous()  # (K², C): a vector of channels per tap
-    (vi, vr), (oi, orow) = _rows(v_map, "v_map"), _rows(out_map, "out_map")
+    (vi, vr), (oi, orow) = _rows(v_map, "v_map"), _written_rows(out_map, "out_map", v_map)
     _call("attnbench_bra_local_context_add", v_map.dtype, batch, height, width, channels, side, v_map.data_ptr(), vi,
           vr, taps.data_ptr(), bias.data_ptr(), out_map.data_ptr(), oi, orow, threads)
 
 
 def local_context_backward(grad_out_map: torch.Tensor, v_map: torch.Tensor, weight: torch.Tensor,
-                           grad_v_map: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           grad_v_map: torch.Tensor, threads: int,
+                           parameters: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The gradients of ``local_context_add`` for the output gradient grad_out_map (B, H, W, C): adds the input's into
     grad_v_map (the conv of grad_out_map with the kernel flipped, on ``local_context_add``) and returns the weight's
-    (C, 1, K, K) and the bias's (C,). Maps under ``local_context_add``'s layout rules; one dtype, CPU."""
-    local_context_add(grad_out_map, weight.detach().flip(-2, -1), None, grad_v_map, threads)
+    (C, 1, K, K) and the bias's (C,), or (None, None) without ``parameters``. Maps under ``local_context_add``'s layout
+    rules; one dtype, CPU."""
     channels, side = v_map.shape[-1], weight.shape[-1]
     _check_cpu(v_map.dtype, grad_out_map=grad_out_map, v_map=v_map)
-    if grad_out_map.shape != v_map.shape:
+    if grad_out_map.shape != v_map.shape or v_map.dim() != 4:
         raise ValueError(f"local_context_backward: grad_out_map {tuple(grad_out_map.shape)} and v_map "
-                         f"{tuple(v_map.shape)} differ")
-    grad_taps, grad_bias = v_map.new_empty(side * side, channels), v_map.new_empty(channels)
+                         f"{tuple(v_map.shape)} must be (B, H, W, C) maps of one shape")
     (gi, gr), (vi, vr) = _rows(grad_out_map, "grad_out_map"), _rows(v_map, "v_map")
+    _written_rows(grad_v_map, "grad_v_map", grad_out_map, v_map)
+    local_context_add(grad_out_map, weight.detach().flip(-2, -1), None, grad_v_map, threads)  # checks the rest
+    if not parameters:
+        return None, None
+    grad_taps, grad_bias = v_map.new_empty(side * side, channels), v_map.new_empty(channels)
     _call("attnbench_bra_local_context_param_grads", v_map.dtype, v_map.shape[0], v_map.shape[1], v_map.shape[2],
           channels, side, grad_out_map.data_ptr(), gi, gr, v_map.data_ptr(), vi, vr, grad_taps.data_ptr(),
           grad_bias.data_ptr(), threads)
@@ -373,7 +402,8 @@ class _RoutedAttention(torch.autograd.Function):
             height, width = layout.map_size
             grad_weight, grad_bias = local_context_backward(
                 grad_out.unflatten(1, (height, width)), v.unflatten(1, (height, width)), lce_weight,
-                grad_v.unflatten(1, (height, width)), torch.get_num_threads())
+                grad_v.unflatten(1, (height, width)), torch.get_num_threads(),
+                parameters=ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
             grad_bias = grad_bias if ctx.has_bias else None
         if ctx.same_source:  # one tensor held Q|K|V: its whole gradient comes back once
             return grad_q_source, None, grad_weight, grad_bias, None
@@ -388,6 +418,7 @@ def attend(q_source: torch.Tensor, kv_source: torch.Tensor, layout: RoutedLayout
     q_source: (B, q rows, qk_dim) and kv_source: (B, kv rows, qk_dim + value_dim), or one (B, rows, 2·qk_dim +
     value_dim) tensor passed as both (Q|K|V of one projection; its gradient is then one tensor, with no split or
     concatenation). lce_weight: (value_dim, 1, K, K) and lce_bias: (value_dim,) or None, as nn.Conv2d holds them."""
-    if (lce_weight is None) != (layout.map_size is None):
-        raise ValueError("attend: the LCE needs both its weight and layout.map_size, or neither")
+    if (lce_weight is None) != (layout.map_size is None) or (lce_bias is not None and lce_weight is None):
+        raise ValueError("attend: the LCE needs both its weight and layout.map_size, or neither (and a bias only "
+                         "with a weight)")
     return _RoutedAttention.apply(q_source, kv_source, lce_weight, lce_bias, layout)

@@ -93,7 +93,7 @@ def test_auto_priority_follows_the_routed_fraction():
     assert bra_kernels.auto_priority(routed_inputs(4)) == ("xformers", "fused", "gather")
 
 
-def test_auto_picks_fused_in_cpu_inference_else_dense_for_many_routed_regions_and_gather_for_few():
+def test_auto_picks_fused_on_cpu_below_half_the_regions_routed_else_dense_and_gather_for_soft_routing():
     with torch.no_grad():
         assert bra_kernels.choose("auto", routed_inputs(30)).name == "dense"
         assert bra_kernels.choose("auto", routed_inputs(16)).name == "fused"

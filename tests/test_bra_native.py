@@ -225,21 +225,25 @@ def test_fused_declares_no_soft_routing():
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 @pytest.mark.parametrize("regions,tokens,kv_tokens,topk,heads,dq,dv", [
-    (49, 64, 64, 1, 2, 32, 32), (49, 4, 4, 16, 8, 32, 32), (49, 1, 1, 49, 4, 32, 32),  # BiFormer-T stages 1, 3, 4
+    # BiFormer-T's stages 1-4
+    (49, 64, 64, 1, 2, 32, 32), (49, 16, 16, 4, 4, 32, 32), (49, 4, 4, 16, 8, 32, 32), (49, 1, 1, 49, 16, 32, 32),
     (9, 25, 4, 3, 3, 5, 7),  # head widths below a vector, routed keys (12) below a vector, pooled key regions
     (4, 36, 36, 2, 1, 40, 24), (16, 17, 17, 5, 2, 16, 48), (12, 3, 3, 4, 6, 8, 20)])
 def test_routed_attention_backward_equals_the_plain_loops_gradient(dtype, regions, tokens, kv_tokens, topk, heads,
                                                                    dq, dv):
     generator = torch.Generator().manual_seed(regions * tokens + topk + 1)
     batch = 2
-    q = torch.randn(batch, regions * tokens, heads * dq, dtype=dtype, generator=generator)
-    k = torch.randn(batch, regions * kv_tokens, heads * dq, dtype=dtype, generator=generator)
-    v = torch.randn(batch, regions * kv_tokens, heads * dv, dtype=dtype, generator=generator)
+    # q, k and v as views into one projection (rows at a stride wider than their channels), as attend() passes them
+    projection = torch.randn(batch, regions * tokens, heads * (2 * dq + dv) + 3, dtype=dtype, generator=generator)
+    q = projection[..., :heads * dq]
+    k = projection[:, :regions * kv_tokens, heads * dq:2 * heads * dq]
+    v = projection[:, :regions * kv_tokens, 2 * heads * dq:2 * heads * dq + heads * dv]
     grad_out = torch.randn(batch, regions * tokens, heads * dv, dtype=dtype, generator=generator)
     query_rows = torch.randperm(regions * tokens, generator=generator).view(regions, tokens)
     key_rows = torch.randperm(regions * kv_tokens, generator=generator).view(regions, kv_tokens)
     index = random_routing(batch, regions, topk, generator)
-    index[0, 0, -1] = index[0, 0, 0]  # a region routed twice: its keys' gradients are summed over both
+    if topk > 1:
+        index[0, 0, -1] = index[0, 0, 0]  # a region routed twice: its keys' gradients are summed over both
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = torch.autograd.grad(plain_routed_attention(*leaves, query_rows, key_rows, index, heads, 0.3), leaves,
                                    grad_out)
@@ -275,6 +279,22 @@ def test_attend_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: bra_native.attend(a, b, pooled), (q, kv))
 
 
+def test_attend_takes_an_output_gradient_of_any_layout():
+    """An output gradient whose channels are not contiguous (here: out used transposed) gives the same gradients."""
+    generator = torch.Generator().manual_seed(6)
+    rows = torch.arange(32).view(4, 8)
+    layout = bra_native.RoutedLayout(rows, rows, random_routing(2, 4, 2, generator), heads=2, qk_dim=8, value_dim=8,
+                                     scale=0.5)
+    source = torch.randn(2, 32, 24, dtype=torch.float64, generator=generator)
+    weight = torch.randn(2, 8, 32, dtype=torch.float64, generator=generator)
+    leaves = [source.clone().requires_grad_(), source.clone().requires_grad_()]
+    (bra_native.attend(leaves[0], leaves[0], layout).transpose(1, 2) * weight).sum().backward()
+    q, k, v = layout.split(leaves[1], leaves[1])
+    plain = plain_routed_attention(q, k, v, rows, rows, layout.index, 2, 0.5)
+    (plain.transpose(1, 2) * weight).sum().backward()
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad, rtol=0, atol=1e-10)
+
+
 def test_backward_refuses_tables_that_miss_rows_and_misshapen_gradients():
     q = k = v = torch.randn(1, 8, 4)
     index = torch.zeros(1, 2, 1, dtype=torch.int64)
@@ -291,6 +311,29 @@ def test_backward_refuses_tables_that_miss_rows_and_misshapen_gradients():
     with pytest.raises(ValueError, match="needs both its weight and layout.map_size"):
         bra_native.attend(q, torch.randn(1, 8, 8), bra_native.RoutedLayout(rows, rows, index, 1, 4, 4, 1.0),
                           torch.randn(4, 1, 3, 3))
+    with pytest.raises(ValueError, match="and a bias only with a weight"):
+        bra_native.attend(q, torch.randn(1, 8, 8), bra_native.RoutedLayout(rows, rows, index, 1, 4, 4, 1.0), None,
+                          torch.randn(4))
+
+
+def test_written_operands_must_not_overlap_themselves_or_what_is_read():
+    """Rows written by several threads at once (a broadcast gradient) or an output inside an input would race or read
+    what was just written: refused before the kernel runs."""
+    q = k = v = torch.randn(2, 8, 4)
+    index = torch.zeros(2, 2, 1, dtype=torch.int64)
+    rows = torch.arange(8).view(2, 4)
+    grads = [torch.empty(2, 8, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match="grad_k: a written operand needs rows and images that do not overlap"):
+        bra_native.routed_attention_backward(q, k, v, q, grads[0], torch.empty(1, 1, 4).expand(2, 8, 4), grads[2],
+                                             rows, rows, index, 1, 1.0, threads=2)
+    with pytest.raises(ValueError, match="grad_q: a written operand must not share memory"):
+        bra_native.routed_attention_backward(q, k, v, q.clone(), q, grads[1], grads[2], rows, rows, index, 1, 1.0,
+                                             threads=2)
+    with pytest.raises(ValueError, match="out: a written operand must not share memory"):
+        bra_native.routed_attention(q, k, v, v, rows, rows, index, 1, 1.0, threads=2)
+    v_map = torch.randn(1, 4, 4, 8)
+    with pytest.raises(ValueError, match="grad_v_map: a written operand must not share memory"):
+        bra_native.local_context_backward(v_map.clone(), v_map, torch.randn(8, 1, 3, 3), v_map, threads=1)
 
 
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
