@@ -35,7 +35,8 @@ error lists every reason.
   ``attentions/bra_native.py``) that reads the routed keys and values where they lie, with no gather and no
   expanded copy, and does QKᵀ, softmax and PV per region and head in registers (float32/float64). Its backward
   is native too (``bra_native.attend``): it recomputes the probabilities from Q and K, as FlashAttention's
-  backward does, and sums the key and value gradients in place, one thread per (image, head). In ``bra`` itself
+  backward does, and sums the key and value gradients per thread, one thread per (image, head), or per (image,
+  group of heads) in the forward's (query, head) lanes where regions hold few queries. In ``bra`` itself
   it also runs over the image's own raster order and adds the LCE in the same pass
   (``BiLevelRoutingAttention._forward_raster``), so no layout copy sits between the qkv projection and ``wo``.
 """

@@ -5,8 +5,10 @@ into a cache folder (``$ATTNBENCH_CACHE``, else ``$XDG_CACHE_HOME/attnbench``, e
 by a hash of the source, the flags, the compiler's version and the CPU's flags, and loaded with ctypes. ctypes
 releases the GIL during the call, so ``attentions/by_image.py``'s worker threads run it side by side.
 
-``build_reasons()`` says why it cannot be used here (no compiler, a failed build); the backend that uses it
-(``bra_kernels``'s ``fused``) declares those reasons, so nothing needs it to exist.
+``routed_attention`` and ``local_context_add`` write the forward; ``routed_attention_backward`` and
+``local_context_backward`` their gradients; ``attend`` joins them in an autograd Function (what the ``fused`` backend
+and ``bra``'s raster path call). ``build_reasons()`` says why it cannot be used here (no compiler, a failed build);
+the backend that uses it (``bra_kernels``'s ``fused``) declares those reasons, so nothing needs it to exist.
 """
 
 from __future__ import annotations

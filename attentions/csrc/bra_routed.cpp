@@ -7,7 +7,8 @@
 //     O_r = softmax(scale · Q_r [K_g1; …; K_gk]ᵀ) [V_g1; …; V_gk]                     (BiFormer eq. 5-6)
 // Tokens are addressed through row tables, so one kernel serves the region-major layout of bra_kernels'
 // RoutedAttention (rows r·T + t) and the image's own raster order (rows y·W + x): element d of head h of token
-// row `row` of image b sits at base + b·image_stride + row·row_stride + h·head_dim + d.
+// row `row` of image b sits at base + b·image_stride + row·row_stride + h·head_dim + d. The gradients of both
+// (HeadBackward, local_context_param_grads) follow the forward code below.
 //
 // The logits are kept transposed (keys × query lanes), so the softmax over keys is element-wise across rows and the
 // values are read straight from their rows. Where a region has few queries (4 at BiFormer-T's stage 3, 1 at stage
@@ -666,15 +667,218 @@ template <typename S> struct HeadBackward {
   }
 };
 
-template <typename S>
-void routed_attention_backward(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows,
-                               const int64_t* index, Operand q, Operand k, Operand v, Operand grad_out, double scale,
-                               S* grad_q, int64_t gq_image, int64_t gq_row, S* grad_k, int64_t gk_image,
-                               int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row, int threads) {
-  over_items(shape.batch * shape.heads, threads, [&](int64_t begin, int64_t end) {
-    HeadBackward<S> head(shape, query_rows, key_rows, index, q, k, v, grad_out, static_cast<S>(scale), grad_q,
-                         gq_image, gq_row, grad_k, gk_image, gk_row, grad_v, gv_image, gv_row);  // thread's scratch
-    for (int64_t item = begin; item < end; ++item) head.run(item / shape.heads, item % shape.heads);
+// The same gradient where a region has few queries (heads_in_lanes G > 1), in RegionAttention's layout: one thread per
+// (image, group of G heads), lane m = i·G + u holding query i of head group·G + u, so the logits, dP, dS and dQ fill
+// the vectors, and the group's keys and values are transposed once per (image, group) into (position, d, u) where
+// tiled<S, G> spreads element d of the G heads across the lanes. dK and dV take, per routed key and head, the sum over
+// the region's queries of dS (or P) times that query's row of Q (or dO), read from row-packed copies.
+template <typename S, int G> struct GroupBackward {
+  using V = typename Lanes<S>::vec;
+  static constexpr int L = Lanes<S>::count;
+  const Shape& shape;
+  const int64_t *query_rows, *key_rows, *index;
+  Operand q, k, v, grad_out;
+  S scale;
+  S *grad_q, *grad_k, *grad_v;
+  int64_t gq_image, gq_row, gk_image, gk_row, gv_image, gv_row;
+  int64_t vectors, keys, positions, dq_pad, dv_pad;  // T·G lanes in `vectors` vectors; routed keys; key positions
+  std::vector<S> keys_t, values_t;          // (positions, dq, G), (positions, dv, G)
+  std::vector<S> grad_keys, grad_values;    // (positions, G, dq_pad), (positions, G, dv_pad): summed over regions
+  std::vector<S> query_packed, grad_out_packed;  // (T·G, dq_pad), (T·G, dv_pad): scaled Q and dO rows, lane order
+  std::vector<V> query_t, grad_out_t, logits_t, grad_logits_t, grad_query_t;  // (dq | dv | keys | dq, vectors)
+  std::vector<const S*> key_ptr, value_ptr;
+  std::vector<int64_t> position;
+
+  GroupBackward(const Shape& s, const int64_t* qr, const int64_t* kr, const int64_t* ix, Operand q_, Operand k_,
+                Operand v_, Operand go, S scale_, S* gq, int64_t gqi, int64_t gqr, S* gk, int64_t gki, int64_t gkr,
+                S* gv, int64_t gvi, int64_t gvr)
+      : shape(s), query_rows(qr), key_rows(kr), index(ix), q(q_), k(k_), v(v_), grad_out(go), scale(scale_),
+        grad_q(gq), grad_k(gk), grad_v(gv), gq_image(gqi), gq_row(gqr), gk_image(gki), gk_row(gkr), gv_image(gvi),
+        gv_row(gvr), vectors(whole_vectors(s.tokens * G, L)), keys(s.topk * s.keys_per_region),
+        positions(s.regions * s.keys_per_region), dq_pad(whole_vectors(s.head_dim_qk, L) * L),
+        dv_pad(whole_vectors(s.head_dim_v, L) * L) {
+    keys_t.resize(positions * s.head_dim_qk * G);
+    values_t.resize(positions * s.head_dim_v * G);
+    grad_keys.resize(positions * G * dq_pad);
+    grad_values.resize(positions * G * dv_pad);
+    query_packed.assign(s.tokens * G * dq_pad, S(0));
+    grad_out_packed.assign(s.tokens * G * dv_pad, S(0));
+    query_t.assign(s.head_dim_qk * vectors, V{});
+    grad_out_t.assign(s.head_dim_v * vectors, V{});
+    logits_t.resize(keys * vectors);
+    grad_logits_t.resize(keys * vectors);
+    grad_query_t.resize(s.head_dim_qk * vectors);
+    key_ptr.resize(keys);
+    value_ptr.resize(keys);
+    position.resize(keys);
+  }
+
+  // out[j, w…] = Σ_d tiled(rows[j] + d·G) · lanes_t[d, w…] for JB keys and TW vectors at a time
+  template <int JB, int TW>
+  void dots_tile(const V* lanes_t, const S* const* rows, int64_t depth, int64_t j, int64_t w, V* out) const {
+    V acc[JB][TW] = {};
+    for (int64_t d = 0; d < depth; ++d) {
+      V x[TW];
+      for (int t = 0; t < TW; ++t) x[t] = lanes_t[d * vectors + w + t];
+      for (int jb = 0; jb < JB; ++jb) {
+        const V row = tiled<S, G>(rows[j + jb] + d * G);
+        for (int t = 0; t < TW; ++t) acc[jb][t] += row * x[t];
+      }
+    }
+    for (int jb = 0; jb < JB; ++jb)
+      for (int t = 0; t < TW; ++t) out[(j + jb) * vectors + w + t] = acc[jb][t];
+  }
+  template <int TW> void dots_vectors(const V* lanes_t, const S* const* rows, int64_t depth, int64_t w, V* out) const {
+    int64_t j = 0;
+    for (; j + 4 <= keys; j += 4) dots_tile<4, TW>(lanes_t, rows, depth, j, w, out);
+    for (; j < keys; ++j) dots_tile<1, TW>(lanes_t, rows, depth, j, w, out);
+  }
+  // out (keys, vectors) = the routed rows (keys × depth, through `rows`) times lanes_t (depth, vectors)
+  void dots(const V* lanes_t, const S* const* rows, int64_t depth, V* out) const {
+    int64_t w = 0;
+    for (; w + 4 <= vectors; w += 4) dots_vectors<4>(lanes_t, rows, depth, w, out);
+    for (; w + 2 <= vectors; w += 2) dots_vectors<2>(lanes_t, rows, depth, w, out);
+    for (; w < vectors; ++w) dots_vectors<1>(lanes_t, rows, depth, w, out);
+  }
+
+  // grad_query_t[d, w…] = Σ_j dS_t[j, w…] · tiled(key_j + d·G), DB key elements and TW vectors at a time
+  template <int DB, int TW> void grad_query_tile(int64_t d, int64_t w) {
+    V acc[DB][TW] = {};
+    for (int64_t j = 0; j < keys; ++j) {
+      V ds[TW];
+      for (int t = 0; t < TW; ++t) ds[t] = grad_logits_t[j * vectors + w + t];
+      for (int db = 0; db < DB; ++db) {
+        const V key = tiled<S, G>(key_ptr[j] + (d + db) * G);
+        for (int t = 0; t < TW; ++t) acc[db][t] += key * ds[t];
+      }
+    }
+    for (int db = 0; db < DB; ++db)
+      for (int t = 0; t < TW; ++t) grad_query_t[(d + db) * vectors + w + t] = acc[db][t];
+  }
+  template <int TW> void grad_query_vectors(int64_t w) {
+    int64_t d = 0;
+    for (; d + 4 <= shape.head_dim_qk; d += 4) grad_query_tile<4, TW>(d, w);
+    for (; d < shape.head_dim_qk; ++d) grad_query_tile<1, TW>(d, w);
+  }
+
+  // into (position, u, ·) of `sums`: Σ_i weights_t[j, i·G + u] · packed[i·G + u, ·] for every routed key j and head u
+  void accumulate_rows(const S* weights_t, const S* packed, int64_t width_pad, S* sums) const {
+    const int64_t T = shape.tokens;
+    for (int64_t j = 0; j < keys; ++j) {
+      const S* weight = weights_t + j * vectors * L;
+      for (int64_t u = 0; u < G; ++u) {
+        S* target = sums + (position[j] * G + u) * width_pad;
+        for (int64_t x = 0; x < width_pad; x += L) {
+          V acc = load<V>(target + x);
+          for (int64_t i = 0; i < T; ++i) acc += weight[i * G + u] * load<V>(packed + (i * G + u) * width_pad + x);
+          store(target + x, acc);
+        }
+      }
+    }
+  }
+
+  void run(int64_t b, int64_t group) {
+    const Shape& s = shape;
+    const int64_t T = s.tokens, dq = s.head_dim_qk, dv = s.head_dim_v, lanes = vectors * L;
+    const S* q_image = static_cast<const S*>(q.data) + b * q.image + group * G * dq;
+    const S* k_image = static_cast<const S*>(k.data) + b * k.image + group * G * dq;
+    const S* v_image = static_cast<const S*>(v.data) + b * v.image + group * G * dv;
+    const S* go_image = static_cast<const S*>(grad_out.data) + b * grad_out.image + group * G * dv;
+    for (int64_t p = 0; p < positions; ++p) {
+      const S* key_row = k_image + key_rows[p] * k.row;
+      const S* value_row = v_image + key_rows[p] * v.row;
+      for (int64_t u = 0; u < G; ++u) {
+        for (int64_t d = 0; d < dq; ++d) keys_t[(p * dq + d) * G + u] = key_row[u * dq + d];
+        for (int64_t e = 0; e < dv; ++e) values_t[(p * dv + e) * G + u] = value_row[u * dv + e];
+      }
+    }
+    std::fill(grad_keys.begin(), grad_keys.end(), S(0));
+    std::fill(grad_values.begin(), grad_values.end(), S(0));
+    S* flat_query_t = reinterpret_cast<S*>(query_t.data());
+    S* flat_grad_out_t = reinterpret_cast<S*>(grad_out_t.data());
+    for (int64_t r = 0; r < s.regions; ++r) {
+      const int64_t* routed = index + (b * s.regions + r) * s.topk;
+      for (int64_t g = 0; g < s.topk; ++g)
+        for (int64_t t = 0; t < s.keys_per_region; ++t) {
+          const int64_t j = g * s.keys_per_region + t;
+          position[j] = routed[g] * s.keys_per_region + t;
+          key_ptr[j] = keys_t.data() + position[j] * dq * G;
+          value_ptr[j] = values_t.data() + position[j] * dv * G;
+        }
+      for (int64_t i = 0; i < T; ++i) {  // padded lanes stay zero: their dO is 0, so their dS is 0
+        const int64_t row = query_rows[r * T + i];
+        for (int64_t u = 0; u < G; ++u) {
+          const int64_t lane = i * G + u;
+          for (int64_t d = 0; d < dq; ++d)
+            flat_query_t[d * lanes + lane] = query_packed[lane * dq_pad + d] =
+                q_image[row * q.row + u * dq + d] * scale;
+          for (int64_t e = 0; e < dv; ++e)
+            flat_grad_out_t[e * lanes + lane] = grad_out_packed[lane * dv_pad + e] =
+                go_image[row * grad_out.row + u * dv + e];
+        }
+      }
+      dots(query_t.data(), key_ptr.data(), dq, logits_t.data());
+      dots(grad_out_t.data(), value_ptr.data(), dv, grad_logits_t.data());
+      for (int64_t w = 0; w < vectors; ++w) {  // softmax over keys, lane-wise; dS = P ∘ (dP − D)
+        V top = logits_t[w];
+        for (int64_t j = 1; j < keys; ++j) top = logits_t[j * vectors + w] > top ? logits_t[j * vectors + w] : top;
+        V sum = {};
+        for (int64_t j = 0; j < keys; ++j) {
+          logits_t[j * vectors + w] = exp_nonpositive(logits_t[j * vectors + w] - top);
+          sum += logits_t[j * vectors + w];
+        }
+        const V inverse = S(1) / sum;
+        V dot = {};
+        for (int64_t j = 0; j < keys; ++j) {
+          logits_t[j * vectors + w] *= inverse;
+          dot += logits_t[j * vectors + w] * grad_logits_t[j * vectors + w];
+        }
+        for (int64_t j = 0; j < keys; ++j)
+          grad_logits_t[j * vectors + w] = logits_t[j * vectors + w] * (grad_logits_t[j * vectors + w] - dot);
+      }
+      int64_t w = 0;
+      for (; w + 4 <= vectors; w += 4) grad_query_vectors<4>(w);
+      for (; w + 2 <= vectors; w += 2) grad_query_vectors<2>(w);
+      for (; w < vectors; ++w) grad_query_vectors<1>(w);
+      const S* flat_grad_query_t = reinterpret_cast<const S*>(grad_query_t.data());
+      for (int64_t i = 0; i < T; ++i) {
+        S* target = grad_q + b * gq_image + query_rows[r * T + i] * gq_row + group * G * dq;
+        for (int64_t u = 0; u < G; ++u)
+          for (int64_t d = 0; d < dq; ++d) target[u * dq + d] = scale * flat_grad_query_t[d * lanes + i * G + u];
+      }
+      accumulate_rows(reinterpret_cast<const S*>(grad_logits_t.data()), query_packed.data(), dq_pad,
+                      grad_keys.data());
+      accumulate_rows(reinterpret_cast<const S*>(logits_t.data()), grad_out_packed.data(), dv_pad,
+                      grad_values.data());
+    }
+    for (int64_t p = 0; p < positions; ++p) {  // this (image, group)'s columns of dK and dV, every key written
+      S* target_k = grad_k + b * gk_image + key_rows[p] * gk_row + group * G * dq;
+      S* target_v = grad_v + b * gv_image + key_rows[p] * gv_row + group * G * dv;
+      for (int64_t u = 0; u < G; ++u) {
+        for (int64_t d = 0; d < dq; ++d) target_k[u * dq + d] = grad_keys[(p * G + u) * dq_pad + d];
+        for (int64_t e = 0; e < dv; ++e) target_v[u * dv + e] = grad_values[(p * G + u) * dv_pad + e];
+      }
+    }
+  }
+};
+
+template <typename S, int G>
+void routed_attention_backward_grouped(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows,
+                                       const int64_t* index, Operand q, Operand k, Operand v, Operand grad_out,
+                                       double scale, S* grad_q, int64_t gq_image, int64_t gq_row, S* grad_k,
+                                       int64_t gk_image, int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row,
+                                       int threads) {
+  const int64_t groups = shape.heads / G;
+  over_items(shape.batch * groups, threads, [&](int64_t begin, int64_t end) {
+    if constexpr (G == 1) {
+      HeadBackward<S> head(shape, query_rows, key_rows, index, q, k, v, grad_out, static_cast<S>(scale), grad_q,
+                           gq_image, gq_row, grad_k, gk_image, gk_row, grad_v, gv_image, gv_row);  // thread's scratch
+      for (int64_t item = begin; item < end; ++item) head.run(item / groups, item % groups);
+    } else {
+      GroupBackward<S, G> heads(shape, query_rows, key_rows, index, q, k, v, grad_out, static_cast<S>(scale), grad_q,
+                                gq_image, gq_row, grad_k, gk_image, gk_row, grad_v, gv_image, gv_row);
+      for (int64_t item = begin; item < end; ++item) heads.run(item / groups, item % groups);
+    }
   });
 }
 
@@ -684,6 +888,27 @@ void routed_attention_backward(const Shape& shape, const int64_t* query_rows, co
 template <typename S> int64_t heads_in_lanes(const Shape& shape) {
   if (shape.tokens >= 2 * Lanes<S>::count) return 1;
   return std::min<int64_t>(shape.heads & -shape.heads, Lanes<S>::count);
+}
+
+// one thread per (image, head) where a region's queries fill the vectors, per (image, group of G heads) otherwise
+template <typename S>
+void routed_attention_backward(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows,
+                               const int64_t* index, Operand q, Operand k, Operand v, Operand grad_out, double scale,
+                               S* grad_q, int64_t gq_image, int64_t gq_row, S* grad_k, int64_t gk_image,
+                               int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row, int threads) {
+  const int64_t group = heads_in_lanes<S>(shape);
+  auto run = [&](auto heads_in_lanes) {
+    routed_attention_backward_grouped<S, decltype(heads_in_lanes)::value>(
+        shape, query_rows, key_rows, index, q, k, v, grad_out, scale, grad_q, gq_image, gq_row, grad_k, gk_image,
+        gk_row, grad_v, gv_image, gv_row, threads);
+  };
+  if constexpr (Lanes<S>::count == 16) {
+    if (group == 16) return run(std::integral_constant<int, 16>{});
+  }
+  if (group == 8) run(std::integral_constant<int, 8>{});
+  else if (group == 4) run(std::integral_constant<int, 4>{});
+  else if (group == 2) run(std::integral_constant<int, 2>{});
+  else run(std::integral_constant<int, 1>{});
 }
 
 template <typename S>
