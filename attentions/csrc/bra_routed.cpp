@@ -548,27 +548,35 @@ inline int64_t whole_vectors(int64_t count, int lanes) { return (count + lanes -
 // summed, and one thread owns an (image, head) pair's columns of them, so no two threads write the same element.
 // Every operand is packed per region into scratch whose rows are whole vectors (zero beyond the head width, and
 // beyond the routed keys in the transposed ones), so the products need no tails.
-template <typename S> struct HeadBackward {
-  static constexpr int L = Lanes<S>::count;
-  const Shape& shape;
+// What the backward reads and writes, shared by its two layouts: the forward's inputs and row tables, the output
+// gradient, and the gradients of q, k and v (each element (b, row, h, d) addressed as in an Operand).
+template <typename S> struct Written {
+  S* data;
+  int64_t image, row;
+  S* at(int64_t b, int64_t row_index) const { return data + b * image + row_index * row; }
+};
+template <typename S> struct BackwardProblem {
+  Shape shape;
   const int64_t *query_rows, *key_rows, *index;
   Operand q, k, v, grad_out;
   S scale;
-  S *grad_q, *grad_k, *grad_v;
-  int64_t gq_image, gq_row, gk_image, gk_row, gv_image, gv_row;
+  Written<S> grad_q, grad_k, grad_v;
+};
+
+template <typename S> struct HeadBackward {
+  static constexpr int L = Lanes<S>::count;
+  const BackwardProblem<S>& p;
   int64_t keys, dq_pad, dv_pad, keys_pad;  // routed keys; padded widths, multiples of L
   // (T, dq_pad) scaled queries, (T, dv_pad) output gradient, (keys, dq_pad) keys, (dq, keys_pad) keys transposed,
   // (dv, keys_pad) values transposed, (T, keys_pad) probabilities and dS, (T | keys, ·) gradient products
   std::vector<S> query, grad_output, key, key_t, value_t, probs, grad_logits, product_q, product_k, product_v;
   std::vector<int64_t> key_row;
 
-  HeadBackward(const Shape& s, const int64_t* qr, const int64_t* kr, const int64_t* ix, Operand q_, Operand k_,
-               Operand v_, Operand go, S scale_, S* gq, int64_t gqi, int64_t gqr, S* gk, int64_t gki, int64_t gkr,
-               S* gv, int64_t gvi, int64_t gvr)
-      : shape(s), query_rows(qr), key_rows(kr), index(ix), q(q_), k(k_), v(v_), grad_out(go), scale(scale_),
-        grad_q(gq), grad_k(gk), grad_v(gv), gq_image(gqi), gq_row(gqr), gk_image(gki), gk_row(gkr), gv_image(gvi),
-        gv_row(gvr), keys(s.topk * s.keys_per_region), dq_pad(whole_vectors(s.head_dim_qk, L) * L),
-        dv_pad(whole_vectors(s.head_dim_v, L) * L), keys_pad(whole_vectors(keys, L) * L) {
+  explicit HeadBackward(const BackwardProblem<S>& problem)
+      : p(problem), keys(problem.shape.topk * problem.shape.keys_per_region),
+        dq_pad(whole_vectors(problem.shape.head_dim_qk, L) * L), dv_pad(whole_vectors(problem.shape.head_dim_v, L) * L),
+        keys_pad(whole_vectors(keys, L) * L) {
+    const Shape& s = problem.shape;
     const int64_t T = s.tokens;
     query.assign(T * dq_pad, S(0));
     grad_output.assign(T * dv_pad, S(0));
@@ -615,31 +623,31 @@ template <typename S> struct HeadBackward {
   }
 
   void run(int64_t b, int64_t h) {
-    const Shape& s = shape;
+    const Shape& s = p.shape;
     const int64_t T = s.tokens, dq = s.head_dim_qk, dv = s.head_dim_v, positions = s.regions * s.keys_per_region;
-    const S* q_image = static_cast<const S*>(q.data) + b * q.image + h * dq;
-    const S* k_image = static_cast<const S*>(k.data) + b * k.image + h * dq;
-    const S* v_image = static_cast<const S*>(v.data) + b * v.image + h * dv;
-    const S* go_image = static_cast<const S*>(grad_out.data) + b * grad_out.image + h * dv;
-    S* gk_image_h = grad_k + b * gk_image + h * dq;
-    S* gv_image_h = grad_v + b * gv_image + h * dv;
+    const S* q_image = static_cast<const S*>(p.q.data) + b * p.q.image + h * dq;
+    const S* k_image = static_cast<const S*>(p.k.data) + b * p.k.image + h * dq;
+    const S* v_image = static_cast<const S*>(p.v.data) + b * p.v.image + h * dv;
+    const S* go_image = static_cast<const S*>(p.grad_out.data) + b * p.grad_out.image + h * dv;
+    S* gk_image_h = p.grad_k.at(b, 0) + h * dq;
+    S* gv_image_h = p.grad_v.at(b, 0) + h * dv;
     for (int64_t position = 0; position < positions; ++position) {  // this (image, head)'s share of dK, dV
-      std::fill(gk_image_h + key_rows[position] * gk_row, gk_image_h + key_rows[position] * gk_row + dq, S(0));
-      std::fill(gv_image_h + key_rows[position] * gv_row, gv_image_h + key_rows[position] * gv_row + dv, S(0));
+      std::fill_n(gk_image_h + p.key_rows[position] * p.grad_k.row, dq, S(0));
+      std::fill_n(gv_image_h + p.key_rows[position] * p.grad_v.row, dv, S(0));
     }
     for (int64_t r = 0; r < s.regions; ++r) {
-      const int64_t* routed = index + (b * s.regions + r) * s.topk;
+      const int64_t* routed = p.index + (b * s.regions + r) * s.topk;
       for (int64_t g = 0; g < s.topk; ++g)
         for (int64_t t = 0; t < s.keys_per_region; ++t)
-          key_row[g * s.keys_per_region + t] = key_rows[routed[g] * s.keys_per_region + t];
+          key_row[g * s.keys_per_region + t] = p.key_rows[routed[g] * s.keys_per_region + t];
       for (int64_t i = 0; i < T; ++i) {
-        const int64_t row = query_rows[r * T + i];
-        for (int64_t d = 0; d < dq; ++d) query[i * dq_pad + d] = q_image[row * q.row + d] * scale;
-        for (int64_t e = 0; e < dv; ++e) grad_output[i * dv_pad + e] = go_image[row * grad_out.row + e];
+        const int64_t row = p.query_rows[r * T + i];
+        for (int64_t d = 0; d < dq; ++d) query[i * dq_pad + d] = q_image[row * p.q.row + d] * p.scale;
+        for (int64_t e = 0; e < dv; ++e) grad_output[i * dv_pad + e] = go_image[row * p.grad_out.row + e];
       }
       for (int64_t j = 0; j < keys; ++j) {
-        const S* key_j = k_image + key_row[j] * k.row;
-        const S* value_j = v_image + key_row[j] * v.row;
+        const S* key_j = k_image + key_row[j] * p.k.row;
+        const S* value_j = v_image + key_row[j] * p.v.row;
         for (int64_t d = 0; d < dq; ++d) key[j * dq_pad + d] = key_t[d * keys_pad + j] = key_j[d];
         for (int64_t e = 0; e < dv; ++e) value_t[e * keys_pad + j] = value_j[e];
       }
@@ -654,12 +662,12 @@ template <typename S> struct HeadBackward {
       product<S>(keys, dv_pad / L, T, probs.data(), 1, keys_pad, grad_output.data(), dv_pad, product_v.data(),
                  dv_pad);
       for (int64_t i = 0; i < T; ++i) {
-        S* target = grad_q + b * gq_image + query_rows[r * T + i] * gq_row + h * dq;
-        for (int64_t d = 0; d < dq; ++d) target[d] = scale * product_q[i * dq_pad + d];
+        S* target = p.grad_q.at(b, p.query_rows[r * T + i]) + h * dq;
+        for (int64_t d = 0; d < dq; ++d) target[d] = p.scale * product_q[i * dq_pad + d];
       }
       for (int64_t j = 0; j < keys; ++j) {
-        S* target_k = gk_image_h + key_row[j] * gk_row;
-        S* target_v = gv_image_h + key_row[j] * gv_row;
+        S* target_k = gk_image_h + key_row[j] * p.grad_k.row;
+        S* target_v = gv_image_h + key_row[j] * p.grad_v.row;
         for (int64_t d = 0; d < dq; ++d) target_k[d] += product_k[j * dq_pad + d];
         for (int64_t e = 0; e < dv; ++e) target_v[e] += product_v[j * dv_pad + e];
       }
@@ -675,12 +683,7 @@ template <typename S> struct HeadBackward {
 template <typename S, int G> struct GroupBackward {
   using V = typename Lanes<S>::vec;
   static constexpr int L = Lanes<S>::count;
-  const Shape& shape;
-  const int64_t *query_rows, *key_rows, *index;
-  Operand q, k, v, grad_out;
-  S scale;
-  S *grad_q, *grad_k, *grad_v;
-  int64_t gq_image, gq_row, gk_image, gk_row, gv_image, gv_row;
+  const BackwardProblem<S>& p;
   int64_t vectors, keys, positions, dq_pad, dv_pad;  // T·G lanes in `vectors` vectors; routed keys; key positions
   std::vector<S> keys_t, values_t;          // (positions, dq, G), (positions, dv, G)
   std::vector<S> grad_keys, grad_values;    // (positions, G, dq_pad), (positions, G, dv_pad): summed over regions
@@ -689,14 +692,13 @@ template <typename S, int G> struct GroupBackward {
   std::vector<const S*> key_ptr, value_ptr;
   std::vector<int64_t> position;
 
-  GroupBackward(const Shape& s, const int64_t* qr, const int64_t* kr, const int64_t* ix, Operand q_, Operand k_,
-                Operand v_, Operand go, S scale_, S* gq, int64_t gqi, int64_t gqr, S* gk, int64_t gki, int64_t gkr,
-                S* gv, int64_t gvi, int64_t gvr)
-      : shape(s), query_rows(qr), key_rows(kr), index(ix), q(q_), k(k_), v(v_), grad_out(go), scale(scale_),
-        grad_q(gq), grad_k(gk), grad_v(gv), gq_image(gqi), gq_row(gqr), gk_image(gki), gk_row(gkr), gv_image(gvi),
-        gv_row(gvr), vectors(whole_vectors(s.tokens * G, L)), keys(s.topk * s.keys_per_region),
-        positions(s.regions * s.keys_per_region), dq_pad(whole_vectors(s.head_dim_qk, L) * L),
-        dv_pad(whole_vectors(s.head_dim_v, L) * L) {
+  explicit GroupBackward(const BackwardProblem<S>& problem)
+      : p(problem), vectors(whole_vectors(problem.shape.tokens * G, L)),
+        keys(problem.shape.topk * problem.shape.keys_per_region),
+        positions(problem.shape.regions * problem.shape.keys_per_region),
+        dq_pad(whole_vectors(problem.shape.head_dim_qk, L) * L),
+        dv_pad(whole_vectors(problem.shape.head_dim_v, L) * L) {
+    const Shape& s = problem.shape;
     keys_t.resize(positions * s.head_dim_qk * G);
     values_t.resize(positions * s.head_dim_v * G);
     grad_keys.resize(positions * G * dq_pad);
@@ -757,13 +759,13 @@ template <typename S, int G> struct GroupBackward {
   }
   template <int TW> void grad_query_vectors(int64_t w) {
     int64_t d = 0;
-    for (; d + 4 <= shape.head_dim_qk; d += 4) grad_query_tile<4, TW>(d, w);
-    for (; d < shape.head_dim_qk; ++d) grad_query_tile<1, TW>(d, w);
+    for (; d + 4 <= p.shape.head_dim_qk; d += 4) grad_query_tile<4, TW>(d, w);
+    for (; d < p.shape.head_dim_qk; ++d) grad_query_tile<1, TW>(d, w);
   }
 
   // into (position, u, ·) of `sums`: Σ_i weights_t[j, i·G + u] · packed[i·G + u, ·] for every routed key j and head u
   void accumulate_rows(const S* weights_t, const S* packed, int64_t width_pad, S* sums) const {
-    const int64_t T = shape.tokens;
+    const int64_t T = p.shape.tokens;
     for (int64_t j = 0; j < keys; ++j) {
       const S* weight = weights_t + j * vectors * L;
       for (int64_t u = 0; u < G; ++u) {
@@ -778,18 +780,18 @@ template <typename S, int G> struct GroupBackward {
   }
 
   void run(int64_t b, int64_t group) {
-    const Shape& s = shape;
+    const Shape& s = p.shape;
     const int64_t T = s.tokens, dq = s.head_dim_qk, dv = s.head_dim_v, lanes = vectors * L;
-    const S* q_image = static_cast<const S*>(q.data) + b * q.image + group * G * dq;
-    const S* k_image = static_cast<const S*>(k.data) + b * k.image + group * G * dq;
-    const S* v_image = static_cast<const S*>(v.data) + b * v.image + group * G * dv;
-    const S* go_image = static_cast<const S*>(grad_out.data) + b * grad_out.image + group * G * dv;
-    for (int64_t p = 0; p < positions; ++p) {
-      const S* key_row = k_image + key_rows[p] * k.row;
-      const S* value_row = v_image + key_rows[p] * v.row;
+    const S* q_image = static_cast<const S*>(p.q.data) + b * p.q.image + group * G * dq;
+    const S* k_image = static_cast<const S*>(p.k.data) + b * p.k.image + group * G * dq;
+    const S* v_image = static_cast<const S*>(p.v.data) + b * p.v.image + group * G * dv;
+    const S* go_image = static_cast<const S*>(p.grad_out.data) + b * p.grad_out.image + group * G * dv;
+    for (int64_t slot = 0; slot < positions; ++slot) {
+      const S* key_row = k_image + p.key_rows[slot] * p.k.row;
+      const S* value_row = v_image + p.key_rows[slot] * p.v.row;
       for (int64_t u = 0; u < G; ++u) {
-        for (int64_t d = 0; d < dq; ++d) keys_t[(p * dq + d) * G + u] = key_row[u * dq + d];
-        for (int64_t e = 0; e < dv; ++e) values_t[(p * dv + e) * G + u] = value_row[u * dv + e];
+        for (int64_t d = 0; d < dq; ++d) keys_t[(slot * dq + d) * G + u] = key_row[u * dq + d];
+        for (int64_t e = 0; e < dv; ++e) values_t[(slot * dv + e) * G + u] = value_row[u * dv + e];
       }
     }
     std::fill(grad_keys.begin(), grad_keys.end(), S(0));
@@ -797,7 +799,7 @@ template <typename S, int G> struct GroupBackward {
     S* flat_query_t = reinterpret_cast<S*>(query_t.data());
     S* flat_grad_out_t = reinterpret_cast<S*>(grad_out_t.data());
     for (int64_t r = 0; r < s.regions; ++r) {
-      const int64_t* routed = index + (b * s.regions + r) * s.topk;
+      const int64_t* routed = p.index + (b * s.regions + r) * s.topk;
       for (int64_t g = 0; g < s.topk; ++g)
         for (int64_t t = 0; t < s.keys_per_region; ++t) {
           const int64_t j = g * s.keys_per_region + t;
@@ -806,15 +808,15 @@ template <typename S, int G> struct GroupBackward {
           value_ptr[j] = values_t.data() + position[j] * dv * G;
         }
       for (int64_t i = 0; i < T; ++i) {  // padded lanes stay zero: their dO is 0, so their dS is 0
-        const int64_t row = query_rows[r * T + i];
+        const int64_t row = p.query_rows[r * T + i];
         for (int64_t u = 0; u < G; ++u) {
           const int64_t lane = i * G + u;
           for (int64_t d = 0; d < dq; ++d)
             flat_query_t[d * lanes + lane] = query_packed[lane * dq_pad + d] =
-                q_image[row * q.row + u * dq + d] * scale;
+                q_image[row * p.q.row + u * dq + d] * p.scale;
           for (int64_t e = 0; e < dv; ++e)
             flat_grad_out_t[e * lanes + lane] = grad_out_packed[lane * dv_pad + e] =
-                go_image[row * grad_out.row + u * dv + e];
+                go_image[row * p.grad_out.row + u * dv + e];
         }
       }
       dots(query_t.data(), key_ptr.data(), dq, logits_t.data());
@@ -842,41 +844,34 @@ template <typename S, int G> struct GroupBackward {
       for (; w < vectors; ++w) grad_query_vectors<1>(w);
       const S* flat_grad_query_t = reinterpret_cast<const S*>(grad_query_t.data());
       for (int64_t i = 0; i < T; ++i) {
-        S* target = grad_q + b * gq_image + query_rows[r * T + i] * gq_row + group * G * dq;
+        S* target = p.grad_q.at(b, p.query_rows[r * T + i]) + group * G * dq;
         for (int64_t u = 0; u < G; ++u)
-          for (int64_t d = 0; d < dq; ++d) target[u * dq + d] = scale * flat_grad_query_t[d * lanes + i * G + u];
+          for (int64_t d = 0; d < dq; ++d) target[u * dq + d] = p.scale * flat_grad_query_t[d * lanes + i * G + u];
       }
       accumulate_rows(reinterpret_cast<const S*>(grad_logits_t.data()), query_packed.data(), dq_pad,
                       grad_keys.data());
       accumulate_rows(reinterpret_cast<const S*>(logits_t.data()), grad_out_packed.data(), dv_pad,
                       grad_values.data());
     }
-    for (int64_t p = 0; p < positions; ++p) {  // this (image, group)'s columns of dK and dV, every key written
-      S* target_k = grad_k + b * gk_image + key_rows[p] * gk_row + group * G * dq;
-      S* target_v = grad_v + b * gv_image + key_rows[p] * gv_row + group * G * dv;
+    for (int64_t slot = 0; slot < positions; ++slot) {  // this (image, group)'s columns of dK and dV, all written
+      S* target_k = p.grad_k.at(b, p.key_rows[slot]) + group * G * dq;
+      S* target_v = p.grad_v.at(b, p.key_rows[slot]) + group * G * dv;
       for (int64_t u = 0; u < G; ++u) {
-        for (int64_t d = 0; d < dq; ++d) target_k[u * dq + d] = grad_keys[(p * G + u) * dq_pad + d];
-        for (int64_t e = 0; e < dv; ++e) target_v[u * dv + e] = grad_values[(p * G + u) * dv_pad + e];
+        for (int64_t d = 0; d < dq; ++d) target_k[u * dq + d] = grad_keys[(slot * G + u) * dq_pad + d];
+        for (int64_t e = 0; e < dv; ++e) target_v[u * dv + e] = grad_values[(slot * G + u) * dv_pad + e];
       }
     }
   }
 };
 
-template <typename S, int G>
-void routed_attention_backward_grouped(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows,
-                                       const int64_t* index, Operand q, Operand k, Operand v, Operand grad_out,
-                                       double scale, S* grad_q, int64_t gq_image, int64_t gq_row, S* grad_k,
-                                       int64_t gk_image, int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row,
-                                       int threads) {
-  const int64_t groups = shape.heads / G;
-  over_items(shape.batch * groups, threads, [&](int64_t begin, int64_t end) {
+template <typename S, int G> void routed_attention_backward_grouped(const BackwardProblem<S>& problem, int threads) {
+  const int64_t groups = problem.shape.heads / G;
+  over_items(problem.shape.batch * groups, threads, [&](int64_t begin, int64_t end) {
     if constexpr (G == 1) {
-      HeadBackward<S> head(shape, query_rows, key_rows, index, q, k, v, grad_out, static_cast<S>(scale), grad_q,
-                           gq_image, gq_row, grad_k, gk_image, gk_row, grad_v, gv_image, gv_row);  // thread's scratch
+      HeadBackward<S> head(problem);  // this thread's scratch
       for (int64_t item = begin; item < end; ++item) head.run(item / groups, item % groups);
     } else {
-      GroupBackward<S, G> heads(shape, query_rows, key_rows, index, q, k, v, grad_out, static_cast<S>(scale), grad_q,
-                                gq_image, gq_row, grad_k, gk_image, gk_row, grad_v, gv_image, gv_row);
+      GroupBackward<S, G> heads(problem);
       for (int64_t item = begin; item < end; ++item) heads.run(item / groups, item % groups);
     }
   });
@@ -890,18 +885,9 @@ template <typename S> int64_t heads_in_lanes(const Shape& shape) {
   return std::min<int64_t>(shape.heads & -shape.heads, Lanes<S>::count);
 }
 
-// one thread per (image, head) where a region's queries fill the vectors, per (image, group of G heads) otherwise
-template <typename S>
-void routed_attention_backward(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows,
-                               const int64_t* index, Operand q, Operand k, Operand v, Operand grad_out, double scale,
-                               S* grad_q, int64_t gq_image, int64_t gq_row, S* grad_k, int64_t gk_image,
-                               int64_t gk_row, S* grad_v, int64_t gv_image, int64_t gv_row, int threads) {
+// Calls run(std::integral_constant<int, G>{}) with G = heads_in_lanes<S>(shape), the kernels' compile-time G.
+template <typename S, typename F> void with_heads_in_lanes(const Shape& shape, F run) {
   const int64_t group = heads_in_lanes<S>(shape);
-  auto run = [&](auto heads_in_lanes) {
-    routed_attention_backward_grouped<S, decltype(heads_in_lanes)::value>(
-        shape, query_rows, key_rows, index, q, k, v, grad_out, scale, grad_q, gq_image, gq_row, grad_k, gk_image,
-        gk_row, grad_v, gv_image, gv_row, threads);
-  };
   if constexpr (Lanes<S>::count == 16) {
     if (group == 16) return run(std::integral_constant<int, 16>{});
   }
@@ -911,22 +897,21 @@ void routed_attention_backward(const Shape& shape, const int64_t* query_rows, co
   else run(std::integral_constant<int, 1>{});
 }
 
+// one thread per (image, head) where a region's queries fill the vectors, per (image, group of G heads) otherwise
+template <typename S> void routed_attention_backward(const BackwardProblem<S>& problem, int threads) {
+  with_heads_in_lanes<S>(problem.shape, [&](auto heads_in_lanes) {
+    routed_attention_backward_grouped<S, decltype(heads_in_lanes)::value>(problem, threads);
+  });
+}
+
 template <typename S>
 void routed_attention(const Shape& shape, const int64_t* query_rows, const int64_t* key_rows, const int64_t* index,
                       Operand q, Operand k, Operand v, double scale, S* out, int64_t out_image, int64_t out_row,
                       int threads) {
-  const int64_t group = heads_in_lanes<S>(shape);
-  auto run = [&](auto heads_in_lanes) {
+  with_heads_in_lanes<S>(shape, [&](auto heads_in_lanes) {
     routed_attention_grouped<S, decltype(heads_in_lanes)::value>(shape, query_rows, key_rows, index, q, k, v, scale,
                                                                  out, out_image, out_row, threads);
-  };
-  if constexpr (Lanes<S>::count == 16) {
-    if (group == 16) return run(std::integral_constant<int, 16>{});
-  }
-  if (group == 8) run(std::integral_constant<int, 8>{});
-  else if (group == 4) run(std::integral_constant<int, 4>{});
-  else if (group == 2) run(std::integral_constant<int, 2>{});
-  else run(std::integral_constant<int, 1>{});
+  });
 }
 
 }  // namespace
@@ -963,10 +948,12 @@ template <typename F> int guarded(F fn) {
       int threads) {                                                                                                 \
     const Shape shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7]};                      \
     return guarded([&] {                                                                                             \
-      routed_attention_backward<S>(shape, query_rows, key_rows, index, Operand{q, q_image, q_row},                   \
-                                   Operand{k, k_image, k_row}, Operand{v, v_image, v_row},                           \
-                                   Operand{grad_out, go_image, go_row}, scale, grad_q, gq_image, gq_row, grad_k,     \
-                                   gk_image, gk_row, grad_v, gv_image, gv_row, threads);                             \
+      const BackwardProblem<S> problem{shape, query_rows, key_rows, index, Operand{q, q_image, q_row},               \
+                                       Operand{k, k_image, k_row}, Operand{v, v_image, v_row},                       \
+                                       Operand{grad_out, go_image, go_row}, static_cast<S>(scale),                   \
+                                       Written<S>{grad_q, gq_image, gq_row}, Written<S>{grad_k, gk_image, gk_row},   \
+                                       Written<S>{grad_v, gv_image, gv_row}};                                        \
+      routed_attention_backward<S>(problem, threads);                                                                \
     });                                                                                                              \
   }                                                                                                                  \
   extern "C" int attnbench_bra_local_context_add_##SUFFIX(                                                           \
