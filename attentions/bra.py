@@ -49,7 +49,7 @@ import functools
 import torch
 from torch import nn
 
-from . import bra_kernels, bra_native
+from . import bra_kernels, bra_native, huge_pages
 from ._common import conv_nhwc, depthwise_conv, depthwise_conv_macs, pad_bottom_right, top_k_choice
 from .base import AttentionMechanism, MacCount, check_heads
 from .by_image import by_image
@@ -72,9 +72,11 @@ class FusedQKV(nn.Module):
         self.qkv = nn.Linear(dim, 2 * qk_dim + dim)
 
     def forward(self, x: torch.Tensor, split: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """(..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim); with ``split=False`` the one tensor Q|K|V."""
-        projected = self.qkv(x)
-        return projected.split([self.qk_dim, self.qk_dim + x.shape[-1]], dim=-1) if split else projected
+        """(..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim); with ``split=False`` the one tensor Q|K|V of the
+        native path, on huge pages where it is large, as is its input's gradient (``huge_pages.linear``)."""
+        if not split:
+            return huge_pages.linear(x, self.qkv.weight, self.qkv.bias)
+        return self.qkv(x).split([self.qk_dim, self.qk_dim + x.shape[-1]], dim=-1)
 
 
 class RegionRouter(nn.Module):
@@ -298,7 +300,9 @@ class BiLevelRoutingAttention(AttentionMechanism):
         The qkv projection runs on the map as it is; the native kernels (attentions/bra_native.py) take the region
         means of its Q and K, read each region's tokens through a row table, write the attention output into the map
         and add the LCE there, and in training give the gradient of the whole Q|K|V projection output as one tensor.
-        No permuted copy of x, q, k, v or the output is made. Hard routing only (the fused backend declares no soft
+        No permuted copy of x, q, k, v or the output is made. The large buffers this path allocates (the Q|K|V and
+        output projections, the attention output, their gradients) are on huge pages (attentions/huge_pages.py).
+        Hard routing only (the fused backend declares no soft
         routing), so the routing weights are not used, and the routing is detached (diff_routing needs soft)."""
         batch, height, width, c = x.shape
         s, qk = self.n_win, self.qk_dim
@@ -312,8 +316,8 @@ class BiLevelRoutingAttention(AttentionMechanism):
         layout = bra_native.RoutedLayout(rows, rows, routing_index, self.num_heads, qk, c, self.scale,
                                          (height, width) if self.side_dwconv > 0 else None)
         lce = (self.lepe.weight, self.lepe.bias) if self.side_dwconv > 0 else ()
-        out = bra_native.attend(projected, projected, layout, *lce)  # (B, H·W, C)
-        return self.wo(out.view(batch, height, width, c))
+        out = bra_native.attend(projected, projected, layout, *lce).view(batch, height, width, c)
+        return huge_pages.linear(out, self.wo.weight, self.wo.bias) if isinstance(self.wo, nn.Linear) else out
 
     def plain(self) -> BiLevelRoutingAttention:
         """A copy of this module on the reference backend (the official computation)."""

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import huge_pages
+
 SOURCE = Path(__file__).parent / "csrc" / "bra_routed.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -376,7 +378,7 @@ class _RoutedAttention(torch.autograd.Function):
     def forward(ctx, q_source, kv_source, lce_weight, lce_bias, layout: RoutedLayout):
         q, k, v = layout.split(q_source, kv_source)
         threads = torch.get_num_threads()
-        out = q.new_empty(q.shape[0], q.shape[1], layout.value_dim)
+        out = huge_pages.empty((q.shape[0], q.shape[1], layout.value_dim), q.dtype)
         routed_attention(q, k, v, out, layout.query_rows, layout.key_rows, layout.index, layout.heads, layout.scale,
                          threads)
         if lce_weight is not None:
@@ -393,8 +395,8 @@ class _RoutedAttention(torch.autograd.Function):
         q_source, kv_source, lce_weight = ctx.saved_tensors
         layout = ctx.layout
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        grad_q_source = torch.empty(q_source.shape, dtype=q_source.dtype)
-        grad_kv_source = grad_q_source if ctx.same_source else torch.empty(kv_source.shape, dtype=kv_source.dtype)
+        grad_q_source = huge_pages.empty(q_source.shape, q_source.dtype)
+        grad_kv_source = grad_q_source if ctx.same_source else huge_pages.empty(kv_source.shape, kv_source.dtype)
         q, k, v = layout.split(q_source, kv_source)
         grad_q, grad_k, grad_v = layout.split(grad_q_source, grad_kv_source)
         routed_attention_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, layout.query_rows, layout.key_rows,

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
+from . import huge_pages
 from ._common import aten_watcher
 
 # Groups on the caller's thread pay off single-threaded but cost 2–5× at 2 threads on a loaded machine (many
@@ -128,12 +129,14 @@ class _BatchOutput:
 
 def _batch_like(rows: torch.Tensor, batch: int) -> torch.Tensor:
     """An empty (batch, *rows.shape[1:]) tensor whose dimensions lie in memory in the order of ``rows``' strides
-    (a permuted view of a dense tensor, e.g. NCHW over NHWC memory, gives the same permutation), else contiguous."""
+    (a permuted view of a dense tensor, e.g. NCHW over NHWC memory, gives the same permutation), else contiguous;
+    on huge pages where it is large (``huge_pages.empty``)."""
     order = sorted(range(rows.dim()), key=lambda dim: (-rows.stride(dim), dim))  # outermost in memory first
     dense = rows.permute(order)
     if order[0] != 0 or not dense.is_contiguous():
-        return rows.new_empty((batch, *rows.shape[1:]))
-    return rows.new_empty((batch, *dense.shape[1:])).permute([order.index(dim) for dim in range(rows.dim())])
+        return huge_pages.empty((batch, *rows.shape[1:]), rows.dtype)
+    batch_dense = huge_pages.empty((batch, *dense.shape[1:]), rows.dtype)
+    return batch_dense.permute([order.index(dim) for dim in range(rows.dim())])
 
 
 def _on_workers(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bytes_per_image: float,

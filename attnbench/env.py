@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import socket
 import subprocess
 from importlib import metadata
@@ -79,6 +80,26 @@ def allocator() -> str:
     return f"{library} malloc, {' '.join(settings) or 'default settings'}"
 
 
+# settings that decide which large CPU buffers sit on transparent huge pages: attentions/huge_pages.py's switch for
+# the native BRA path's buffers, and PyTorch's for every allocation (c10/core/alloc_cpu.cpp)
+HUGE_PAGE_ENVIRONMENT = ("ATTENTIONS_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")
+TRANSPARENT_HUGEPAGE_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages() -> str:
+    """The kernel's transparent-huge-page mode and the settings in the environment that use it, in one line.
+
+    On CPU it changes timings as the allocator does: a fresh multi-MB buffer costs one page fault per 4 KiB without
+    huge pages and one per 2 MiB with them (the native BRA path asks for them, ``attentions/huge_pages.py``)."""
+    try:
+        mode = re.search(r"\[(\w+)\]", TRANSPARENT_HUGEPAGE_MODE.read_text())
+    except OSError:
+        mode = None
+    settings = [f"{key}={os.environ[key]}" for key in HUGE_PAGE_ENVIRONMENT if os.environ.get(key)]
+    return (f"transparent huge pages {mode.group(1) if mode else 'not available'}, "
+            f"{' '.join(settings) or 'default settings'}")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -115,6 +136,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "allocator": allocator(),
+        "huge_pages": huge_pages(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

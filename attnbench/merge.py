@@ -23,7 +23,7 @@ from .suite import SuiteError
 from .suite.schema import RULES
 
 # what two environments must share for their timings to sit in one table
-ENVIRONMENT_KEYS = ("device", "device_name", "threads", "torch", "git_sha", "hostname", "allocator")
+ENVIRONMENT_KEYS = ("device", "device_name", "threads", "torch", "git_sha", "hostname", "allocator", "huge_pages")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ def merge_runs(run_dirs: list[Path], into: Path, allow_mixed: bool = False) -> M
             record.environment = record.environment or run["environment"]
             newest[record.id], seen_in[record.id] = record, run_dir
     stamps = [run["environment"] for run in runs] + [record.environment for record in newest.values()]
-    # a key that older stamps lack (the allocator, recorded since 2026-12) is compared among the stamps that have it
+    # a key that older stamps lack (the allocator and the huge pages, recorded since 2026-12) is compared among the
+    # stamps that have it
     differing = [key for key in ENVIRONMENT_KEYS if len({stamp[key] for stamp in stamps if key in stamp}) > 1]
     if differing and not allow_mixed:
         raise SuiteError(f"{run_dirs[0]} and the others were measured in different environments "

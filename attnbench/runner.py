@@ -57,7 +57,7 @@ from .worker import RESULT_NOT_WRITTEN, run_case_in_process
 
 # environment keys that must agree for records to be comparable; a resume elsewhere is refused unless allowed
 COMPARED_ENVIRONMENT = ("threads", "torch", "cuda", "device", "device_name", "hostname", "python", "attnbench",
-                        "allocator")
+                        "allocator", "huge_pages")
 # signals that end a process from outside (a kill, a hang-up, the OOM killer's SIGKILL) rather than a crash
 KILL_SIGNALS = {signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT}
 STDERR_TAIL_LINES = 5

@@ -52,6 +52,7 @@ def _environment(run: dict, records: list) -> str:
         *([("load average at start (1, 5, 15 min)", ", ".join(map(str, env["load_average"])))]
           if env.get("load_average") else []),
         *([("allocator", env["allocator"])] if env.get("allocator") else []),
+        *([("huge pages", env["huge_pages"])] if env.get("huge_pages") else []),
         ("TF32 matmul / cuDNN", f"{env['tf32_matmul']} / {env['tf32_cudnn']}"),
         ("dense GEMM rate (2048³, same run)", rates or "not measured"),
         ("started", env["time"]),
