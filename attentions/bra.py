@@ -73,9 +73,9 @@ class FusedQKV(nn.Module):
 
     def forward(self, x: torch.Tensor, split: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """(..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim); with ``split=False`` the one tensor Q|K|V of the
-        native path, on huge pages where it is large, as is its input's gradient (``huge_pages.linear``)."""
+        native path, on huge pages where it is large, as is its input's gradient (``huge_pages.apply_linear``)."""
         if not split:
-            return huge_pages.linear(x, self.qkv.weight, self.qkv.bias)
+            return huge_pages.apply_linear(self.qkv, x)
         return self.qkv(x).split([self.qk_dim, self.qk_dim + x.shape[-1]], dim=-1)
 
 
@@ -302,8 +302,8 @@ class BiLevelRoutingAttention(AttentionMechanism):
         and add the LCE there, and in training give the gradient of the whole Q|K|V projection output as one tensor.
         No permuted copy of x, q, k, v or the output is made. The large buffers this path allocates (the Q|K|V and
         output projections, the attention output, their gradients) are on huge pages (attentions/huge_pages.py).
-        Hard routing only (the fused backend declares no soft
-        routing), so the routing weights are not used, and the routing is detached (diff_routing needs soft)."""
+        Hard routing only (the fused backend declares no soft routing), so the routing weights are not used, and the
+        routing is detached (diff_routing needs soft)."""
         batch, height, width, c = x.shape
         s, qk = self.n_win, self.qk_dim
         region_h, region_w = height // s, width // s
@@ -317,7 +317,7 @@ class BiLevelRoutingAttention(AttentionMechanism):
                                          (height, width) if self.side_dwconv > 0 else None)
         lce = (self.lepe.weight, self.lepe.bias) if self.side_dwconv > 0 else ()
         out = bra_native.attend(projected, projected, layout, *lce).view(batch, height, width, c)
-        return huge_pages.linear(out, self.wo.weight, self.wo.bias) if isinstance(self.wo, nn.Linear) else out
+        return huge_pages.apply_linear(self.wo, out)
 
     def plain(self) -> BiLevelRoutingAttention:
         """A copy of this module on the reference backend (the official computation)."""

@@ -1,82 +1,97 @@
 """Large CPU buffers on transparent huge pages, for the native BRA path's activations and gradients.
 
-glibc serves an allocation above its mmap threshold (at most 32 MiB) from fresh pages that the kernel maps and
-zeroes one 4 KiB page at a time on first touch, and unmaps again on free. At BiFormer-T's stage 1, batch 64, one
-Q|K|V activation is 154 MB: 38k page faults in every training step. Filling such a buffer took 38 ms fresh against
-2.3 ms reused (ad hoc, 2-core EPYC VM, 2 threads, 2026-12-05). Where the kernel's transparent huge pages are on
-``madvise`` or ``always`` (/sys/kernel/mm/transparent_hugepage/enabled), asking for them on a fresh buffer's 2
-MiB-aligned interior before it is touched makes that 75 faults of 2 MiB: 14 ms in the same timing. PyTorch's own
-``THP_MEM_ALLOC_ENABLE=1`` does this for every allocation of the process (c10/core/alloc_cpu.cpp); here it is asked
-only for the buffers the native path allocates, so the other code of the process, e.g. the ``reference`` backend
-or the official code it is compared with, allocates as it did. Where the advice is not available (another OS, THP
-``never``) the buffers are plain ones, and ``ATTENTIONS_HUGE_PAGES=0`` in the environment turns the advice off.
+glibc's malloc serves every request of 32 MiB or more (its largest mmap threshold, DEFAULT_MMAP_THRESHOLD_MAX on
+64-bit) from a fresh mapping, which the kernel fills one 4 KiB page fault at a time on first touch and which is
+unmapped again on free. At BiFormer-T's stage 1, batch 64, the Q|K|V activation is 154 MB: 38k page faults in every
+training step. ``empty`` gives such a buffer a mapping of its own with transparent huge pages asked for
+(``madvise(MADV_HUGEPAGE)``), unmapped when the tensor's storage is freed: 75 faults of 2 MiB instead. Filling a fresh
+154 MB buffer took 38 ms with 4 KiB pages and 14 ms with huge pages (ad hoc, not a committed run: 2-core EPYC VM, 2
+threads, 2026-12-05).
+
+It does so only where glibc would have mapped the buffer fresh anyway, so it replaces small pages by huge ones and
+nothing else: 32 MiB or more, glibc's malloc with its default mmap settings (not where ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_MMAP_MAX_`` or a ``GLIBC_TUNABLES`` mmap setting keeps large blocks in the heap, nor under a preloaded
+jemalloc / tcmalloc / mimalloc), Linux with THP on ``madvise`` or ``always``. The advice lives and dies with the
+buffer's own mapping: no memory that other code of the process allocates later (the ``reference`` backend, the
+official code timed beside ours) is advised. PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (c10/core/alloc_cpu.cpp) asks for
+huge pages on every allocation of 2 MiB or more in the process instead. ``ATTENTIONS_HUGE_PAGES=0`` in the
+environment turns ``empty``'s advice off: its buffers are then ``torch.empty``'s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import math
+import mmap
 import os
+import re
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 HUGE_PAGE_BYTES = 2 * 2**20
-MADV_HUGEPAGE = 14  # <linux/mman.h>
+MIN_BYTES = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: every request this large is mapped fresh
 SWITCH = "ATTENTIONS_HUGE_PAGES"  # "0" turns the advice off
-# below this the allocation usually comes from malloc's reused heap, already faulted in
-MIN_BYTES = 8 * 2**20
+THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# settings with which glibc may serve large requests from its heap, or another allocator serves them
+_HEAP_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 @functools.cache
-def _madvise():  # -> ctypes function or None
-    if not sys.platform.startswith("linux"):
-        return None
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None where there is none."""
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+        found = re.search(r"\[(\w+)\]", THP_ENABLED.read_text())
+    except OSError:
         return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
+    return found.group(1) if found else None
 
 
-def advise(buffer: torch.Tensor) -> bool:
-    """Ask for huge pages on the 2 MiB-aligned interior of ``buffer``'s memory (CPU, at least ``MIN_BYTES``).
-
-    Only pages not yet touched change, so call it on a fresh buffer before writing. Returns whether the kernel took
-    the advice; a refusal leaves the buffer as it was."""
-    madvise, nbytes = _madvise(), buffer.untyped_storage().nbytes()
-    if madvise is None or os.environ.get(SWITCH, "1") == "0" or buffer.device.type != "cpu" or nbytes < MIN_BYTES:
-        return False
-    start = buffer.untyped_storage().data_ptr()
-    first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    last = (start + nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    return last > first and madvise(first, last - first, MADV_HUGEPAGE) == 0
+def advised(nbytes: int) -> bool:
+    """Whether ``empty`` puts a buffer of ``nbytes`` on huge pages here and now (see the module docstring)."""
+    return (nbytes >= MIN_BYTES and os.environ.get(SWITCH, "1") != "0" and sys.platform.startswith("linux")
+            and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("madvise", "always")
+            and not any(os.environ.get(key) for key in _HEAP_SETTINGS)
+            and "mmap" not in os.environ.get("GLIBC_TUNABLES", "")
+            and not any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS))
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, on huge pages where it is large enough (``advise``)."""
-    buffer = torch.empty(shape, dtype=dtype)
-    advise(buffer)
-    return buffer
+    """``torch.empty(shape, dtype=dtype, device="cpu")``; where ``advised``, in an anonymous mapping of its own that
+    starts on a 2 MiB boundary, with huge pages asked for, and unmapped when the tensor's storage is freed."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not advised(nbytes):
+        return torch.empty(shape, dtype=dtype, device="cpu")
+    # private and anonymous (the default, MAP_SHARED, would be shared memory, which THP on madvise leaves alone); the
+    # extra 2 MiB, never touched, leaves room to align
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    storage = torch.frombuffer(region, dtype=torch.uint8).untyped_storage()  # holds ``region`` until freed
+    start = -storage.data_ptr() % HUGE_PAGE_BYTES
+    # ``set_`` rather than a slice: the buffer is a tensor of its own, not a view (autograd lets a custom Function's
+    # output that is not a view be modified in place)
+    return torch.empty(0, dtype=dtype, device="cpu").set_(storage, start // dtype.itemsize, tuple(shape))
 
 
 class _Linear(torch.autograd.Function):
-    """``F.linear`` with its output and its input's gradient in ``empty`` buffers (CPU)."""
+    """``F.linear`` with its output and, in backward, its input's gradient in ``empty`` buffers."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        rows = x.reshape(-1, x.shape[-1])
-        out = empty((rows.shape[0], weight.shape[0]), x.dtype)
+        out = empty((*x.shape[:-1], weight.shape[0]), x.dtype)
+        rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
         if bias is None:
-            torch.mm(rows, weight.t(), out=out)
+            torch.mm(rows, weight.t(), out=out_rows)
         else:
-            torch.addmm(bias, rows, weight.t(), out=out)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], weight.shape[0])
+            torch.addmm(bias, rows, weight.t(), out=out_rows)
+        # each operand is needed only for the other's gradient
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -85,10 +100,10 @@ class _Linear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if torch.is_grad_enabled():  # create_graph: differentiable ops, no out= buffer
-                grad_x = (grad_rows @ weight).view(x.shape)
+                grad_x = (grad_rows @ weight).view(ctx.x_shape)
             else:
-                grad_x = torch.mm(grad_rows, weight, out=empty((grad_rows.shape[0], weight.shape[1]), x.dtype))
-                grad_x = grad_x.view(x.shape)
+                grad_x = empty(ctx.x_shape, grad_out.dtype)
+                torch.mm(grad_rows, weight, out=grad_x.view(-1, weight.shape[1]))
         if ctx.needs_input_grad[1]:
             grad_weight = grad_rows.t() @ x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2] and ctx.has_bias:
@@ -98,10 +113,23 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: (..., in) -> (..., out), with the output and, in backward, the input's gradient
-    on huge pages where they are large (``empty``). Plain ``F.linear`` off the CPU, under autocast and while
-    torch.compile traces (it cannot trace the ``madvise`` call)."""
+    in ``empty`` buffers. Plain ``F.linear`` off the CPU, under autocast, while torch.compile traces, and where
+    the dtypes differ (its error)."""
     if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
             or x.dtype != weight.dtype):
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
 
+
+def _hooked(module: nn.Module) -> bool:
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, computed by ``linear`` where ``module`` is a plain ``nn.Linear`` without forward hooks; any
+    other module (a subclass, a quantised or adapted linear, ``nn.Identity``) or a hooked one is called as it is."""
+    if type(module) is nn.Linear and not _hooked(module):
+        return linear(x, module.weight, module.bias)
+    return module(x)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import attnbench
+from attentions import huge_pages as thp
 from attentions.registry import ENTRY_POINT_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,24 +81,26 @@ def allocator() -> str:
     return f"{library} malloc, {' '.join(settings) or 'default settings'}"
 
 
-# settings that decide which large CPU buffers sit on transparent huge pages: attentions/huge_pages.py's switch for
-# the native BRA path's buffers, and PyTorch's for every allocation (c10/core/alloc_cpu.cpp)
-HUGE_PAGE_ENVIRONMENT = ("ATTENTIONS_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")
-TRANSPARENT_HUGEPAGE_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+THP_DEFRAG = Path("/sys/kernel/mm/transparent_hugepage/defrag")
 
 
 def huge_pages() -> str:
-    """The kernel's transparent-huge-page mode and the settings in the environment that use it, in one line.
+    """Where large CPU buffers get transparent huge pages, in one line: the kernel's THP mode and defrag policy,
+    whether attentions' native BRA path puts its large buffers on them here (``attentions/huge_pages.py``: on by
+    default; off with ``ATTENTIONS_HUGE_PAGES=0``, and where the allocator keeps large blocks in its heap), and
+    PyTorch's process-wide ``THP_MEM_ALLOC_ENABLE`` when set.
 
     On CPU it changes timings as the allocator does: a fresh multi-MB buffer costs one page fault per 4 KiB without
-    huge pages and one per 2 MiB with them (the native BRA path asks for them, ``attentions/huge_pages.py``)."""
+    huge pages and one per 2 MiB with them."""
+    mode = thp.thp_mode()
     try:
-        mode = re.search(r"\[(\w+)\]", TRANSPARENT_HUGEPAGE_MODE.read_text())
+        defrag = re.search(r"\[([\w+]+)\]", THP_DEFRAG.read_text())
     except OSError:
-        mode = None
-    settings = [f"{key}={os.environ[key]}" for key in HUGE_PAGE_ENVIRONMENT if os.environ.get(key)]
-    return (f"transparent huge pages {mode.group(1) if mode else 'not available'}, "
-            f"{' '.join(settings) or 'default settings'}")
+        defrag = None
+    native = "on" if thp.advised(thp.MIN_BYTES) else "off"
+    torch_wide = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    return (f"transparent huge pages {mode or 'not available'} (defrag {defrag.group(1) if defrag else '?'}), "
+            f"native BRA buffers {native}" + (f", THP_MEM_ALLOC_ENABLE={torch_wide}" if torch_wide else ""))
 
 
 def cpu_model() -> str:

@@ -291,7 +291,7 @@ def render(parts: list[PartRow], ours: list[OursRow], run: dict[str, Any]) -> st
                                    "useful FLOP/s ÷ one-thread GEMM rate"], tablefmt="github"),
         "",
         f"Device {env['device']} ({env.get('device_name')}), {threads} threads, torch {env['torch']}, "
-        f"allocator {env.get('allocator', 'not recorded')}, {env.get('huge_pages', 'huge pages not recorded')}, "
+        f"allocator {env.get('allocator', 'not recorded')}, huge pages: {env.get('huge_pages', 'not recorded')}, "
         f"attnbench {env['git_sha'][:12]}{' (uncommitted changes)' if env.get('git_dirty') is True else ''}, "
         f"started {run['started']}.",
         "",

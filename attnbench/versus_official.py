@@ -373,7 +373,7 @@ def render(rows: list[Row], run: dict[str, Any]) -> str:
         "reported, not bounded (float64 is the check).",
         "",
         f"Device {env['device']} ({env.get('device_name')}), {run['threads']} threads, torch {env['torch']}, "
-        f"allocator {env.get('allocator', 'not recorded')}, {env.get('huge_pages', 'huge pages not recorded')}, "
+        f"allocator {env.get('allocator', 'not recorded')}, huge pages: {env.get('huge_pages', 'not recorded')}, "
         f"attnbench {env['git_sha'][:12]}{' (uncommitted changes)' if env.get('git_dirty') is True else ''}, "
         f"started {run['started']}.",
         "",
