@@ -4,9 +4,9 @@ glibc's malloc serves every request of 32 MiB or more (its largest mmap threshol
 64-bit) from a fresh mapping, which the kernel fills one 4 KiB page fault at a time on first touch and which is
 unmapped again on free. At BiFormer-T's stage 1, batch 64, the Q|K|V activation is 154 MB: 38k page faults in every
 training step. ``empty`` gives such a buffer a mapping of its own with transparent huge pages asked for
-(``madvise(MADV_HUGEPAGE)``), unmapped when the tensor's storage is freed: 75 faults of 2 MiB instead. Filling a fresh
-154 MB buffer took 38 ms with 4 KiB pages and 14 ms with huge pages (ad hoc, not a committed run: 2-core EPYC VM, 2
-threads, 2026-12-05).
+(``madvise(MADV_HUGEPAGE)``), unmapped when the tensor's storage is freed: 75 faults of 2 MiB instead. Allocating and
+filling a fresh 154 MB buffer took 35 ms with 4 KiB pages and 6 ms this way (ad hoc, not a committed run: 2-core EPYC
+VM, 2 threads, 2026-12-05).
 
 It does so only where glibc would have mapped the buffer fresh anyway, so it replaces small pages by huge ones and
 nothing else: 32 MiB or more, glibc's malloc with its default mmap settings (not where ``MALLOC_MMAP_THRESHOLD_``,
@@ -14,8 +14,13 @@ nothing else: 32 MiB or more, glibc's malloc with its default mmap settings (not
 jemalloc / tcmalloc / mimalloc), Linux with THP on ``madvise`` or ``always``. The advice lives and dies with the
 buffer's own mapping: no memory that other code of the process allocates later (the ``reference`` backend, the
 official code timed beside ours) is advised. PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (c10/core/alloc_cpu.cpp) asks for
-huge pages on every allocation of 2 MiB or more in the process instead. ``ATTENTIONS_HUGE_PAGES=0`` in the
-environment turns ``empty``'s advice off: its buffers are then ``torch.empty``'s.
+huge pages on every allocation of 2 MiB or more in the process instead.
+
+It is off unless ``ATTENTIONS_HUGE_PAGES=1`` is in the environment; ``empty``'s buffers are ``torch.empty``'s
+otherwise. On this project's VM (free pages reported to the host) it helped where ours ran alone and hurt badly where
+ours ran interleaved with other code that allocates a lot: BRA stage 1's forward+backward at batch 64 took 254-271 ms
+with it against 358 without in the suite (one process per case), but at batch 32, interleaved with the official code
+in one process, 159-445 ms against 122-132 (ad hoc, 2026-12-05; README, *Huge pages*).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 
 HUGE_PAGE_BYTES = 2 * 2**20
 MIN_BYTES = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: every request this large is mapped fresh
-SWITCH = "ATTENTIONS_HUGE_PAGES"  # "0" turns the advice off
+SWITCH = "ATTENTIONS_HUGE_PAGES"  # "1" turns the advice on
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # settings with which glibc may serve large requests from its heap, or another allocator serves them
 _HEAP_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
@@ -53,7 +58,7 @@ def thp_mode() -> str | None:
 
 def advised(nbytes: int) -> bool:
     """Whether ``empty`` puts a buffer of ``nbytes`` on huge pages here and now (see the module docstring)."""
-    return (nbytes >= MIN_BYTES and os.environ.get(SWITCH, "1") != "0" and sys.platform.startswith("linux")
+    return (nbytes >= MIN_BYTES and os.environ.get(SWITCH) == "1" and sys.platform.startswith("linux")
             and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("madvise", "always")
             and not any(os.environ.get(key) for key in _HEAP_SETTINGS)
             and "mmap" not in os.environ.get("GLIBC_TUNABLES", "")

@@ -86,8 +86,8 @@ THP_DEFRAG = Path("/sys/kernel/mm/transparent_hugepage/defrag")
 
 def huge_pages() -> str:
     """Where large CPU buffers get transparent huge pages, in one line: the kernel's THP mode and defrag policy,
-    whether attentions' native BRA path puts its large buffers on them here (``attentions/huge_pages.py``: on by
-    default; off with ``ATTENTIONS_HUGE_PAGES=0``, and where the allocator keeps large blocks in its heap), and
+    whether attentions' native BRA path puts its large buffers on them here (``attentions/huge_pages.py``: off by
+    default; on with ``ATTENTIONS_HUGE_PAGES=1`` where the allocator does not keep large blocks in its heap), and
     PyTorch's process-wide ``THP_MEM_ALLOC_ENABLE`` when set.
 
     On CPU it changes timings as the allocator does: a fresh multi-MB buffer costs one page fault per 4 KiB without

@@ -46,9 +46,10 @@ def _span(buffer: torch.Tensor) -> tuple[int, int]:
 
 @pytest.fixture
 def default_malloc(monkeypatch):
-    """The environment ``empty`` advises in: no switch, glibc's default mmap settings, no preloaded allocator."""
-    for key in (huge_pages.SWITCH, "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+    """The environment ``empty`` advises in: switched on, glibc's default mmap settings, no preloaded allocator."""
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(huge_pages.SWITCH, "1")
 
 
 needs_thp = pytest.mark.skipif(huge_pages.thp_mode() not in ("madvise", "always") or not hasattr(mmap, "MADV_HUGEPAGE"),
@@ -70,8 +71,8 @@ def test_a_large_buffer_sits_on_huge_pages_in_a_mapping_that_dies_with_it(defaul
 
 
 @pytest.mark.parametrize("setting", [
-    (huge_pages.SWITCH, "0"), ("MALLOC_MMAP_THRESHOLD_", "1000000000"), ("MALLOC_MMAP_MAX_", "0"),
-    ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1000000000"),
+    (huge_pages.SWITCH, "0"), (huge_pages.SWITCH, ""), ("MALLOC_MMAP_THRESHOLD_", "1000000000"),
+    ("MALLOC_MMAP_MAX_", "0"), ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1000000000"),
     ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
 def test_no_advice_where_it_is_switched_off_or_the_allocator_keeps_large_blocks(default_malloc, monkeypatch,
                                                                                  setting):
@@ -223,6 +224,8 @@ def test_the_stamp_names_the_huge_page_settings_and_runs_compare_them(default_ma
     monkeypatch.setattr(huge_pages.sys, "platform", "linux")
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     assert re.fullmatch(r"transparent huge pages madvise \(defrag .+\), native BRA buffers on", env.huge_pages())
+    monkeypatch.delenv(huge_pages.SWITCH)  # off by default
+    assert env.huge_pages().endswith("native BRA buffers off")
     monkeypatch.setenv(huge_pages.SWITCH, "0")
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert env.huge_pages().endswith("native BRA buffers off, THP_MEM_ALLOC_ENABLE=1")
