@@ -73,7 +73,7 @@ class FusedQKV(nn.Module):
 
     def forward(self, x: torch.Tensor, split: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """(..., dim) -> q (..., qk_dim), kv (..., qk_dim + dim); with ``split=False`` the one tensor Q|K|V of the
-        native path, on huge pages where it is large, as is its input's gradient (``huge_pages.apply_linear``)."""
+        native path, it and its input's gradient in ``huge_pages`` buffers (huge pages where switched on and large)."""
         if not split:
             return huge_pages.apply_linear(self.qkv, x)
         return self.qkv(x).split([self.qk_dim, self.qk_dim + x.shape[-1]], dim=-1)
@@ -301,7 +301,8 @@ class BiLevelRoutingAttention(AttentionMechanism):
         means of its Q and K, read each region's tokens through a row table, write the attention output into the map
         and add the LCE there, and in training give the gradient of the whole Q|K|V projection output as one tensor.
         No permuted copy of x, q, k, v or the output is made. The large buffers this path allocates (the Q|K|V and
-        output projections, the attention output, their gradients) are on huge pages (attentions/huge_pages.py).
+        output projections, the attention output, their gradients) come from attentions/huge_pages.py: on huge pages
+        where ``ATTENTIONS_HUGE_PAGES=1`` and they are large.
         Hard routing only (the fused backend declares no soft routing), so the routing weights are not used, and the
         routing is detached (diff_routing needs soft)."""
         batch, height, width, c = x.shape

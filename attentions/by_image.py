@@ -130,7 +130,7 @@ class _BatchOutput:
 def _batch_like(rows: torch.Tensor, batch: int) -> torch.Tensor:
     """An empty (batch, *rows.shape[1:]) tensor whose dimensions lie in memory in the order of ``rows``' strides
     (a permuted view of a dense tensor, e.g. NCHW over NHWC memory, gives the same permutation), else contiguous;
-    on huge pages where it is large (``huge_pages.empty``)."""
+    from ``huge_pages.empty`` (on huge pages where switched on and large)."""
     order = sorted(range(rows.dim()), key=lambda dim: (-rows.stride(dim), dim))  # outermost in memory first
     dense = rows.permute(order)
     if order[0] != 0 or not dense.is_contiguous():

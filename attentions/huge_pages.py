@@ -40,17 +40,19 @@ from torch import nn
 HUGE_PAGE_BYTES = 2 * 2**20
 MIN_BYTES = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: every request this large is mapped fresh
 SWITCH = "ATTENTIONS_HUGE_PAGES"  # "1" turns the advice on
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+THP_SETTINGS = Path("/sys/kernel/mm/transparent_hugepage")
 # settings with which glibc may serve large requests from its heap, or another allocator serves them
 _HEAP_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 @functools.cache
-def thp_mode() -> str | None:
-    """The kernel's transparent-huge-page mode ("always", "madvise", "never"), None where there is none."""
+def thp_setting(name: str) -> str | None:
+    """The kernel's choice for a transparent-huge-page setting, the bracketed word of
+    /sys/kernel/mm/transparent_hugepage/<name> ("enabled": "always", "madvise" or "never"; "defrag": ...), None
+    where there is none."""
     try:
-        found = re.search(r"\[(\w+)\]", THP_ENABLED.read_text())
+        found = re.search(r"\[([\w+]+)\]", (THP_SETTINGS / name).read_text())
     except OSError:
         return None
     return found.group(1) if found else None
@@ -59,7 +61,7 @@ def thp_mode() -> str | None:
 def advised(nbytes: int) -> bool:
     """Whether ``empty`` puts a buffer of ``nbytes`` on huge pages here and now (see the module docstring)."""
     return (nbytes >= MIN_BYTES and os.environ.get(SWITCH) == "1" and sys.platform.startswith("linux")
-            and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("madvise", "always")
+            and hasattr(mmap, "MADV_HUGEPAGE") and thp_setting("enabled") in ("madvise", "always")
             and not any(os.environ.get(key) for key in _HEAP_SETTINGS)
             and "mmap" not in os.environ.get("GLIBC_TUNABLES", "")
             and not any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS))

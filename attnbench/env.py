@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
 import socket
 import subprocess
 from importlib import metadata
@@ -81,9 +80,6 @@ def allocator() -> str:
     return f"{library} malloc, {' '.join(settings) or 'default settings'}"
 
 
-THP_DEFRAG = Path("/sys/kernel/mm/transparent_hugepage/defrag")
-
-
 def huge_pages() -> str:
     """Where large CPU buffers get transparent huge pages, in one line: the kernel's THP mode and defrag policy,
     whether attentions' native BRA path puts its large buffers on them here (``attentions/huge_pages.py``: off by
@@ -92,14 +88,10 @@ def huge_pages() -> str:
 
     On CPU it changes timings as the allocator does: a fresh multi-MB buffer costs one page fault per 4 KiB without
     huge pages and one per 2 MiB with them."""
-    mode = thp.thp_mode()
-    try:
-        defrag = re.search(r"\[([\w+]+)\]", THP_DEFRAG.read_text())
-    except OSError:
-        defrag = None
+    mode, defrag = thp.thp_setting("enabled"), thp.thp_setting("defrag")
     native = "on" if thp.advised(thp.MIN_BYTES) else "off"
     torch_wide = os.environ.get("THP_MEM_ALLOC_ENABLE")
-    return (f"transparent huge pages {mode or 'not available'} (defrag {defrag.group(1) if defrag else '?'}), "
+    return (f"transparent huge pages {mode or 'not available'} (defrag {defrag or '?'}), "
             f"native BRA buffers {native}" + (f", THP_MEM_ALLOC_ENABLE={torch_wide}" if torch_wide else ""))
 
 

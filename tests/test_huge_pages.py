@@ -52,7 +52,7 @@ def default_malloc(monkeypatch):
     monkeypatch.setenv(huge_pages.SWITCH, "1")
 
 
-needs_thp = pytest.mark.skipif(huge_pages.thp_mode() not in ("madvise", "always") or not hasattr(mmap, "MADV_HUGEPAGE"),
+needs_thp = pytest.mark.skipif(huge_pages.thp_setting("enabled") not in ("madvise", "always") or not hasattr(mmap, "MADV_HUGEPAGE"),
                                reason="transparent huge pages are not offered here (Linux, THP madvise or always)")
 
 
@@ -80,7 +80,7 @@ def test_no_advice_where_it_is_switched_off_or_the_allocator_keeps_large_blocks(
     assert not huge_pages.advised(64 * MIB)
     monkeypatch.setattr(mmap, "mmap", lambda *args, **kwargs: pytest.fail("mapped its own buffer"))
     buffer = huge_pages.empty((16 * MIB,), torch.float32)
-    if huge_pages.thp_mode() == "madvise":  # with "always" every anonymous mapping may get them
+    if huge_pages.thp_setting("enabled") == "madvise":  # with "always" every anonymous mapping may get them
         buffer.fill_(1.0)
         assert _anon_huge_kib(*_span(buffer)) == 0
 
@@ -219,11 +219,11 @@ def test_the_stamp_names_the_huge_page_settings_and_runs_compare_them(default_ma
     from attnbench.merge import ENVIRONMENT_KEYS
     from attnbench.runner import COMPARED_ENVIRONMENT
 
-    monkeypatch.setattr(huge_pages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(huge_pages, "thp_setting", lambda name: {"enabled": "madvise", "defrag": "defer"}[name])
     monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 14, raising=False)
     monkeypatch.setattr(huge_pages.sys, "platform", "linux")
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    assert re.fullmatch(r"transparent huge pages madvise \(defrag .+\), native BRA buffers on", env.huge_pages())
+    assert re.fullmatch(r"transparent huge pages madvise \(defrag defer\), native BRA buffers on", env.huge_pages())
     monkeypatch.delenv(huge_pages.SWITCH)  # off by default
     assert env.huge_pages().endswith("native BRA buffers off")
     monkeypatch.setenv(huge_pages.SWITCH, "0")
