@@ -41,9 +41,17 @@ HUGE_PAGE_BYTES = 2 * 2**20
 MIN_BYTES = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: every request this large is mapped fresh
 SWITCH = "ATTENTIONS_HUGE_PAGES"  # "1" turns the advice on
 THP_SETTINGS = Path("/sys/kernel/mm/transparent_hugepage")
-# settings with which glibc may serve large requests from its heap, or another allocator serves them
+# glibc settings with which large requests may come from its heap instead of a fresh mapping
 _HEAP_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_")
-_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+# allocators that may be preloaded in place of glibc's malloc (attnbench/env.py names them in the stamp too)
+PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def preloaded_allocator() -> str | None:
+    """The allocator preloaded in place of the C library's malloc (``LD_PRELOAD``), one of ``PRELOADED_ALLOCATORS``,
+    or None."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in PRELOADED_ALLOCATORS if name in preload), None)
 
 
 @functools.cache
@@ -64,7 +72,7 @@ def advised(nbytes: int) -> bool:
             and hasattr(mmap, "MADV_HUGEPAGE") and thp_setting("enabled") in ("madvise", "always")
             and not any(os.environ.get(key) for key in _HEAP_SETTINGS)
             and "mmap" not in os.environ.get("GLIBC_TUNABLES", "")
-            and not any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS))
+            and preloaded_allocator() is None)
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -61,7 +61,6 @@ def load_average() -> list[float] | None:
 # by the next large allocation): the environment variables of glibc's mallopt parameters and their tunables form
 MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
                       "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")
-PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def allocator() -> str:
@@ -71,10 +70,9 @@ def allocator() -> str:
     On CPU it changes timings: with glibc's defaults, multi-MB tensors freed at the end of one op are often handed
     back to the system and page-faulted in again by the next (measured: the official BiFormer-T ran inference 1.86×
     faster with MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ raised; README, *The allocator*)."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    for name in PRELOADED_ALLOCATORS:
-        if name in preload:
-            return f"{name} (LD_PRELOAD={preload})"
+    preloaded = thp.preloaded_allocator()
+    if preloaded:
+        return f"{preloaded} (LD_PRELOAD={os.environ['LD_PRELOAD']})"
     library = " ".join(platform.libc_ver()).strip() or "C library"
     settings = [f"{key}={os.environ[key]}" for key in MALLOC_ENVIRONMENT if os.environ.get(key)]
     return f"{library} malloc, {' '.join(settings) or 'default settings'}"
